@@ -1,0 +1,215 @@
+"""The `appliance` command: composes the pipeline stages (load, keys, render, ...)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .peer_config import client_config, find_peer, terminal_qr
+from .profile import LoadedProfile, ProfileError, json_schema_text, load_profile, reference_markdown
+from .render import ConfigTree, render
+from .secrets import ApplianceKeys, SecretStore, SecretStoreError
+from .ui import ApplianceError, die, echo_json, err, out, step
+
+EXIT_INVALID = 2
+
+secrets_option = click.option(
+    "--secrets", "secrets_dir", type=click.Path(file_okay=False, path_type=Path), envvar="APPLIANCE_SECRETS",
+    default="secrets", show_default=True, show_envvar=True,
+    help="secret store holding the appliances' private and preshared keys (keep it out of git)")
+profile_arg = click.argument("profile", type=click.Path(dir_okay=False, path_type=Path))
+
+
+def _load(path: Path) -> LoadedProfile:
+    try:
+        return load_profile(path)
+    except ProfileError as e:
+        for issue in e.issues:
+            err.print(f"[red]{issue}[/]", markup=True, highlight=False, soft_wrap=True)
+        err.print(f"[bold red]invalid profile[/]: {len(e.issues)} problem(s)")
+        raise SystemExit(EXIT_INVALID) from None
+
+
+def _keys(store_dir: Path, loaded: LoadedProfile) -> ApplianceKeys:
+    p = loaded.profile
+    try:
+        return SecretStore(store_dir).appliance_keys(p.name, [x.name for x in p.wireguard.peers if x.preshared_key])
+    except SecretStoreError as e:
+        die(str(e))
+
+
+def _render(loaded: LoadedProfile, secrets_dir: Path) -> ConfigTree:
+    return render(loaded.profile, _keys(secrets_dir, loaded))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="appliance")
+def cli() -> None:
+    """Declarative image builder for WireGuard edge appliances.
+
+    One YAML profile per device: validate it, render its configuration, build a bootable image.
+    """
+
+
+@cli.command()
+@click.argument("profiles", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print results as JSON on stdout")
+def validate(profiles: tuple[Path, ...], as_json: bool) -> None:
+    """Check profiles; errors name file:line:column and the field. Exit status 2 if any is invalid."""
+    results = []
+    for path in profiles:
+        try:
+            lp = load_profile(path)
+        except ProfileError as e:
+            results.append({"file": str(path), "valid": False, "errors": [i.to_json() for i in e.issues]})
+            if not as_json:
+                for issue in e.issues:
+                    err.print(f"[red]{issue}[/]", soft_wrap=True)
+            continue
+        p = lp.profile
+        results.append({"file": str(path), "valid": True, "name": p.name, "roles": list(p.roles),
+                        "mode": p.dataplane.mode, "digest": lp.digest})
+        if not as_json:
+            out.print(f"[green]ok[/] {path}: {p.name} ({', '.join(p.roles)}, {p.dataplane.mode} dataplane)")
+    if as_json:
+        echo_json({"valid": all(r["valid"] for r in results), "profiles": results})
+    if not all(r["valid"] for r in results):
+        raise SystemExit(EXIT_INVALID)
+
+
+@cli.command("render")
+@profile_arg
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="directory to write the configuration tree to (replaced atomically)")
+@click.option("--include-secrets", is_flag=True,
+              help="also write the private/preshared key files (0600); off by default")
+@secrets_option
+def render_cmd(profile: Path, output: Path, include_secrets: bool, secrets_dir: Path) -> None:
+    """Render PROFILE into the configuration tree the image will carry."""
+    loaded = _load(profile)
+    with step(f"render {loaded.profile.name}"):
+        tree = _render(loaded, secrets_dir)
+        try:
+            tree.write(output, include_secrets=include_secrets)
+        except (OSError, FileExistsError) as e:
+            die(str(e))
+    count = sum(1 for e in tree if e.kind == "file" and (include_secrets or not e.secret))
+    out.print(f"{count} files in {output}")
+
+
+@cli.command()
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="write to this file instead of stdout")
+@click.option("--markdown", is_flag=True, help="the profile reference as a Markdown table instead")
+def schema(output: Path | None, markdown: bool) -> None:
+    """Print the JSON Schema of profiles (for editors: yaml-language-server, VS Code)."""
+    text = reference_markdown() if markdown else json_schema_text()
+    if output:
+        _atomic_write(output, text)
+    else:
+        click.echo(text, nl=False)
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True, help="print as JSON")
+@secrets_option
+def keys(target: str, as_json: bool, secrets_dir: Path) -> None:
+    """Show the public key of appliance TARGET (a name or a profile), creating its keys on first use.
+
+    Private and preshared keys stay in the secret store and are never printed.
+    """
+    store = SecretStore(secrets_dir)
+    psk_peers: list[str] = []
+    name = target
+    if target.endswith((".yaml", ".yml")) or os.sep in target:
+        lp = _load(Path(target))
+        name = lp.profile.name
+        psk_peers = [x.name for x in lp.profile.wireguard.peers if x.preshared_key]
+    try:
+        k = store.appliance_keys(name, psk_peers)
+    except SecretStoreError as e:
+        die(str(e))
+    if as_json:
+        echo_json({"name": name, "public_key": k.public_key, "preshared_key_peers": sorted(k.preshared_keys),
+                   "store": str(store.root / name)})
+    else:
+        out.print(f"{name}: {k.public_key}")
+        if k.preshared_keys:
+            out.print(f"preshared keys for: {', '.join(sorted(k.preshared_keys))} (in {store.root / name})")
+
+
+@cli.command()
+@profile_arg
+@click.argument("peer_name", metavar="PEER")
+@click.option("--endpoint", help="host:port of the appliance, if the profile has no wireguard.endpoint")
+@click.option("--private-key-file", type=click.File("r"),
+              help="the peer's own private key, to emit a complete config (else a placeholder)")
+@click.option("--qr", is_flag=True, help="also show the config as a QR code for the mobile apps")
+@secrets_option
+def peer(profile: Path, peer_name: str, endpoint: str | None, private_key_file: click.utils.LazyFile | None,
+         qr: bool, secrets_dir: Path) -> None:
+    """Print a wg-quick config for PEER of the appliance in PROFILE."""
+    loaded = _load(profile)
+    p = loaded.profile
+    entry = find_peer(p, peer_name)
+    if entry is None:
+        known = ", ".join(x.name for x in p.wireguard.peers) or "none"
+        die(f"{profile}: no peer named '{peer_name}' (peers: {known})", EXIT_INVALID)
+    k = _keys(secrets_dir, loaded)
+    private = private_key_file.read().strip() if private_key_file else None
+    if private is not None:
+        from .secrets import public_key
+        try:
+            matches = public_key(private) == entry.public_key
+        except ValueError:
+            matches = False
+        if not matches:
+            die(f"the key in {private_key_file.name} does not belong to peer '{peer_name}' "  # type: ignore[union-attr]
+                f"(public key {entry.public_key})")
+    text = client_config(p, entry, k.public_key, k.preshared_keys.get(peer_name), private, endpoint)
+    click.echo(text, nl=False)
+    if qr:
+        click.echo(terminal_qr(text), nl=False)
+
+
+@cli.command()
+@profile_arg
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default="images", show_default=True)
+@secrets_option
+def build(profile: Path, out_dir: Path, secrets_dir: Path) -> None:
+    """Build the image for PROFILE (validate, keys, render; image assembly follows)."""
+    with step(f"validate {profile}"):
+        loaded = _load(profile)
+    name = loaded.profile.name
+    with step("keys"):
+        keys_ = _keys(secrets_dir, loaded)
+    with step("render configuration"):
+        tree = render(loaded.profile, keys_)
+        dest = out_dir / f"{name}.config"
+        tree.write(dest)
+    out.print(f"configuration for {name} in {dest} ({len(list(tree))} entries, digest {tree.digest()[:12]})")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except ApplianceError as e:
+        die(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

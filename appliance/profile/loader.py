@@ -1,0 +1,234 @@
+"""Load a profile: YAML (with `extends:` chains) -> validated Profile, or ProfileError with positions."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path as FsPath
+from typing import Any
+
+from pydantic import ValidationError
+
+from . import yamlsource
+from .checks import cross_checks
+from .errors import Issue, Path, ProfileError, display_file, format_path
+from .model import Profile
+from .yamlsource import Located, Pos
+
+EXTENDS = "extends"
+_SECRET_HINTS = ("key",)  # never echo what was given for these fields: it may be a pasted private key
+
+
+@dataclass(frozen=True)
+class LoadedProfile:
+    profile: Profile
+    path: FsPath
+    files: tuple[FsPath, ...]  # the profile and every file it extends, child first
+
+    @property
+    def digest(self) -> str:
+        return profile_digest(self.profile)
+
+
+def profile_digest(profile: Profile) -> str:
+    """sha256 of the validated profile in canonical JSON: equal for equal meaning, whatever the YAML layout."""
+    canonical = json.dumps(profile.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def load_profile(path: str | FsPath) -> LoadedProfile:
+    located, files = _load_chain(FsPath(path), ())
+    try:
+        profile = Profile.model_validate(located.data)
+    except ValidationError as e:
+        raise ProfileError([_issue_from_pydantic(err, located) for err in e.errors()]) from None
+    findings = cross_checks(profile)
+    if findings:
+        raise ProfileError([_issue_at(located, f.path, f.message) for f in findings])
+    return LoadedProfile(profile, FsPath(path), files)
+
+
+def _load_chain(path: FsPath, stack: tuple[FsPath, ...]) -> tuple[Located, tuple[FsPath, ...]]:
+    real = path.resolve()
+    if real in stack:
+        chain = " -> ".join(display_file(str(p)) for p in (*stack, real))
+        raise ProfileError([Issue(display_file(str(path)), 0, 0, EXTENDS, f"extends cycle: {chain}")])
+    located = yamlsource.read(path)
+    base_ref = located.data.pop(EXTENDS, None)
+    if base_ref is None:
+        return located, (path,)
+    pos = located.values[(EXTENDS,)]
+    if not isinstance(base_ref, str) or not base_ref.strip():
+        raise ProfileError([Issue(pos.file, pos.line, pos.column, EXTENDS,
+                                  "expected the relative path of a base profile, e.g. extends: base.yaml")])
+    base_path = path.parent / base_ref
+    if not base_path.is_file():
+        raise ProfileError([Issue(pos.file, pos.line, pos.column, EXTENDS,
+                                  f"base profile {display_file(str(base_path))} does not exist")])
+    base, base_files = _load_chain(base_path, (*stack, real))
+    return _merge(base, located), (path, *base_files)
+
+
+def _merge(base: Located, child: Located) -> Located:
+    """Maps merge key by key; lists and scalars in the child replace the base's."""
+    merged = _merge_data(base.data, child.data)
+    out = Located(merged)
+    for path in _paths(merged, ()):
+        for src, dst in ((child.values, out.values), (base.values, out.values),):
+            if path in src:
+                dst[path] = src[path]
+                break
+        for src in (child.keys, base.keys):
+            if path in src:
+                out.keys[path] = src[path]
+                break
+    return out
+
+
+def _merge_data(base: Any, child: Any) -> Any:
+    if isinstance(base, dict) and isinstance(child, dict):
+        result = dict(base)
+        for k, v in child.items():
+            result[k] = _merge_data(base[k], v) if k in base else v
+        return result
+    return child
+
+
+def _paths(data: Any, prefix: Path) -> list[Path]:
+    found = [prefix]
+    if isinstance(data, dict):
+        for k, v in data.items():
+            found += _paths(v, (*prefix, k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            found += _paths(v, (*prefix, i))
+    return found
+
+
+def _data_path(data: Any, loc: tuple[str | int, ...]) -> tuple[Path, Any, bool]:
+    """Follow pydantic's loc through the data. Loc also holds union tags and validator names that are
+    not in the data; those are skipped. Returns (path, value at path, whether the whole loc resolved)."""
+    path: list[str | int] = []
+    node = data
+    resolved = True
+    for part in loc:
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            node = node[part]
+            path.append(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            path.append(part)
+        elif isinstance(node, dict) and isinstance(part, str) and part.isidentifier() and part not in _TAGS:
+            path.append(part)  # a missing key: name it, point at its parent map
+            resolved = False
+            node = None
+        else:
+            continue
+    return tuple(path), node, resolved
+
+
+_TAGS = {"static", "mode", "kernel", "userspace"}
+
+
+def _position(located: Located, path: Path, prefer_key: bool = False) -> Pos:
+    if prefer_key and path in located.keys:
+        return located.keys[path]
+    for n in range(len(path), -1, -1):
+        if path[:n] in located.values:
+            return located.values[path[:n]]
+    return located.values[()]
+
+
+def _issue_at(located: Located, path: Path, message: str) -> Issue:
+    pos = _position(located, path)
+    return Issue(pos.file, pos.line, pos.column, format_path(path), message)
+
+
+def _issue_from_pydantic(err: Any, located: Located) -> Issue:
+    path, given, resolved = _data_path(located.data, tuple(err["loc"]))
+    kind = err["type"]
+    if kind == "missing":
+        field = path[-1] if path else "?"
+        message = f"required field '{field}' is missing"
+        pos = _position(located, path)
+    elif kind == "extra_forbidden":
+        field = str(path[-1])
+        message = f"unknown key '{field}'" + _did_you_mean(field, path[:-1], located.data)
+        pos = _position(located, path, prefer_key=True)
+    else:
+        message = _rewrite(err["msg"]) + _given(path, given if resolved else err.get("input"))
+        pos = _position(located, path)
+    return Issue(pos.file, pos.line, pos.column, format_path(path), message)
+
+
+def _rewrite(msg: str) -> str:
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    msg = msg.replace("Input should be", "expected").replace("input should be", "expected")
+    return msg[:1].lower() + msg[1:]
+
+
+def _given(path: Path, value: Any) -> str:
+    if any(h in str(p) for p in path for h in _SECRET_HINTS):
+        return ""
+    if isinstance(value, dict):
+        return " (got a map)"
+    if isinstance(value, list):
+        return " (got a list)"
+    text = repr(value)
+    return f" (got {text if len(text) <= 60 else text[:57] + '...'})"
+
+
+def _did_you_mean(key: str, parent: Path, data: Any) -> str:
+    allowed = _allowed_keys(parent, data)
+    if not allowed:
+        return ""
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    if close:
+        return f": did you mean '{close[0]}'?"
+    return f": expected one of {', '.join(sorted(allowed))}"
+
+
+@functools.cache
+def _schema() -> dict[str, Any]:
+    return Profile.model_json_schema()
+
+
+def _allowed_keys(parent: Path, data: Any) -> list[str]:
+    """Keys the model accepts at `parent`, found by walking the JSON Schema alongside the data."""
+    schema = _schema()
+    defs = schema.get("$defs", {})
+
+    def resolve(node: dict[str, Any]) -> list[dict[str, Any]]:
+        if "$ref" in node:
+            return resolve(defs[node["$ref"].split("/")[-1]])
+        alts = node.get("anyOf") or node.get("oneOf")
+        if alts:
+            return [r for a in alts for r in resolve(a)]
+        return [node]
+
+    nodes = resolve(schema)
+    value = data
+    for part in parent:
+        value = value.get(part) if isinstance(value, dict) else (
+            value[part] if isinstance(value, list) and isinstance(part, int) and part < len(value) else None)
+        nxt: list[dict[str, Any]] = []
+        for node in nodes:
+            if isinstance(part, int) and "items" in node:
+                nxt += resolve(node["items"])
+            elif isinstance(part, str) and part in node.get("properties", {}):
+                nxt += resolve(node["properties"][part])
+        nodes = nxt
+    if isinstance(value, dict) and "mode" in value:  # discriminated unions: keep the variant the data names
+        same = [n for n in nodes if n.get("properties", {}).get("mode", {}).get("const") == value["mode"]]
+        nodes = same or nodes
+    keys: set[str] = set()
+    for node in nodes:
+        keys |= set(node.get("properties", {}))
+    if not parent:
+        keys.add(EXTENDS)
+    return sorted(keys)

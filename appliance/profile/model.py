@@ -1,0 +1,191 @@
+"""The device profile: one YAML file per appliance, validated into these models.
+
+Field descriptions double as the profile reference (README) and the JSON Schema editors use.
+Checks that span several fields live in checks.py so each error can point at the exact field.
+"""
+
+from __future__ import annotations
+
+import functools
+import zoneinfo
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+from .acl import AclDestination
+from .types import Address, HostPort, Interface, MacAddress, Name, Network, PackageName, Port, SshPublicKey, \
+    WireGuardKey
+
+Role = Literal["exit-node", "subnet-router"]
+RESERVED_TABLES = {0: "unspec", 253: "default", 254: "main", 255: "local"}
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo must not silently drop a setting."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@functools.cache
+def _timezones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+class Ssh(Strict):
+    authorized_keys: list[SshPublicKey] = Field(
+        default_factory=list, description="OpenSSH public keys allowed to log in as root (key login only)")
+    port: Port = Field(22, description="TCP port sshd listens on")
+
+
+class System(Strict):
+    board: Literal["generic", "qemu"] = Field(
+        "generic", description="generic: real hardware (full kernel); qemu: virtual machines (cloud kernel)")
+    arch: Literal["amd64", "arm64"] = Field("amd64", description="Debian architecture of the image")
+    timezone: str = Field("UTC", description="IANA time zone, e.g. Europe/Amsterdam")
+    ssh: Ssh = Field(default_factory=Ssh, description="management SSH")
+    packages: list[PackageName] = Field(
+        default_factory=list, description="extra Debian packages to install into the image")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        zones = _timezones()
+        if zones and value not in zones:
+            raise ValueError("expected an IANA time zone such as UTC or Europe/Amsterdam")
+        return value
+
+
+class InterfaceMatch(Strict):
+    name: str | None = Field(None, description="interface name or glob, e.g. en* or enp1s0")
+    mac: MacAddress | None = Field(None, description="permanent MAC address, e.g. 52:54:00:12:34:56")
+
+
+class StaticIPv4(Strict):
+    address: Interface = Field(description="address with prefix length, e.g. 192.168.10.1/24")
+    gateway: Address | None = Field(None, description="default gateway (uplink only)")
+    dns: list[Address] = Field(default_factory=list, description="DNS servers")
+
+
+class StaticIPv6(Strict):
+    address: Interface = Field(description="address with prefix length, e.g. 2001:db8::1/64")
+    gateway: Address | None = Field(None, description="default gateway (uplink only)")
+
+
+def _mode_or_static(value: Any) -> str:
+    # dicts while validating, model instances while serialising
+    return "static" if isinstance(value, dict | BaseModel) else "mode"
+
+
+IPv4Config = Annotated[
+    Annotated[Literal["dhcp", "off"], Tag("mode")] | Annotated[StaticIPv4, Tag("static")],
+    Discriminator(_mode_or_static),
+]
+IPv6Config = Annotated[
+    Annotated[Literal["ra", "off"], Tag("mode")] | Annotated[StaticIPv6, Tag("static")],
+    Discriminator(_mode_or_static),
+]
+
+
+class Offload(Strict):
+    udp_gro_forwarding: bool = Field(
+        True, description="rx-udp-gro-forwarding on the NIC (Linux >= 6.2): aggregates forwarded WireGuard UDP")
+    gro_list: bool = Field(False, description="rx-gro-list; keep off so UDP GRO forwarding is used instead")
+
+
+class NetInterface(Strict):
+    match: InterfaceMatch = Field(description="which NIC this is: by name (glob) or by MAC")
+    ipv4: IPv4Config = Field("dhcp", description="dhcp, off, or {address, gateway, dns}")
+    ipv6: IPv6Config = Field("off", description="ra (SLAAC/router advertisements), off, or {address, gateway}")
+    mtu: int | None = Field(None, ge=576, le=9216, description="link MTU; default: the driver's")
+    offload: Offload = Field(default_factory=Offload, description="NIC offloads applied at every link-up")
+
+
+class Interfaces(Strict):
+    uplink: NetInterface | None = Field(None, description="the NIC towards the internet; peers connect here")
+    lan: NetInterface | None = Field(None, description="the NIC on the LAN a subnet router serves")
+
+
+class Peer(Strict):
+    name: Name = Field(description="peer name, unique in this profile")
+    public_key: WireGuardKey = Field(description="the peer's WireGuard public key")
+    allowed_ips: list[Network] = Field(
+        min_length=1, description="tunnel addresses (and networks) of this peer, e.g. 100.64.0.2/32")
+    endpoint: HostPort | None = Field(None, description="host:port where the appliance can reach the peer")
+    persistent_keepalive: int | None = Field(None, ge=1, le=65535, description="keepalive interval, seconds")
+    preshared_key: bool = Field(
+        False, description="add a preshared key (post-quantum margin); generated in the secret store")
+
+
+class WireGuard(Strict):
+    listen_port: Port = Field(51820, description="UDP port WireGuard listens on")
+    addresses: list[Interface] = Field(
+        min_length=1, description="the appliance's tunnel addresses, e.g. 100.64.0.1/32 and fd7a:115c:a1e0::1/128")
+    mtu: int = Field(1420, ge=1280, le=9000, description="tunnel MTU (1420 fits a 1500-byte uplink over IPv6)")
+    endpoint: HostPort | None = Field(
+        None, description="public host:port peers use to reach this appliance (written into peer configs)")
+    peers: list[Peer] = Field(default_factory=list, description="the WireGuard peers")
+
+
+class KernelDataplane(Strict):
+    mode: Literal["kernel"] = Field("kernel", description="the kernel routes at layer 3: every IP protocol passes")
+    wireguard: Literal["kernel", "wireguard-go"] = Field(
+        "kernel", description="kernel module, or wireguard-go on a TUN with TSO/GRO offloads")
+
+
+class UserspaceDataplane(Strict):
+    mode: Literal["userspace"] = Field(
+        description="rootless: TCP/UDP terminated and re-originated, ICMP echo answered; other protocols do not pass")
+    wireguard: Literal["kernel", "wireguard-go"] = Field(
+        "wireguard-go", description="always wireguard-go (unprivileged) in userspace mode")
+    socks5: HostPort = Field("127.0.0.1:1080", description="SOCKS5 proxy address for local programs")
+
+
+Dataplane = Annotated[KernelDataplane | UserspaceDataplane, Field(discriminator="mode")]
+
+
+class Routing(Strict):
+    table: int = Field(52, ge=1, le=2**31 - 1, description="policy routing table for routes to peers")
+    rule_priority: int = Field(5270, ge=1, le=32765, description="priority of the `ip rule` that looks up the table")
+    advertise_routes: list[Network] = Field(
+        default_factory=list, description="networks behind this appliance offered to peers (subnet router)")
+    snat: bool = Field(True, description="masquerade peer traffic leaving the uplink/LAN to the appliance's address")
+    mss_clamp: bool = Field(True, description="clamp TCP MSS of forwarded SYNs to the path MTU")
+
+    @field_validator("table")
+    @classmethod
+    def _not_reserved(cls, value: int) -> int:
+        if value in RESERVED_TABLES:
+            raise ValueError(f"table {value} is the kernel's '{RESERVED_TABLES[value]}' table: pick another, e.g. 52")
+        return value
+
+
+class AclRule(Strict):
+    peers: list[str] = Field(min_length=1, description="peer names, or '*' for every peer")
+    to: list[AclDestination] = Field(min_length=1, description="destinations: CIDR[:ports]")
+    proto: Literal["tcp", "udp", "icmp", "any"] = Field("any", description="protocol; ports need tcp or udp")
+
+
+class Firewall(Strict):
+    shields_up: bool = Field(False, description="peers may not open connections to the appliance itself")
+    acl: list[AclRule] = Field(
+        default_factory=list,
+        description="forwarding allowed from peers; empty: peers reach everything the roles offer")
+
+
+class Profile(Strict):
+    name: Name = Field(description="hostname and image name")
+    roles: list[Role] = Field(min_length=1, description="exit-node and/or subnet-router")
+    system: System = Field(default_factory=System, description="operating system settings")
+    interfaces: Interfaces = Field(description="network interfaces")
+    wireguard: WireGuard = Field(description="the WireGuard interface and its peers")
+    dataplane: Dataplane = Field(default_factory=KernelDataplane, description="how packets are forwarded")
+    routing: Routing = Field(default_factory=Routing, description="policy routing, SNAT and MSS clamping")
+    firewall: Firewall = Field(default_factory=Firewall, description="forwarding ACLs and shields-up")
+
+    @property
+    def is_exit_node(self) -> bool:
+        return "exit-node" in self.roles
+
+    @property
+    def is_subnet_router(self) -> bool:
+        return "subnet-router" in self.roles

@@ -1,0 +1,191 @@
+"""Values derived from a Profile that several templates share (interface roles, routes, ACL rules).
+
+Templates stay declarative: every decision is made here, in Python, where it can be tested."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..profile.acl import AclTarget
+from ..profile.model import NetInterface, Profile, StaticIPv4, StaticIPv6
+from ..profile.types import IPNetwork
+
+WG_IFACE = "wg0"
+# Link groups let nftables match "the uplink" whatever name the NIC gets (networkd sets them).
+LINK_GROUPS = {"uplink": 1, "lan": 2}
+CREDSTORE = "etc/credstore"
+PRIVATE_KEY_CREDENTIAL = f"network.wireguard.private.{WG_IFACE}"
+
+
+def psk_credential(peer: str) -> str:
+    return f"network.wireguard.psk.{WG_IFACE}.{peer}"
+
+
+@dataclass(frozen=True)
+class Link:
+    role: str
+    group: int
+    iface: NetInterface
+
+    @property
+    def match_name(self) -> str | None:
+        return self.iface.match.name
+
+    @property
+    def match_mac(self) -> str | None:
+        return self.iface.match.mac
+
+    @property
+    def ipv4(self) -> str | StaticIPv4:
+        return self.iface.ipv4
+
+    @property
+    def ipv6(self) -> str | StaticIPv6:
+        return self.iface.ipv6
+
+    @property
+    def ethtool_features(self) -> dict[str, bool]:
+        o = self.iface.offload
+        return {"rx-udp-gro-forwarding": o.udp_gro_forwarding, "rx-gro-list": o.gro_list}
+
+    @property
+    def ethtool_args(self) -> str:
+        return " ".join(f"{k} {'on' if v else 'off'}" for k, v in self.ethtool_features.items())
+
+    @property
+    def udev_match(self) -> str:
+        if self.match_mac:
+            return f'ATTR{{address}}=="{self.match_mac}"'
+        return f'NAME=="{self.match_name}"'
+
+
+@dataclass(frozen=True)
+class FilterRule:
+    """One nftables accept rule in the forward path from peers."""
+
+    family: int  # 4 or 6
+    sources: tuple[IPNetwork, ...]  # empty: any peer
+    destination: IPNetwork
+    proto: str  # tcp, udp, icmp, any
+    ports: str  # nft port set, or "" for all ports
+
+    def nft(self) -> str:
+        ip = "ip" if self.family == 4 else "ip6"
+        parts = []
+        if self.sources:
+            parts.append(f"{ip} saddr {{ {', '.join(str(s) for s in self.sources)} }}")
+        if self.destination.prefixlen:
+            parts.append(f"{ip} daddr {self.destination}")
+        if self.proto in ("tcp", "udp"):
+            parts.append(f"{self.proto} dport {self.ports}" if self.ports else f"meta l4proto {self.proto}")
+        elif self.proto == "icmp":
+            parts.append("meta l4proto icmp" if self.family == 4 else "meta l4proto ipv6-icmp")
+        if not self.sources and not self.destination.prefixlen:
+            parts.insert(0, f"meta nfproto ipv{self.family}")
+        if not self.destination.prefixlen:
+            parts.append(f'oifname != "{WG_IFACE}"')  # "everywhere" means out of the tunnel, not to other peers
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Context:
+    profile: Profile
+    links: list[Link]
+    peer_routes: list[IPNetwork]
+    forward_rules: list[FilterRule]
+    forwarding: bool
+    ipv6: bool
+    sysctls: dict[str, str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kernel_forwarding(self) -> bool:
+        return self.profile.dataplane.mode == "kernel"
+
+    @property
+    def kernel_wireguard(self) -> bool:
+        return self.profile.dataplane.mode == "kernel" and self.profile.dataplane.wireguard == "kernel"
+
+
+def _links(p: Profile) -> list[Link]:
+    out = []
+    for role in ("uplink", "lan"):
+        iface = getattr(p.interfaces, role)
+        if iface is not None:
+            out.append(Link(role, LINK_GROUPS[role], iface))
+    return out
+
+
+def _uses_ipv6(p: Profile) -> bool:
+    nets: list[Any] = [*p.wireguard.addresses, *p.routing.advertise_routes]
+    nets += [n for peer in p.wireguard.peers for n in peer.allowed_ips]
+    return any(n.version == 6 for n in nets)
+
+
+def _offered(p: Profile) -> list[IPNetwork]:
+    """Where peers may go when no ACL narrows it: the advertised routes, everything for an exit node."""
+    import ipaddress
+
+    if p.is_exit_node:
+        return [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+    return list(p.routing.advertise_routes)
+
+
+def forward_rules(p: Profile) -> list[FilterRule]:
+    peers = {peer.name: peer for peer in p.wireguard.peers}
+    rules: list[FilterRule] = []
+    if not p.firewall.acl:
+        for net in _offered(p):
+            rules.append(FilterRule(net.version, (), net, "any", ""))
+        return rules
+    for acl in p.firewall.acl:
+        chosen = list(peers.values()) if "*" in acl.peers else [peers[n] for n in acl.peers if n in peers]
+        dests: list[AclTarget] = list(acl.to)
+        for dest in dests:
+            fam = dest.network.version
+            sources: tuple[IPNetwork, ...] = ()
+            if "*" not in acl.peers:
+                sources = tuple(n for peer in chosen for n in peer.allowed_ips if n.version == fam)
+                if not sources:
+                    continue  # none of these peers has an address of this family
+            ports = dest.nft_ports() if dest.ports else ""
+            rules.append(FilterRule(fam, sources, dest.network, acl.proto, ports))
+    return rules
+
+
+def _sysctls(p: Profile, links: list[Link], ipv6: bool) -> dict[str, str]:
+    s: dict[str, str] = {}
+    kernel = p.dataplane.mode == "kernel"
+    if kernel:
+        s["net.ipv4.ip_forward"] = "1"
+        s["net.ipv4.conf.all.rp_filter"] = "2"  # loose: replies to peers arrive through the policy table
+        if ipv6:
+            s["net.ipv6.conf.all.forwarding"] = "1"
+            for link in links:
+                # forwarding turns RA processing off unless accept_ra=2
+                if link.role == "uplink" and link.ipv6 == "ra" and link.match_name:
+                    s[f"net.ipv6.conf.{link.match_name}.accept_ra"] = "2"
+    if p.dataplane.mode == "userspace" or p.dataplane.wireguard == "wireguard-go":
+        # wireguard-go asks for 7 MiB socket buffers; the default caps drop tunnel packets under load
+        s["net.core.rmem_max"] = "7340032"
+        s["net.core.wmem_max"] = "7340032"
+    if p.dataplane.mode == "userspace":
+        s["net.ipv4.ping_group_range"] = "0 2147483647"  # pasta answers ICMP echo with unprivileged pings
+    return s
+
+
+def build_context(p: Profile) -> Context:
+    links = _links(p)
+    ipv6 = _uses_ipv6(p)
+    routes = sorted({n for peer in p.wireguard.peers for n in peer.allowed_ips},
+                    key=lambda n: (n.version, n.network_address, n.prefixlen))
+    return Context(
+        profile=p,
+        links=links,
+        peer_routes=routes,
+        forward_rules=forward_rules(p),
+        forwarding=p.dataplane.mode == "kernel",
+        ipv6=ipv6,
+        sysctls=_sysctls(p, links, ipv6),
+    )

@@ -1,0 +1,143 @@
+"""Profile + keys -> ConfigTree: every file the appliance's configuration consists of."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jinja2
+
+from ..profile.model import Profile
+from ..secrets import ApplianceKeys
+from .context import CREDSTORE, PRIVATE_KEY_CREDENTIAL, WG_IFACE, Context, build_context, psk_credential
+from .tree import ConfigTree
+
+DATAPLANE_JSON = "etc/appliance/dataplane.json"
+DATAPLANE_SCHEMA = 1
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("appliance.render", "templates"),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def enabled_units(p: Profile) -> list[str]:
+    units = ["nftables.service", "ssh.service", "systemd-networkd.service", "systemd-resolved.service"]
+    return sorted(units)
+
+
+def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
+    ctx = build_context(p)
+    env = _env()
+    base: dict[str, Any] = {
+        "p": p,
+        "ctx": ctx,
+        "wg_iface": WG_IFACE,
+        "private_key_credential": PRIVATE_KEY_CREDENTIAL,
+        "psk_credential": psk_credential,
+    }
+
+    def tpl(name: str, **extra: Any) -> str:
+        return env.get_template(name).render(**base, **extra)
+
+    t = ConfigTree()
+    _system(t, p)
+    for link in ctx.links:
+        t.file(f"etc/systemd/network/10-{link.role}.network", tpl("link.network.j2", link=link))
+        t.file(f"etc/systemd/system/appliance-offload-{link.role}@.service", tpl("offload.service.j2", link=link))
+    t.file("etc/udev/rules.d/90-appliance-offload.rules", tpl("offload.rules.j2"))
+    if ctx.kernel_wireguard:
+        t.file(f"etc/systemd/network/30-{WG_IFACE}.netdev", tpl("wg.netdev.j2"))
+        t.file("etc/systemd/system/systemd-networkd.service.d/appliance-credentials.conf",
+               tpl("networkd-credentials.conf.j2"))
+    if ctx.kernel_forwarding:
+        t.file(f"etc/systemd/network/30-{WG_IFACE}.network", tpl("wg.network.j2"))
+    t.file("etc/nftables.conf", tpl("nftables.conf.j2", dhcpv4=_any(ctx, "ipv4", "dhcp"),
+                                     dhcpv6=_any(ctx, "ipv6", "ra")), mode=0o755)
+    t.file("etc/sysctl.d/90-appliance.conf", tpl("sysctl.conf.j2"))
+    t.file("etc/ssh/sshd_config.d/10-appliance.conf", tpl("sshd.conf.j2"))
+    t.file("etc/systemd/system-preset/10-appliance.preset", tpl("preset.j2", units=enabled_units(p)))
+    t.file(DATAPLANE_JSON, json.dumps(dataplane_config(p, ctx), indent=2, sort_keys=True) + "\n")
+    _secrets(t, p, keys)
+    return t
+
+
+def _any(ctx: Context, family: str, mode: str) -> bool:
+    return any(getattr(link, family) == mode for link in ctx.links)
+
+
+def _system(t: ConfigTree, p: Profile) -> None:
+    t.file("etc/hostname", f"{p.name}\n")
+    t.file("etc/hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{p.name}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+    t.file("etc/timezone", f"{p.system.timezone}\n")
+    t.symlink("etc/localtime", f"/usr/share/zoneinfo/{p.system.timezone}")
+    t.dir("root/.ssh", 0o700)
+    keys = "".join(f"{k}\n" for k in p.system.ssh.authorized_keys)
+    t.file("root/.ssh/authorized_keys", keys, mode=0o600)
+
+
+def _secrets(t: ConfigTree, p: Profile, keys: ApplianceKeys) -> None:
+    t.dir(CREDSTORE, 0o700)
+    t.file(f"{CREDSTORE}/{PRIVATE_KEY_CREDENTIAL}", keys.private_key + "\n", mode=0o600, secret=True)
+    for peer in p.wireguard.peers:
+        if peer.preshared_key:
+            t.file(f"{CREDSTORE}/{psk_credential(peer.name)}", keys.preshared_keys[peer.name] + "\n",
+                   mode=0o600, secret=True)
+
+
+def dataplane_config(p: Profile, ctx: Context) -> dict[str, Any]:
+    """What the on-device reconciler applies. Public material only: keys are referenced by path."""
+    dp = p.dataplane
+    cfg: dict[str, Any] = {
+        "schema": DATAPLANE_SCHEMA,
+        "name": p.name,
+        "roles": list(p.roles),
+        "mode": dp.mode,
+        "wireguard": {
+            "implementation": dp.wireguard,
+            "interface": WG_IFACE,
+            "listen_port": p.wireguard.listen_port,
+            "mtu": p.wireguard.mtu,
+            "addresses": [str(a) for a in p.wireguard.addresses],
+            "private_key_file": f"/{CREDSTORE}/{PRIVATE_KEY_CREDENTIAL}",
+            "peers": [
+                {
+                    "name": peer.name,
+                    "public_key": peer.public_key,
+                    "allowed_ips": [str(n) for n in peer.allowed_ips],
+                    "endpoint": peer.endpoint,
+                    "persistent_keepalive": peer.persistent_keepalive,
+                    "preshared_key_file": f"/{CREDSTORE}/{psk_credential(peer.name)}" if peer.preshared_key
+                    else None,
+                }
+                for peer in p.wireguard.peers
+            ],
+        },
+        "routing": {
+            "table": p.routing.table,
+            "rule_priority": p.routing.rule_priority,
+            "routes": [{"destination": str(n), "device": WG_IFACE} for n in ctx.peer_routes],
+            "advertise_routes": [str(n) for n in p.routing.advertise_routes],
+            "snat": p.routing.snat,
+            "mss_clamp": p.routing.mss_clamp,
+        },
+        "interfaces": {
+            link.role: {
+                "match": link.iface.match.model_dump(exclude_none=True),
+                "group": link.group,
+                "offload": link.ethtool_features,
+            }
+            for link in ctx.links
+        },
+        "sysctl": dict(sorted(ctx.sysctls.items())),
+        "firewall": {"shields_up": p.firewall.shields_up},
+    }
+    if dp.mode == "userspace":
+        cfg["socks5"] = dp.socks5
+    return cfg

@@ -1,0 +1,14 @@
+"""WireGuard keys and the secret store that keeps them out of git."""
+
+from .keys import generate_preshared_key, generate_private_key, public_key
+from .store import ApplianceKeys, SecretStore, SecretStoreError, default_store_path
+
+__all__ = [
+    "ApplianceKeys",
+    "SecretStore",
+    "SecretStoreError",
+    "default_store_path",
+    "generate_preshared_key",
+    "generate_private_key",
+    "public_key",
+]

@@ -1,0 +1,44 @@
+"""Console output: progress for long steps on stderr, results on stdout, errors that end the run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+import click
+from rich.console import Console
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+
+class ApplianceError(Exception):
+    """A failure the user can act on: printed as one line, exit status 1, no traceback."""
+
+    exit_code = 1
+
+
+def die(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}")
+    raise SystemExit(code)
+
+
+@contextmanager
+def step(title: str) -> Iterator[None]:
+    """One stage of a long command: a spinner while it runs, then its duration."""
+    t0 = time.monotonic()
+    if err.is_terminal:
+        with err.status(f"{title} ..."):
+            yield
+    else:
+        err.print(f"▸ {title} ...")
+        yield
+    err.print(f"[green]✓[/] {title} [dim]({time.monotonic() - t0:.1f} s)[/]")
+
+
+def echo_json(data: object) -> None:
+    import json
+
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
