@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import click
 
@@ -12,7 +13,7 @@ from . import __version__
 from .peer_config import client_config, find_peer, terminal_qr
 from .profile import LoadedProfile, ProfileError, json_schema_text, load_profile, reference_markdown
 from .render import ConfigTree, render
-from .secrets import ApplianceKeys, SecretStore, SecretStoreError
+from .secrets import ApplianceKeys, SecretStore, SecretStoreError, public_key
 from .ui import ApplianceError, die, echo_json, err, out, step
 
 EXIT_INVALID = 2
@@ -151,7 +152,7 @@ def keys(target: str, as_json: bool, secrets_dir: Path) -> None:
               help="the peer's own private key, to emit a complete config (else a placeholder)")
 @click.option("--qr", is_flag=True, help="also show the config as a QR code for the mobile apps")
 @secrets_option
-def peer(profile: Path, peer_name: str, endpoint: str | None, private_key_file: click.utils.LazyFile | None,
+def peer(profile: Path, peer_name: str, endpoint: str | None, private_key_file: TextIO | None,
          qr: bool, secrets_dir: Path) -> None:
     """Print a wg-quick config for PEER of the appliance in PROFILE."""
     loaded = _load(profile)
@@ -163,14 +164,13 @@ def peer(profile: Path, peer_name: str, endpoint: str | None, private_key_file: 
     k = _keys(secrets_dir, loaded)
     private = private_key_file.read().strip() if private_key_file else None
     if private is not None:
-        from .secrets import public_key
         try:
             matches = public_key(private) == entry.public_key
         except ValueError:
             matches = False
         if not matches:
-            die(f"the key in {private_key_file.name} does not belong to peer '{peer_name}' "  # type: ignore[union-attr]
-                f"(public key {entry.public_key})")
+            source = getattr(private_key_file, "name", "the key file")
+            die(f"the key in {source} does not belong to peer '{peer_name}' (public key {entry.public_key})")
     text = client_config(p, entry, k.public_key, k.preshared_keys.get(peer_name), private, endpoint)
     click.echo(text, nl=False)
     if qr:

@@ -4,10 +4,12 @@ point at the exact line of the YAML."""
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .model import NetInterface, Profile, StaticIPv4, StaticIPv6
+from .types import IPNetwork
 
 Path = tuple[str | int, ...]
 
@@ -96,12 +98,12 @@ def _peers(p: Profile) -> Iterator[Finding]:
             yield Finding(("wireguard", "peers", i, "public_key"),
                           f"this public key is already used by peers[{keys[peer.public_key]}]")
         keys.setdefault(peer.public_key, i)
-    # WireGuard routes by allowed IPs: an address owned by two peers would route to one of them at random.
-    owned: list[tuple[int, int, object]] = []
+    # WireGuard gives an address to one peer only: a later peer silently takes it from an earlier one.
+    owned: list[tuple[int, int, IPNetwork]] = []
     for i, peer in enumerate(wg.peers):
         for j, net in enumerate(peer.allowed_ips):
             for (oi, oj, other) in owned:
-                if oi != i and net.version == other.version and net.overlaps(other):  # type: ignore[attr-defined]
+                if oi != i and _overlap(net, other):
                     yield Finding(("wireguard", "peers", i, "allowed_ips", j),
                                   f"{net} overlaps {other} of peer '{wg.peers[oi].name}' "
                                   f"(wireguard.peers[{oi}].allowed_ips[{oj}])")
@@ -118,6 +120,14 @@ def _peers(p: Profile) -> Iterator[Finding]:
         if addr.ip in seen_addr:
             yield Finding(("wireguard", "addresses", i), f"address {addr.ip} is listed twice")
         seen_addr.add(addr.ip)
+
+
+def _overlap(a: IPNetwork, b: IPNetwork) -> bool:
+    if isinstance(a, ipaddress.IPv4Network) and isinstance(b, ipaddress.IPv4Network):
+        return a.overlaps(b)
+    if isinstance(a, ipaddress.IPv6Network) and isinstance(b, ipaddress.IPv6Network):
+        return a.overlaps(b)
+    return False
 
 
 def _dataplane(p: Profile) -> Iterator[Finding]:
@@ -139,7 +149,7 @@ def _routing(p: Profile) -> Iterator[Finding]:
     for i, net in enumerate(routes):
         for j in range(i):
             other = routes[j]
-            if net.version == other.version and net.overlaps(other):  # type: ignore[arg-type]
+            if _overlap(net, other):
                 yield Finding(("routing", "advertise_routes", i),
                               f"{net} overlaps advertise_routes[{j}] ({other}): advertise each network once")
         if net.prefixlen == 0:

@@ -115,10 +115,7 @@ def _data_path(data: Any, loc: tuple[str | int, ...]) -> tuple[Path, Any, bool]:
     node = data
     resolved = True
     for part in loc:
-        if isinstance(node, dict) and isinstance(part, str) and part in node:
-            node = node[part]
-            path.append(part)
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        if _has(node, part):
             node = node[part]
             path.append(part)
         elif isinstance(node, dict) and isinstance(part, str) and part.isidentifier() and part not in _TAGS:
@@ -131,6 +128,12 @@ def _data_path(data: Any, loc: tuple[str | int, ...]) -> tuple[Path, Any, bool]:
 
 
 _TAGS = {"static", "mode", "kernel", "userspace"}
+
+
+def _has(node: Any, part: str | int) -> bool:
+    if isinstance(node, dict):
+        return isinstance(part, str) and part in node
+    return isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
 
 
 def _position(located: Located, path: Path, prefer_key: bool = False) -> Pos:
@@ -184,7 +187,9 @@ def _given(path: Path, value: Any) -> str:
 
 
 def _did_you_mean(key: str, parent: Path, data: Any) -> str:
-    allowed = _allowed_keys(parent, data)
+    allowed, elsewhere = _allowed_keys(parent, data)
+    if key in elsewhere:
+        return f": '{key}' belongs to mode: {elsewhere[key]}"
     if not allowed:
         return ""
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
@@ -198,8 +203,9 @@ def _schema() -> dict[str, Any]:
     return Profile.model_json_schema()
 
 
-def _allowed_keys(parent: Path, data: Any) -> list[str]:
-    """Keys the model accepts at `parent`, found by walking the JSON Schema alongside the data."""
+def _allowed_keys(parent: Path, data: Any) -> tuple[list[str], dict[str, str]]:
+    """Keys the model accepts at `parent`, found by walking the JSON Schema alongside the data, and
+    keys that only other variants of a `mode:` union accept (key -> that mode)."""
     schema = _schema()
     defs = schema.get("$defs", {})
 
@@ -223,12 +229,19 @@ def _allowed_keys(parent: Path, data: Any) -> list[str]:
             elif isinstance(part, str) and part in node.get("properties", {}):
                 nxt += resolve(node["properties"][part])
         nodes = nxt
+    elsewhere: dict[str, str] = {}
     if isinstance(value, dict) and "mode" in value:  # discriminated unions: keep the variant the data names
-        same = [n for n in nodes if n.get("properties", {}).get("mode", {}).get("const") == value["mode"]]
-        nodes = same or nodes
+        def mode_of(n: dict[str, Any]) -> Any:
+            return n.get("properties", {}).get("mode", {}).get("const")
+        same = [n for n in nodes if mode_of(n) == value["mode"]]
+        if same:
+            others = [n for n in nodes if mode_of(n) not in (None, value["mode"])]
+            own = {k for n in same for k in n.get("properties", {})}
+            elsewhere = {k: mode_of(n) for n in others for k in n.get("properties", {}) if k not in own}
+            nodes = same
     keys: set[str] = set()
     for node in nodes:
         keys |= set(node.get("properties", {}))
     if not parent:
         keys.add(EXTENDS)
-    return sorted(keys)
+    return sorted(keys), elsewhere

@@ -13,8 +13,18 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from .acl import AclDestination
-from .types import Address, HostPort, Interface, MacAddress, Name, Network, PackageName, Port, SshPublicKey, \
-    WireGuardKey
+from .types import (
+    Address,
+    HostPort,
+    Interface,
+    MacAddress,
+    Name,
+    Network,
+    PackageName,
+    Port,
+    SshPublicKey,
+    WireGuardKey,
+)
 
 Role = Literal["exit-node", "subnet-router"]
 RESERVED_TABLES = {0: "unspec", 253: "default", 254: "main", 255: "local"}
@@ -111,7 +121,8 @@ class Peer(Strict):
     allowed_ips: list[Network] = Field(
         min_length=1, description="tunnel addresses (and networks) of this peer, e.g. 100.64.0.2/32")
     endpoint: HostPort | None = Field(None, description="host:port where the appliance can reach the peer")
-    persistent_keepalive: int | None = Field(None, ge=1, le=65535, description="keepalive interval, seconds")
+    persistent_keepalive: int | None = Field(
+        None, ge=0, le=65535, description="keepalive interval in seconds; 0 or unset: off")
     preshared_key: bool = Field(
         False, description="add a preshared key (post-quantum margin); generated in the secret store")
 

@@ -1,0 +1,29 @@
+# appliance: the two fresh-machine entry points are `make example` and `make test` (see README).
+VENV ?= .venv
+BIN := $(VENV)/bin
+export VENV
+
+.PHONY: setup example test test-fast lint docs clean
+
+setup:
+	@scripts/setup
+
+example: setup
+	$(BIN)/appliance build profiles/exit-node.yaml
+
+test: setup lint
+	$(BIN)/pytest
+
+test-fast: setup
+	$(BIN)/pytest -m "not root and not slow and not vm"
+
+lint: setup
+	$(BIN)/ruff check appliance tests
+	$(BIN)/mypy appliance
+
+docs: setup
+	$(BIN)/appliance schema -o schema/profile.schema.json
+	$(BIN)/python -m appliance.profile.readme README.md
+
+clean:
+	rm -rf build images/*.config .pytest_cache .hypothesis

@@ -1,0 +1,40 @@
+"""Shared fixtures. Tests marked `root` need root (namespaces, nft -c): they skip for other users."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from appliance.secrets import ApplianceKeys, generate_preshared_key, generate_private_key
+
+REPO = Path(__file__).resolve().parent.parent
+PROFILES = REPO / "profiles"
+EXAMPLES = sorted(
+    [*PROFILES.glob("*.yaml"), *(PROFILES / "fleet" / "sites").glob("*.yaml")], key=lambda p: p.name
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root (network namespaces, nft, mounts)")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/sbin/{name}", f"/lib/systemd/{name}") if os.path.exists(p)), None)
+    if path is None:
+        pytest.fail(f"{name} is not installed: run `make setup` (it installs the Debian tools the tests use)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fixed_keys() -> ApplianceKeys:
+    """One key set for the whole run, so renders can be compared byte for byte."""
+    return ApplianceKeys(generate_private_key(), {"phone": generate_preshared_key()})

@@ -1,0 +1,169 @@
+"""Rendering: deterministic trees, the expected files and rules, keys only in root-only files."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from appliance.profile import load_profile
+from appliance.render import DATAPLANE_JSON, ConfigTree, render
+from appliance.secrets import ApplianceKeys, generate_preshared_key, generate_private_key
+from conftest import EXAMPLES, PROFILES
+
+
+def _tree(name: str, keys: ApplianceKeys) -> ConfigTree:
+    return render(load_profile(PROFILES / f"{name}.yaml").profile, keys)
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, bytes | str]]:
+    snap: dict[str, tuple[int, bytes | str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                snap[rel] = (0, os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                snap[rel] = (stat.S_IMODE(st.st_mode), "dir")
+            else:
+                snap[rel] = (stat.S_IMODE(st.st_mode), p.read_bytes())
+    return snap
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_render_is_deterministic(path: Path, fixed_keys: ApplianceKeys, tmp_path: Path) -> None:
+    profile = load_profile(path).profile
+    keys = ApplianceKeys(fixed_keys.private_key, {p.name: fixed_keys.preshared_keys.get("phone", "")
+                                                  for p in profile.wireguard.peers if p.preshared_key})
+    a, b = render(profile, keys), render(profile, keys)
+    assert a.digest() == b.digest()
+    a.write(tmp_path / "a", include_secrets=True, mtime=0)
+    b.write(tmp_path / "b", include_secrets=True, mtime=0)
+    assert _snapshot(tmp_path / "a") == _snapshot(tmp_path / "b")
+    # and again into the same place: replaced, not merged
+    a.write(tmp_path / "a", include_secrets=True, mtime=0)
+    assert _snapshot(tmp_path / "a") == _snapshot(tmp_path / "b")
+
+
+def test_only_secret_entries_change_with_the_keys(fixed_keys: ApplianceKeys) -> None:
+    other = ApplianceKeys(generate_private_key(), {"phone": generate_preshared_key()})
+    a, b = _tree("exit-node", fixed_keys), _tree("exit-node", other)
+    changed = {e.path for e in a if e.data != b[e.path].data}
+    assert changed == {e.path for e in a if e.secret}
+    assert a.digest() != b.digest()
+
+
+def _secret_values(keys: ApplianceKeys) -> list[str]:
+    return [keys.private_key, *keys.preshared_keys.values()]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_keys_only_in_root_only_files(path: Path, fixed_keys: ApplianceKeys) -> None:
+    tree = render(load_profile(path).profile, fixed_keys)
+    for entry in tree:
+        holds_key = any(v.encode() in entry.data for v in _secret_values(fixed_keys))
+        assert holds_key == entry.secret, entry.path
+        if entry.secret:
+            assert entry.mode == 0o600 and entry.path.startswith("etc/credstore/")
+    assert tree["etc/credstore"].mode == 0o700
+
+
+def test_write_leaves_secrets_out_unless_asked(fixed_keys: ApplianceKeys, tmp_path: Path) -> None:
+    tree = _tree("exit-node", fixed_keys)
+    tree.write(tmp_path / "plain")
+    written = b"".join(p.read_bytes() for p in (tmp_path / "plain").rglob("*") if p.is_file())
+    assert not any(v.encode() in written for v in _secret_values(fixed_keys))
+    assert not (tmp_path / "plain/etc/credstore/network.wireguard.private.wg0").exists()
+    tree.write(tmp_path / "full", include_secrets=True)
+    key = tmp_path / "full/etc/credstore/network.wireguard.private.wg0"
+    assert key.read_text().strip() == fixed_keys.private_key
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "full/etc/credstore").stat().st_mode) == 0o700
+
+
+def test_write_refuses_foreign_directory(fixed_keys: ApplianceKeys, tmp_path: Path) -> None:
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        _tree("exit-node", fixed_keys).write(tmp_path / "home")
+    assert (tmp_path / "home" / "notes.txt").read_text() == "mine"
+
+
+def test_exit_node_content(fixed_keys: ApplianceKeys) -> None:
+    t = _tree("exit-node", fixed_keys)
+    nft = t.text("etc/nftables.conf")
+    assert 'iifname "wg0" oifname != "wg0" counter masquerade' in nft
+    assert "tcp option maxseg size set rt mtu" in nft
+    assert "meta nfproto ipv4 oifname != \"wg0\" counter accept" in nft
+    assert "udp dport 51820 counter accept" in nft
+    assert "policy drop" in nft and "shields up" not in nft
+    netdev = t.text("etc/systemd/network/30-wg0.netdev")
+    assert "PrivateKey=@network.wireguard.private.wg0" in netdev
+    assert "PresharedKey=@network.wireguard.psk.wg0.phone" in netdev
+    assert netdev.count("[WireGuardPeer]") == 2
+    network = t.text("etc/systemd/network/30-wg0.network")
+    assert "Destination=100.64.0.2/32\nTable=52\nScope=link" in network
+    assert "Destination=fd7a:115c:a1e0::2/128\nTable=52\n" in network
+    assert "[RoutingPolicyRule]\nTable=52\nPriority=5270\nFamily=both" in network
+    sysctl = t.text("etc/sysctl.d/90-appliance.conf")
+    assert "net.ipv4.ip_forward = 1" in sysctl and "net.ipv6.conf.all.forwarding = 1" in sysctl
+    uplink = t.text("etc/systemd/network/10-uplink.network")
+    assert "MACAddress=52:54:00:12:34:01" in uplink and "Group=1" in uplink and "DHCP=ipv4" in uplink
+    assert "ethtool -K %I rx-udp-gro-forwarding on rx-gro-list off" in t.text(
+        "etc/systemd/system/appliance-offload-uplink@.service")
+    assert 'ATTR{address}=="52:54:00:12:34:01"' in t.text("etc/udev/rules.d/90-appliance-offload.rules")
+
+
+def test_subnet_router_acl_and_shields_up(fixed_keys: ApplianceKeys) -> None:
+    t = _tree("subnet-router", fixed_keys)
+    nft = t.text("etc/nftables.conf")
+    assert "ip saddr { 100.64.1.2/32 } ip daddr 192.168.10.0/24 counter accept" in nft
+    assert "ip saddr { 100.64.1.3/32 } ip daddr 192.168.10.20/32 tcp dport { 443, 8000-8100 } counter accept" in nft
+    assert 'counter drop comment "shields up' in nft
+    assert 'counter drop comment "acl: not allowed"' in nft
+    assert "meta nfproto ipv4 oifname" not in nft  # not an exit node: no route to everywhere
+    # wireguard-go: networkd configures the TUN's addresses and routes but does not create it
+    assert "etc/systemd/network/30-wg0.netdev" not in t
+    assert "etc/systemd/network/30-wg0.network" in t
+    assert "Address=192.168.10.1/24" in t.text("etc/systemd/network/10-lan.network")
+    assert "net.core.rmem_max = 7340032" in t.text("etc/sysctl.d/90-appliance.conf")
+
+
+def test_userspace_has_no_kernel_forwarding(fixed_keys: ApplianceKeys) -> None:
+    t = _tree("userspace-exit-node", fixed_keys)
+    nft = t.text("etc/nftables.conf")
+    assert "masquerade" not in nft and "forward_from_peers" not in nft
+    assert "udp dport 51820 counter accept" in nft  # wireguard-go's socket stays in the host namespace
+    sysctl = t.text("etc/sysctl.d/90-appliance.conf")
+    assert "ip_forward" not in sysctl and "ping_group_range = 0 2147483647" in sysctl
+    dp = json.loads(t.text(DATAPLANE_JSON))
+    assert dp["mode"] == "userspace" and dp["socks5"] == "127.0.0.1:1080"
+    assert dp["wireguard"]["implementation"] == "wireguard-go"
+
+
+def test_dataplane_json(fixed_keys: ApplianceKeys) -> None:
+    dp = json.loads(_tree("exit-node", fixed_keys).text(DATAPLANE_JSON))
+    assert dp["schema"] == 1 and dp["mode"] == "kernel"
+    assert dp["routing"]["table"] == 52 and dp["routing"]["rule_priority"] == 5270
+    assert {r["destination"] for r in dp["routing"]["routes"]} == {
+        "100.64.0.2/32", "100.64.0.3/32", "fd7a:115c:a1e0::2/128", "fd7a:115c:a1e0::3/128"}
+    assert dp["interfaces"]["uplink"]["offload"] == {"rx-udp-gro-forwarding": True, "rx-gro-list": False}
+    phone = next(p for p in dp["wireguard"]["peers"] if p["name"] == "phone")
+    assert phone["preshared_key_file"] == "/etc/credstore/network.wireguard.psk.wg0.phone"
+    assert fixed_keys.private_key not in json.dumps(dp)
+
+
+def test_authorized_keys_and_ssh(tmp_path: Path, fixed_keys: ApplianceKeys) -> None:
+    text = (Path(__file__).parent / "profile_base.yaml").read_text()
+    f = tmp_path / "edge.yaml"
+    f.write_text(text)
+    t = render(load_profile(f).profile, fixed_keys)
+    assert t.text("root/.ssh/authorized_keys").startswith("ssh-ed25519 AAAAC3")
+    assert t["root/.ssh/authorized_keys"].mode == 0o600 and t["root/.ssh"].mode == 0o700
+    assert "PasswordAuthentication no" in t.text("etc/ssh/sshd_config.d/10-appliance.conf")
+    assert t["etc/localtime"].target == "/usr/share/zoneinfo/UTC"
