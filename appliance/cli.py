@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 from typing import TextIO
 
@@ -177,22 +179,104 @@ def peer(profile: Path, peer_name: str, endpoint: str | None, private_key_file: 
         click.echo(terminal_qr(text), nl=False)
 
 
+cache_option = click.option(
+    "--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), envvar="APPLIANCE_CACHE",
+    show_envvar=True, help="cache of tools and root trees [default: ~/.cache/appliance]")
+
+
 @cli.command()
 @profile_arg
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default="images", show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default="images", show_default=True,
+              help="where NAME.img, .img.zst, .img.bmap and .manifest.json go")
+@click.option("--no-cache", is_flag=True, help="rebuild the tools and root trees instead of reusing cached ones")
+@click.option("--lock", "use_lock", is_flag=True,
+              help="pin package versions to PROFILE.lock (written after the build if it does not exist)")
+@click.option("--update-lock", is_flag=True, help="with --lock: take current versions and rewrite the lock")
+@click.option("--no-verify", is_flag=True, help="skip the testinfra checks of the root tree")
+@click.option("--keep-tree", is_flag=True, help="keep the staged root tree (holds the private key) for debugging")
+@click.option("--render-only", is_flag=True, help="stop after rendering the configuration into OUT_DIR/NAME.config")
+@click.option("--json", "as_json", is_flag=True, help="print the build manifest as JSON")
+@cache_option
 @secrets_option
-def build(profile: Path, out_dir: Path, secrets_dir: Path) -> None:
-    """Build the image for PROFILE (validate, keys, render; image assembly follows)."""
+def build(profile: Path, out_dir: Path, no_cache: bool, use_lock: bool, update_lock: bool, no_verify: bool,
+          keep_tree: bool, render_only: bool, as_json: bool, cache_dir: Path | None, secrets_dir: Path) -> None:
+    """Build the bootable disk image for PROFILE: OUT_DIR/NAME.img (GPT, UEFI) and friends."""
+    from .image import BuildLog, BuildOptions, Cache, ImageError, build_image
+    from .render import image_spec
+
     with step(f"validate {profile}"):
         loaded = _load(profile)
-    name = loaded.profile.name
-    with step("keys"):
-        keys_ = _keys(secrets_dir, loaded)
-    with step("render configuration"):
-        tree = render(loaded.profile, keys_)
-        dest = out_dir / f"{name}.config"
+    p = loaded.profile
+    with step("keys and configuration"):
+        tree = render(p, _keys(secrets_dir, loaded))
+    if render_only:
+        dest = out_dir / f"{p.name}.config"
         tree.write(dest)
-    out.print(f"configuration for {name} in {dest} ({len(list(tree))} entries, digest {tree.digest()[:12]})")
+        out.print(f"configuration for {p.name} in {dest} ({len(list(tree))} entries, digest {tree.digest()[:12]})")
+        return
+    opts = BuildOptions(out_dir=out_dir, cache=Cache(cache_dir), no_cache=no_cache,
+                        lock_path=profile.with_suffix(".lock") if use_lock or update_lock else None,
+                        update_lock=update_lock, verify=not no_verify, keep_tree=keep_tree)
+    log = BuildLog(out_dir / f"{p.name}.build.log")
+    if log.path and log.path.exists():
+        log.path.unlink()
+    info = {"path": str(profile), "digest": loaded.digest, "files": [str(f) for f in loaded.files]}
+    try:
+        result = build_image(image_spec(p), tree, info, opts, step, log)
+    except ImageError as e:
+        die(f"build of {p.name} failed: {e}")
+    m = result.manifest
+    img = m["outputs"][f"{p.name}.img"]
+    zst = m["outputs"][f"{p.name}.img.zst"]
+    if as_json:
+        echo_json(m)
+        return
+    out.print(f"[green]built[/] {result.image}: {img['size'] / 2**20:.0f} MiB raw, "
+              f"{img['allocated'] / 2**20:.0f} MiB allocated, {zst['size'] / 2**20:.1f} MiB zstd, "
+              f"sha256 {img['sha256'][:16]}… in {result.timings['total']:.1f} s")
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """Inspect or clean the cache of tools trees, root trees and ESPs."""
+
+
+@cache_group.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="print as JSON")
+@cache_option
+def cache_ls(as_json: bool, cache_dir: Path | None) -> None:
+    """List cached trees with their size and age."""
+    from .image import Cache
+    from .image.cache import dir_size
+
+    cache = Cache(cache_dir)
+    rows = []
+    for e in cache.entries():
+        meta = e.meta() if e.complete else {}
+        rows.append({"kind": e.kind, "key": e.key, "path": str(e.path), "complete": e.complete,
+                     "bytes": dir_size(e.path), "created": meta.get("created"),
+                     "kernel": meta.get("kernel_version")})
+    if as_json:
+        echo_json({"cache": str(cache.root), "entries": rows})
+        return
+    out.print(f"cache: {cache.root}")
+    for r in rows:
+        age = f"{(time.time() - r['created']) / 3600:.1f} h" if r["created"] else "incomplete"
+        out.print(f"  {r['kind']:6} {r['key']}  {r['bytes'] / 2**20:8.1f} MiB  {age}")
+
+
+@cache_group.command("clean")
+@click.option("--all", "clean_all", is_flag=True, help="also remove the downloaded .deb files")
+@cache_option
+def cache_clean(clean_all: bool, cache_dir: Path | None) -> None:
+    """Remove cached trees (they are rebuilt on the next build)."""
+    from .image import Cache
+
+    cache = Cache(cache_dir)
+    removed = cache.clean()
+    if clean_all:
+        shutil.rmtree(cache.root / "debs", ignore_errors=True)
+    out.print(f"removed {len(removed)} entries from {cache.root}")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -201,7 +285,15 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C, so `finally` blocks remove temporary files and staged trees
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli(standalone_mode=True)
     except ApplianceError as e:

@@ -134,7 +134,8 @@ class ConfigTree:
                     target.unlink()
                 os.symlink(e.target, target)
             else:
-                if target.is_symlink():
+                # unlink first: the tree may be a hardlinked copy of a cached base, which must not change
+                if target.is_symlink() or target.exists():
                     target.unlink()
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "wb") as f:

@@ -1,0 +1,131 @@
+"""Assembly: a GPT disk image on a plain file, without loop devices or mounts.
+
+  ESP (FAT32, mkfs.vfat --invariant, filled with mtools): the Unified Kernel Image as
+      EFI/BOOT/BOOTX64.EFI, i.e. kernel + initramfs + command line naming root=PARTUUID=...
+  root (ext4, mkfs.ext4 -d from the staged tree, fixed UUID and hash seed)
+  GPT laid out by sfdisk with GUIDs derived from the appliance name.
+
+Everything runs in the trixie tools tree (ukify, e2fsprogs >= 1.47, mtools); every timestamp is
+SOURCE_DATE_EPOCH, so the same tree gives the same bytes."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .run import BuildLog
+from .tools import ToolsTree
+
+MiB = 1024 * 1024
+ESP_SIZE = 128 * MiB  # FAT32 with room for two UKIs; OVMF ignores tiny FAT32 ESPs
+ROOT_FREE = 256 * MiB  # headroom for logs and state on the device
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
+_NAMESPACE = uuid.UUID("6c3b0a53-0d1c-4c8e-9d0c-5a1e00000000")
+
+
+@dataclass(frozen=True)
+class DiskIds:
+    """Stable identifiers: equal for every build of one appliance, different between appliances."""
+
+    disk: str
+    esp: str
+    root_part: str
+    root_fs: str
+    esp_serial: str  # FAT volume id, 8 hex digits
+
+    @classmethod
+    def for_name(cls, name: str) -> DiskIds:
+        def u(what: str) -> str:
+            return str(uuid.uuid5(_NAMESPACE, f"{name}/{what}"))
+        return cls(u("disk"), u("esp"), u("root-partition"), u("root-fs"), u("esp-fs").replace("-", "")[:8])
+
+
+def kernel_cmdline(ids: DiskIds) -> str:
+    # serial last: it becomes /dev/console, which is what headless boxes and QEMU show
+    return f"root=PARTUUID={ids.root_part} rw rootwait panic=10 console=tty0 console=ttyS0,115200"
+
+
+@dataclass(frozen=True)
+class Layout:
+    esp_offset: int
+    esp_size: int
+    root_offset: int
+    root_size: int
+    disk_size: int
+
+
+def layout_for(tree_bytes: int) -> Layout:
+    root = _round_up(int(tree_bytes * 1.15) + ROOT_FREE, 16 * MiB)
+    esp_off = 1 * MiB
+    root_off = esp_off + ESP_SIZE
+    return Layout(esp_off, ESP_SIZE, root_off, root, root_off + root + 1 * MiB)  # +1 MiB: backup GPT
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def build_uki(tools: ToolsTree, kernel: Path, initrd: Path, os_release: Path, cmdline: str, out: Path,
+              sde: int, log: BuildLog) -> None:
+    version = kernel.name.removeprefix("vmlinuz-")
+    tools.run(["ukify", "build", f"--linux={kernel}", f"--initrd={initrd}", f"--cmdline={cmdline}",
+               f"--os-release=@{os_release}", f"--uname={version}",
+               "--stub=/usr/lib/systemd/boot/efi/linuxx64.efi.stub", f"--output={out}"],
+              binds=[kernel.parent, os_release.parent, out.parent], log=log, what="ukify",
+              env={"SOURCE_DATE_EPOCH": str(sde)})
+    os.utime(out, (sde, sde))
+
+
+def build_esp(tools: ToolsTree, uki: Path, out: Path, ids: DiskIds, size: int, log: BuildLog) -> None:
+    script = (
+        f"mkfs.vfat -F 32 -n ESP -i {ids.esp_serial} --invariant -C {out} {size // 1024} >/dev/null && "
+        f"mmd -i {out} ::/EFI ::/EFI/BOOT && mcopy -m -i {out} {uki} ::/EFI/BOOT/BOOTX64.EFI")
+    tools.run(["sh", "-c", script], binds=[out.parent, uki.parent], log=log, what="ESP (mkfs.vfat, mtools)",
+              env={"MTOOLS_SKIP_CHECK": "1"})
+
+
+def build_root_fs(tools: ToolsTree, tree: Path, out: Path, ids: DiskIds, size: int, sde: int, log: BuildLog) -> None:
+    tools.run(["mkfs.ext4", "-q", "-L", "root", "-U", ids.root_fs,
+               "-E", f"hash_seed={ids.root_fs},root_owner=0:0", "-d", tree, out, f"{size // 1024}K"],
+              binds=[tree, out.parent], log=log, what="mkfs.ext4 -d",
+              env={"E2FSPROGS_FAKE_TIME": str(sde), "SOURCE_DATE_EPOCH": str(sde)})
+
+
+def write_disk(tools: ToolsTree, out: Path, esp: Path, root: Path, lay: Layout, ids: DiskIds, log: BuildLog) -> None:
+    """Partition table on a sparse file, then the two file systems copied in at their offsets."""
+    with open(out, "wb") as f:
+        f.truncate(lay.disk_size)
+    table = (
+        "label: gpt\n"
+        f"label-id: {ids.disk}\n"
+        "first-lba: 2048\n"
+        f"start={lay.esp_offset // 512}, size={lay.esp_size // 512}, type={ESP_TYPE}, uuid={ids.esp}, name=esp\n"
+        f"start={lay.root_offset // 512}, size={lay.root_size // 512}, type={ROOT_X86_64_TYPE}, "
+        f"uuid={ids.root_part}, name=root\n"
+    )
+    tools.run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", out], binds=[out.parent], log=log, what="sfdisk",
+              input=table)
+    copy_sparse(esp, out, lay.esp_offset)
+    copy_sparse(root, out, lay.root_offset)
+
+
+def copy_sparse(src: Path, dst: Path, offset: int) -> None:
+    """Copy only the data extents of src into dst at offset (SEEK_DATA/SEEK_HOLE), keeping dst sparse."""
+    with open(src, "rb") as fi, open(dst, "r+b") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fi.fileno(), pos, os.SEEK_DATA)
+            except OSError:
+                break  # only a hole remains
+            end = os.lseek(fi.fileno(), start, os.SEEK_HOLE)
+            while start < end:
+                n = os.copy_file_range(fi.fileno(), fo.fileno(), min(end - start, 64 * MiB), start, start + offset)
+                if n == 0:
+                    break
+                start += n
+            pos = end

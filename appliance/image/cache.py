@@ -1,0 +1,133 @@
+"""A cache of built trees keyed by what they contain.
+
+Each entry is a directory CACHE/KIND-KEY/ created under a temporary name and renamed into place when
+complete, so a killed build never leaves a half-built entry that looks finished. A lock file per key
+keeps two builds from making the same entry at once."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CACHE_ENV = "APPLIANCE_CACHE"
+COMPLETE = "complete.json"
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "appliance"
+
+
+def content_key(inputs: Any) -> str:
+    """A short stable hash of JSON-able inputs: the identity of a cache entry."""
+    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str
+    key: str
+    path: Path
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / COMPLETE).is_file()
+
+    def meta(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.path / COMPLETE).read_text())
+        return data
+
+
+class Cache:
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root is not None else default_cache_dir()
+
+    def entry(self, kind: str, key: str) -> Entry:
+        return Entry(kind, key, self.root / f"{kind}-{key}")
+
+    @contextmanager
+    def _lock(self, name: str) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f".{name}.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def get_or_build(self, kind: str, key: str, build: Callable[[Path], dict[str, Any]],
+                     rebuild: bool = False) -> Entry:
+        """Return the entry, building it with build(tmpdir) -> metadata when missing (or rebuild)."""
+        entry = self.entry(kind, key)
+        with self._lock(f"{kind}-{key}"):
+            if entry.complete and not rebuild:
+                os.utime(entry.path / COMPLETE)  # last use, for `cache clean --older-than`
+                return entry
+            tmp = self.root / f".{kind}-{key}.tmp-{os.getpid()}"
+            _remove(tmp)
+            tmp.mkdir(parents=True)
+            try:
+                meta = build(tmp)
+                (tmp / COMPLETE).write_text(json.dumps({"kind": kind, "key": key, "created": int(time.time()),
+                                                        **meta}, indent=1, sort_keys=True) + "\n")
+                if entry.path.exists():
+                    _remove(entry.path)
+                os.rename(tmp, entry.path)
+            except BaseException:
+                _remove(tmp)
+                raise
+        return entry
+
+    def entries(self) -> list[Entry]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in sorted(self.root.iterdir()):
+            if p.is_dir() and not p.name.startswith(".") and "-" in p.name:
+                kind, _, key = p.name.rpartition("-")
+                found.append(Entry(kind, key, p))
+        return found
+
+    def clean(self, keep: Callable[[Entry], bool] = lambda e: False) -> list[Entry]:
+        """Remove entries (and leftovers of killed builds) that keep() does not want."""
+        removed = []
+        for e in self.entries():
+            if not keep(e):
+                with self._lock(e.path.name):
+                    _remove(e.path)
+                removed.append(e)
+        if self.root.is_dir():
+            for p in self.root.glob(".*.tmp-*"):
+                _remove(p)
+        return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def dir_size(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total

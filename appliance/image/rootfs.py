@@ -1,0 +1,174 @@
+"""The base root tree: Debian trixie with the packages an ImageSpec names, built with mmdebstrap and
+cached by content (package set, units, initramfs settings, archive snapshot or locked versions).
+
+The base holds no profile configuration: it is shared by every profile with the same spec, and a
+profile's configuration is laid over a hardlinked copy of it at each build (stage.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..render.spec import ImageSpec
+from .cache import Cache, Entry, content_key, dir_size
+from .debian import DPKG_EXCLUDES, Archive, mmdebstrap_args
+from .lock import Lock
+from .run import BuildLog, ImageError, run
+from .tools import ToolsTree
+
+BASE_RECIPE = 4  # bump when the hooks below change what a base tree contains
+
+
+@dataclass(frozen=True)
+class BaseTree:
+    entry: Entry
+
+    @property
+    def tree(self) -> Path:
+        return self.entry.path / "tree"
+
+    @property
+    def packages(self) -> dict[str, str]:
+        return dict(self.entry.meta()["packages"])
+
+    @property
+    def kernel_version(self) -> str:
+        return str(self.entry.meta()["kernel_version"])
+
+    @property
+    def kernel(self) -> Path:
+        return self.tree / "boot" / f"vmlinuz-{self.kernel_version}"
+
+    @property
+    def initrd(self) -> Path:
+        return self.tree / "boot" / f"initrd.img-{self.kernel_version}"
+
+
+def base_key(spec: ImageSpec, archive: Archive, snapshot: str | None, lock: Lock | None, sde: int) -> str:
+    return content_key({
+        "spec": spec.base_inputs(), "suite": archive.suite, "sources": archive.sources(),
+        "snapshot": None if lock else snapshot, "lock": lock.packages if lock else None,
+        "source_date_epoch": sde, "recipe": BASE_RECIPE,
+    })
+
+
+def _essential_hooks() -> list[str]:
+    # build the initramfs once at the end instead of at every kernel/udev/... trigger
+    return ['chroot "$1" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs',
+            'ln -sf /bin/true "$1/usr/sbin/update-initramfs"']
+
+
+def _customize_hooks(spec: ImageSpec) -> list[str]:
+    modules = "list" if spec.initrd_modules else "most"
+    hooks = [
+        'rm -f "$1/usr/sbin/update-initramfs"',
+        'chroot "$1" dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs',
+        f'sed -i "s/^MODULES=.*/MODULES={modules}/; s/^#*COMPRESS=.*/COMPRESS=zstd/" '
+        '"$1/etc/initramfs-tools/initramfs.conf"',
+    ]
+    if spec.initrd_modules:
+        hooks.append(f"printf '%s\\n' {shlex.join(spec.initrd_modules)} > \"$1/etc/initramfs-tools/modules\"")
+    if spec.modules_exclude:
+        dirs = " ".join(f'"$1"/usr/lib/modules/*/kernel/{shlex.quote(d)}' for d in spec.modules_exclude)
+        hooks += [f"rm -rf {dirs}",
+                  'for v in $(ls "$1/usr/lib/modules"); do chroot "$1" depmod -a "$v"; done']
+    hooks += [
+        'rm -f "$1/usr/lib/udev/hwdb.bin"',  # before the initramfs, which would copy it
+        'chroot "$1" update-initramfs -c -k all',
+        # host identity is made at first boot, never baked into an image that many devices share
+        ': > "$1/etc/machine-id"',
+        'rm -f "$1/var/lib/dbus/machine-id" "$1"/etc/ssh/ssh_host_*',
+        'mkdir -p "$1/etc/systemd/system/ssh.service.d"',
+        "printf '[Service]\\nExecStartPre=\\nExecStartPre=/usr/bin/ssh-keygen -A\\nExecStartPre=/usr/sbin/sshd -t\\n' "
+        '> "$1/etc/systemd/system/ssh.service.d/10-appliance-hostkeys.conf"',
+        "printf '# the root file system is given on the kernel command line (root=PARTUUID=...)\\n' > \"$1/etc/fstab\"",
+        f'systemctl --root="$1" enable {shlex.join(spec.enable_units)}',
+        f'systemctl --root="$1" disable {shlex.join(spec.disable_units)} 2>/dev/null || true',
+        'ln -sf ../run/systemd/resolve/stub-resolv.conf "$1/etc/resolv.conf"',
+        'rm -f "$1/etc/apt/preferences.d/appliance-lock"',
+        # logs and caches of the install itself would only make trees differ
+        'rm -rf "$1"/var/log/apt/* "$1"/var/log/dpkg.log "$1"/var/log/alternatives.log "$1"/var/cache/ldconfig/aux-cache',
+    ]
+    return hooks
+
+
+_MISSING = re.compile(r"Unable to locate package (\S+)|Package '?(\S+?)'? has no installation candidate")
+
+
+def build_base(cache: Cache, tools: ToolsTree, archive: Archive, spec: ImageSpec, log: BuildLog, *,
+               snapshot: str | None, lock: Lock | None, sde: int, rebuild: bool = False) -> BaseTree:
+    if spec.arch != "amd64":
+        raise ImageError(f"arch {spec.arch}: only amd64 images can be built so far")
+    missing = sorted(set(spec.packages) - tools.available_packages(spec.packages, log))
+    if missing:
+        raise ImageError(_missing_message(missing, spec))
+
+    def make(tmp: Path) -> dict[str, object]:
+        tree = tmp / "tree"
+        args = [*mmdebstrap_args(cache.root / "debs"), f"--include={','.join(spec.packages)}",
+                *[f"--dpkgopt={o}" for o in DPKG_EXCLUDES],
+                "--hook-dir=/usr/share/mmdebstrap/hooks/eatmydata"]
+        if lock:
+            prefs = tmp / "lock.pref"
+            prefs.write_text(lock.apt_preferences())
+            args.append(f'--setup-hook=mkdir -p "$1/etc/apt/preferences.d" && '
+                        f'cp {shlex.quote(str(prefs))} "$1/etc/apt/preferences.d/appliance-lock"')
+        args += [f"--essential-hook={h}" for h in _essential_hooks()]
+        args += [f"--customize-hook={h}" for h in _customize_hooks(spec)]
+        try:
+            run([*args, archive.suite, tree, *archive.sources()], log=log, what="mmdebstrap (root tree)",
+                env={"SOURCE_DATE_EPOCH": str(sde)})
+        except ImageError as e:
+            gone = sorted({a or b for a, b in _MISSING.findall(str(e))})
+            if gone:
+                raise ImageError(_missing_message(gone, spec)) from None
+            raise
+        clamp_mtimes(tree, sde)
+        packages = _installed(tree, log)
+        if lock:
+            lock.check(packages)
+        kernels = sorted(p.name.removeprefix("vmlinuz-") for p in (tree / "boot").glob("vmlinuz-*"))
+        if len(kernels) != 1:
+            raise ImageError(f"expected one kernel in the root tree, found {kernels or 'none'}")
+        return {"packages": packages, "kernel_version": kernels[0], "size": dir_size(tree),
+                "spec": spec.base_inputs(), "snapshot": snapshot}
+
+    key = base_key(spec, archive, snapshot, lock, sde)
+    return BaseTree(cache.get_or_build("base", key, make, rebuild=rebuild))
+
+
+def newest_base(cache: Cache, spec: ImageSpec) -> BaseTree | None:
+    """Offline fallback: the newest complete base built for this spec."""
+    found = [e for e in cache.entries() if e.kind == "base" and e.complete and e.meta().get("spec") == spec.base_inputs()]
+    found.sort(key=lambda e: e.meta().get("created", 0))
+    return BaseTree(found[-1]) if found else None
+
+
+def _missing_message(missing: list[str], spec: ImageSpec) -> str:
+    own = [m for m in missing if m in spec.extra_packages]
+    if own:
+        return (f"unknown package{'s' if len(own) > 1 else ''} {', '.join(repr(m) for m in own)} in system.packages: "
+                f"not in Debian {spec.arch} trixie main (check the name with `apt-cache search`)")
+    return f"package{'s' if len(missing) > 1 else ''} {', '.join(missing)} not found in the archive"
+
+
+def _installed(tree: Path, log: BuildLog) -> dict[str, str]:
+    out = run(["chroot", tree, "dpkg-query", "-W", "-f", "${Package}\t${Version}\n"], log=log).stdout
+    return dict(sorted(line.split("\t", 1) for line in out.splitlines() if "\t" in line))
+
+
+def clamp_mtimes(root: Path, sde: int) -> None:
+    """No file in the tree is newer than SOURCE_DATE_EPOCH, so equal content gives equal metadata."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in [*filenames, *dirnames]:
+            _clamp(os.path.join(dirpath, name), sde)
+    _clamp(str(root), sde)
+
+
+def _clamp(path: str, sde: int) -> None:
+    st = os.lstat(path)
+    if st.st_mtime > sde or st.st_atime != sde:
+        os.utime(path, (sde, min(int(st.st_mtime), sde)), follow_symlinks=False)

@@ -1,0 +1,46 @@
+"""The staged root tree of one build: a hardlinked copy of the cached base with the profile's
+configuration written over it. Writing unlinks before it writes, so the base is never modified; the
+copy costs a fraction of a second and holds the private key, so it is removed after the build."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ..render.tree import ConfigTree
+from .rootfs import BaseTree, clamp_mtimes
+from .run import BuildLog, run
+
+
+def stage_tree(base: BaseTree, config: ConfigTree, dest: Path, sde: int, log: BuildLog) -> Path:
+    if dest.exists():
+        remove_tree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    run(["cp", "-al", base.tree, dest], log=log, what="cp -al (stage the base tree)")
+    # kernel and initramfs boot from the UKI on the ESP; copies in the root would only add size
+    for pattern in ("boot/vmlinuz-*", "boot/initrd.img-*", "vmlinuz*", "initrd.img*"):
+        for p in dest.glob(pattern):
+            p.unlink()
+    config.write_into(dest, include_secrets=True, mtime=sde)
+    clamp_mtimes(dest, sde)  # directories we wrote into got a new mtime
+    return dest
+
+
+def remove_tree(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes the tree takes in a file system (4 KiB blocks), counting hardlinked files once."""
+    seen: set[int] = set()
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in filenames + dirnames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if st.st_ino in seen:
+                continue
+            seen.add(st.st_ino)
+            total += (st.st_size + 4095) // 4096 * 4096 + 256  # + inode
+    return total

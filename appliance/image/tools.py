@@ -1,0 +1,76 @@
+"""The tools tree: a small cached Debian trixie tree holding image tooling newer than the host's
+(ukify and the systemd-boot stub, e2fsprogs >= 1.47, mtools, dosfstools, fdisk), entered with chroot
+in a private mount namespace, the way mkosi's ToolsTree works. Nothing is mounted on the host."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cache import Cache, Entry, content_key
+from .debian import Archive, mmdebstrap_args
+from .run import BuildLog, run
+
+TOOLS_PACKAGES = sorted([
+    "systemd", "systemd-ukify", "systemd-boot-efi", "python3-pefile", "e2fsprogs", "dosfstools", "mtools",
+    "fdisk", "util-linux", "zstd", "kmod", "binutils", "cpio", "apt",
+])
+TOOLS_RECIPE = 1  # bump when the way the tree is made changes
+
+
+def tools_key(archive: Archive) -> str:
+    return content_key({"packages": TOOLS_PACKAGES, "suite": archive.suite, "recipe": TOOLS_RECIPE})
+
+
+def build_tools(cache: Cache, archive: Archive, log: BuildLog, rebuild: bool = False) -> ToolsTree:
+    def make(tmp: Path) -> dict[str, object]:
+        tree = tmp / "tree"
+        run([*mmdebstrap_args(cache.root / "debs"), f"--include={','.join(TOOLS_PACKAGES)}",
+             # keep the package lists: they answer "does this package exist?" before a long build
+             "--skip=cleanup/apt/lists",
+             archive.suite, tree, *archive.sources()], log=log, what="mmdebstrap (tools tree)")
+        return {"packages": TOOLS_PACKAGES}
+
+    entry = cache.get_or_build("tools", tools_key(archive), make, rebuild=rebuild)
+    return ToolsTree(entry)
+
+
+@dataclass(frozen=True)
+class ToolsTree:
+    entry: Entry
+
+    @property
+    def root(self) -> Path:
+        return self.entry.path / "tree"
+
+    def run(self, cmd: Sequence[str | Path], *, binds: Sequence[Path], log: BuildLog, env: dict[str, str] | None = None,
+            what: str | None = None, input: str | None = None) -> str:
+        """Run cmd chrooted in the tools tree. Each path in binds is visible inside at the same path."""
+        mounts = [f"mount --bind {shlex.quote(str(self.root))} {shlex.quote(str(self.root))}"]
+        for b in binds:
+            inner = shlex.quote(f"{self.root}{b}")
+            mounts += [f"mkdir -p {inner}", f"mount --rbind {shlex.quote(str(b))} {inner}"]
+        mounts += [f"mount -t proc proc {shlex.quote(str(self.root / 'proc'))}",
+                   f"mount --rbind /dev {shlex.quote(str(self.root / 'dev'))}"]
+        envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+        script = "set -e\n" + "\n".join(mounts) + (
+            f"\nexec chroot {shlex.quote(str(self.root))} /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "
+            f"{envs} {shlex.join(str(c) for c in cmd)}\n")
+        return run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], log=log,
+                   what=what or str(cmd[0]), input=input).stdout
+
+    def available_packages(self, names: Sequence[str], log: BuildLog) -> set[str]:
+        """Which of names the archive has, from the tree's package lists (no download)."""
+        if not names:
+            return set()
+        found = set()
+        out = self.run(["apt-cache", "policy", *names], binds=[], log=log, what="apt-cache policy")
+        current = None
+        for line in out.splitlines():
+            if line and not line.startswith(" ") and line.endswith(":"):
+                current = line[:-1]
+            elif current and line.strip().startswith("Candidate:") and "(none)" not in line:
+                found.add(current)
+        return found

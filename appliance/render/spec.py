@@ -1,0 +1,79 @@
+"""ImageSpec: what the image's base tree is made of (packages, kernel, initramfs, units), derived from
+the profile. It is all the image stage learns about the profile besides the ConfigTree, and it is
+what keys the cached base tree: two profiles with equal specs share one base."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..profile.model import Profile
+from .renderer import enabled_units
+
+BASE_PACKAGES = [
+    "systemd", "systemd-sysv", "systemd-resolved", "udev", "dbus", "openssh-server", "nftables", "iproute2",
+    "ethtool", "kmod", "login", "linux-sysctl-defaults", "zstd", "initramfs-tools", "python3", "python3-pyroute2",
+]
+# What a VM needs to find its disk; hardware gets initramfs-tools' "most" (all storage drivers).
+VM_INITRD_MODULES = ["virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net", "nvme", "ahci", "sd_mod", "ext4", "vfat"]
+# Module subtrees an edge router never loads (paths under /usr/lib/modules/VERSION/kernel/), as mkosi's
+# KernelModulesExclude=: cluster and network file systems, RDMA, lab hardware. Kept: all of net/
+# (nftables, WireGuard, tunnels), block and NIC drivers, ext4/vfat/overlay, 9p.
+MODULES_EXCLUDE_ALL = [
+    "drivers/infiniband", "drivers/comedi", "drivers/target", "fs/bcachefs", "fs/ceph", "fs/ocfs2", "fs/gfs2",
+    "fs/dlm", "fs/nfsd", "fs/orangefs", "fs/coda", "fs/afs", "net/ceph", "net/tipc", "net/smc", "net/rds",
+]
+MODULES_EXCLUDE_VM = [
+    "drivers/md", "drivers/nvdimm", "drivers/media", "drivers/gpu", "fs/btrfs", "fs/xfs", "fs/smb", "fs/nfs",
+    "fs/ntfs3", "fs/jfs", "fs/f2fs", "fs/nilfs2", "fs/reiserfs", "net/sunrpc", "sound",
+]
+# Timers and units an appliance does not need; fewer units, faster boot.
+DISABLED_UNITS = ["apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "e2scrub_all.timer",
+                  "e2scrub_reap.service", "fstrim.timer", "man-db.timer"]
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    name: str
+    arch: str
+    board: str
+    kernel_package: str
+    packages: tuple[str, ...]  # everything installed explicitly, kernel included, sorted
+    extra_packages: tuple[str, ...]  # the profile's own, for error messages
+    initrd_modules: tuple[str, ...]  # empty: initramfs-tools MODULES=most
+    modules_exclude: tuple[str, ...]  # kernel module subtrees left out of the image
+    enable_units: tuple[str, ...]
+    disable_units: tuple[str, ...]
+
+    def base_inputs(self) -> dict[str, Any]:
+        """The parts that decide the base tree's content (the name does not)."""
+        d = asdict(self)
+        d.pop("name")
+        d.pop("extra_packages")
+        return d
+
+
+def image_spec(p: Profile) -> ImageSpec:
+    packages = set(BASE_PACKAGES)
+    dp = p.dataplane
+    if dp.mode == "kernel":
+        packages.add("wireguard-tools")  # `wg`; the module ships with the kernel
+    if dp.mode == "userspace" or dp.wireguard == "wireguard-go":
+        packages |= {"wireguard-go", "wireguard-tools"}
+    if dp.mode == "userspace":
+        packages.add("passt")
+    kernel = f"linux-image-cloud-{p.system.arch}" if p.system.board == "qemu" else f"linux-image-{p.system.arch}"
+    packages.add(kernel)
+    packages |= set(p.system.packages)
+    return ImageSpec(
+        name=p.name,
+        arch=p.system.arch,
+        board=p.system.board,
+        kernel_package=kernel,
+        packages=tuple(sorted(packages)),
+        extra_packages=tuple(sorted(p.system.packages)),
+        initrd_modules=tuple(VM_INITRD_MODULES) if p.system.board == "qemu" else (),
+        modules_exclude=tuple(MODULES_EXCLUDE_ALL + (MODULES_EXCLUDE_VM if p.system.board == "qemu" else [])),
+        enable_units=tuple(enabled_units(p)),
+        disable_units=tuple(DISABLED_UNITS),
+    )
