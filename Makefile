@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: setup example test test-fast lint docs clean
+.PHONY: setup example test test-fast lint docs clean bench
 
 setup:
 	@scripts/setup
@@ -27,3 +27,6 @@ docs: setup
 
 clean:
 	rm -rf build images/*.config .pytest_cache .hypothesis
+
+bench: setup
+	$(BIN)/python bench/image.py

@@ -7,7 +7,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import click
 
@@ -225,6 +225,8 @@ def build(profile: Path, out_dir: Path, no_cache: bool, use_lock: bool, update_l
         result = build_image(image_spec(p), tree, info, opts, step, log)
     except ImageError as e:
         die(f"build of {p.name} failed: {e}")
+    if result.kept_tree:
+        err.print(f"kept root tree: {result.kept_tree} (it holds the private key: delete it when done)")
     m = result.manifest
     img = m["outputs"][f"{p.name}.img"]
     zst = m["outputs"][f"{p.name}.img.zst"]
@@ -250,30 +252,37 @@ def cache_ls(as_json: bool, cache_dir: Path | None) -> None:
     from .image.cache import dir_size
 
     cache = Cache(cache_dir)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for e in cache.entries():
         meta = e.meta() if e.complete else {}
+        created = meta.get("created")
         rows.append({"kind": e.kind, "key": e.key, "path": str(e.path), "complete": e.complete,
-                     "bytes": dir_size(e.path), "created": meta.get("created"),
-                     "kernel": meta.get("kernel_version")})
+                     "bytes": dir_size(e.path), "created": created, "kernel": meta.get("kernel_version")})
     if as_json:
         echo_json({"cache": str(cache.root), "entries": rows})
         return
     out.print(f"cache: {cache.root}")
     for r in rows:
-        age = f"{(time.time() - r['created']) / 3600:.1f} h" if r["created"] else "incomplete"
-        out.print(f"  {r['kind']:6} {r['key']}  {r['bytes'] / 2**20:8.1f} MiB  {age}")
+        age = f"{(time.time() - float(r['created'])) / 3600:.1f} h" if r["created"] else "incomplete"
+        out.print(f"  {r['kind']:6} {r['key']}  {int(r['bytes']) / 2**20:8.1f} MiB  {age}")
 
 
 @cache_group.command("clean")
+@click.option("--older-than", type=float, metavar="DAYS", help="only entries not used for DAYS days")
 @click.option("--all", "clean_all", is_flag=True, help="also remove the downloaded .deb files")
 @cache_option
-def cache_clean(clean_all: bool, cache_dir: Path | None) -> None:
-    """Remove cached trees (they are rebuilt on the next build)."""
+def cache_clean(older_than: float | None, clean_all: bool, cache_dir: Path | None) -> None:
+    """Remove cached trees (they are rebuilt by the next build that needs them)."""
     from .image import Cache
+    from .image.cache import COMPLETE
 
     cache = Cache(cache_dir)
-    removed = cache.clean()
+    cutoff = time.time() - older_than * 86400 if older_than is not None else None
+
+    def keep(e: Any) -> bool:
+        return cutoff is not None and e.complete and (e.path / COMPLETE).stat().st_mtime >= cutoff
+
+    removed = cache.clean(keep=keep)
     if clean_all:
         shutil.rmtree(cache.root / "debs", ignore_errors=True)
     out.print(f"removed {len(removed)} entries from {cache.root}")

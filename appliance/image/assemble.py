@@ -10,6 +10,7 @@ SOURCE_DATE_EPOCH, so the same tree gives the same bytes."""
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from dataclasses import dataclass
@@ -79,12 +80,13 @@ def build_uki(tools: ToolsTree, kernel: Path, initrd: Path, os_release: Path, cm
     os.utime(out, (sde, sde))
 
 
-def build_esp(tools: ToolsTree, uki: Path, out: Path, ids: DiskIds, size: int, log: BuildLog) -> None:
+def build_esp(tools: ToolsTree, uki: Path, out: Path, ids: DiskIds, size: int, sde: int, log: BuildLog) -> None:
     script = (
         f"mkfs.vfat -F 32 -n ESP -i {ids.esp_serial} --invariant -C {out} {size // 1024} >/dev/null && "
         f"mmd -i {out} ::/EFI ::/EFI/BOOT && mcopy -m -i {out} {uki} ::/EFI/BOOT/BOOTX64.EFI")
+    # mtools stamps the directories it makes with SOURCE_DATE_EPOCH instead of the time of the build
     tools.run(["sh", "-c", script], binds=[out.parent, uki.parent], log=log, what="ESP (mkfs.vfat, mtools)",
-              env={"MTOOLS_SKIP_CHECK": "1"})
+              env={"MTOOLS_SKIP_CHECK": "1", "SOURCE_DATE_EPOCH": str(sde)})
 
 
 def build_root_fs(tools: ToolsTree, tree: Path, out: Path, ids: DiskIds, size: int, sde: int, log: BuildLog) -> None:
@@ -123,9 +125,21 @@ def copy_sparse(src: Path, dst: Path, offset: int) -> None:
             except OSError:
                 break  # only a hole remains
             end = os.lseek(fi.fileno(), start, os.SEEK_HOLE)
-            while start < end:
-                n = os.copy_file_range(fi.fileno(), fo.fileno(), min(end - start, 64 * MiB), start, start + offset)
-                if n == 0:
-                    break
-                start += n
+            _copy_range(fi.fileno(), fo.fileno(), start, end, offset)
             pos = end
+
+
+def _copy_range(fi: int, fo: int, start: int, end: int, offset: int) -> None:
+    while start < end:
+        length = min(end - start, 16 * MiB)
+        try:
+            n = os.copy_file_range(fi, fo, length, start, start + offset)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            # copy_file_range refuses some pairs of file systems: copy through user space
+            data = os.pread(fi, length, start)
+            n = os.pwrite(fo, data, start + offset)
+        if n == 0:
+            raise OSError(errno.EIO, "short copy while assembling the disk image")
+        start += n

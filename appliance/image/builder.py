@@ -28,6 +28,7 @@ from .run import BuildLog, ImageError, require_root
 from .stage import remove_tree, stage_tree, tree_bytes
 from .tools import ToolsTree, build_tools, tools_key
 
+ESP_RECIPE = 2  # bump when the way the ESP is made changes
 DEFAULT_SOURCE_DATE_EPOCH = 1735689600  # 2025-01-01: used when neither lock nor environment sets one
 
 Step = Callable[[str], AbstractContextManager[None]]
@@ -50,6 +51,7 @@ class BuildResult:
     image: Path
     manifest: dict[str, Any]
     timings: dict[str, float]
+    kept_tree: Path | None = None
 
 
 def output_paths(out_dir: Path, name: str) -> dict[str, Path]:
@@ -84,6 +86,15 @@ def _alive(pid: str) -> bool:
 def build_image(spec: ImageSpec, config: ConfigTree, profile_info: dict[str, Any], opts: BuildOptions,
                 step: Step, log: BuildLog) -> BuildResult:
     require_root("building an image")
+    try:
+        return _build(spec, config, profile_info, opts, step, log)
+    except OSError as e:  # a full disk, a vanished directory: say which file, not a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        raise ImageError(f"{e.strerror or e}{where}") from None
+
+
+def _build(spec: ImageSpec, config: ConfigTree, profile_info: dict[str, Any], opts: BuildOptions,
+           step: Step, log: BuildLog) -> BuildResult:
     name = spec.name
     t_start = time.time()
     timings: dict[str, float] = {}
@@ -131,14 +142,15 @@ def build_image(spec: ImageSpec, config: ConfigTree, profile_info: dict[str, Any
             write_disk(tools, tmp["img"], esp, work / "root.img", lay, ids, log)
         if not opts.keep_tree:
             remove_tree(tree)
-        with timed_step("zstd, bmap, manifest", "outputs"):
+        with timed_step("zstd, bmap, checksums", "outputs"):
             compress(tmp["img"], tmp["zst"], log)
             bmap(tmp["img"], tmp["bmap"], log)
             for k in ("img", "zst"):
                 os.chmod(tmp[k], 0o600)  # the image holds the appliance's private key
-            manifest = _manifest(spec, config, profile_info, base, tools, archive, sde, cmdline, tmp, paths,
-                                 lay.disk_size, t_start, timings)
-            write_manifest(tmp["manifest"], manifest)
+            outputs = _outputs(tmp, paths)
+        manifest = _manifest(spec, config, profile_info, base, tools, archive, sde, cmdline, outputs,
+                             lay.disk_size, t_start, timings)
+        write_manifest(tmp["manifest"], manifest)
         for k in ("manifest", "bmap", "zst", "img"):
             os.replace(tmp[k], paths[k])
         if opts.lock_path and (lock is None or opts.update_lock):
@@ -149,7 +161,7 @@ def build_image(spec: ImageSpec, config: ConfigTree, profile_info: dict[str, Any
         if not opts.keep_tree:
             remove_tree(work)
     timings["total"] = round(time.time() - t_start, 2)
-    return BuildResult(paths["img"], manifest, timings)
+    return BuildResult(paths["img"], manifest, timings, tree if opts.keep_tree else None)
 
 
 @contextmanager
@@ -179,11 +191,12 @@ def _esp(cache: Cache, tools: ToolsTree, base: BaseTree, ids: DiskIds, cmdline: 
     def make(tmp: Path) -> dict[str, object]:
         build_uki(tools, base.kernel, base.initrd, base.tree / "usr/lib/os-release", cmdline, tmp / "BOOTX64.EFI",
                   sde, log)
-        build_esp(tools, tmp / "BOOTX64.EFI", tmp / "esp.img", ids, ESP_SIZE, log)
+        build_esp(tools, tmp / "BOOTX64.EFI", tmp / "esp.img", ids, ESP_SIZE, sde, log)
         (tmp / "BOOTX64.EFI").unlink()
         return {"cmdline": cmdline, "base": base.entry.key}
 
-    key = content_key({"base": base.entry.key, "cmdline": cmdline, "serial": ids.esp_serial, "sde": sde})
+    key = content_key({"base": base.entry.key, "cmdline": cmdline, "serial": ids.esp_serial, "sde": sde,
+                       "recipe": ESP_RECIPE})
     return cache.get_or_build("esp", key, make).path / "esp.img"
 
 
@@ -201,13 +214,17 @@ def _verify(tree: Path, config: ConfigTree, spec: ImageSpec, work: Path, log: Bu
         raise ImageError(f"the root tree failed {result.failed} check(s): {shown} (full log: {log.path})")
 
 
-def _manifest(spec: ImageSpec, config: ConfigTree, profile_info: dict[str, Any], base: BaseTree, tools: ToolsTree,
-              archive: Archive, sde: int, cmdline: str, tmp: dict[str, Path], paths: dict[str, Path],
-              disk_size: int, t_start: float, timings: dict[str, float]) -> dict[str, Any]:
-    outputs = {}
+def _outputs(tmp: dict[str, Path], paths: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    outputs: dict[str, dict[str, Any]] = {}
     for k in ("img", "zst", "bmap"):
         outputs[paths[k].name] = {"sha256": sha256(tmp[k]), "size": tmp[k].stat().st_size}
     outputs[paths["img"].name]["allocated"] = allocated(tmp["img"])
+    return outputs
+
+
+def _manifest(spec: ImageSpec, config: ConfigTree, profile_info: dict[str, Any], base: BaseTree, tools: ToolsTree,
+              archive: Archive, sde: int, cmdline: str, outputs: dict[str, dict[str, Any]],
+              disk_size: int, t_start: float, timings: dict[str, float]) -> dict[str, Any]:
     return {
         "manifest_version": 1,
         "appliance_version": __version__,

@@ -90,7 +90,8 @@ def _customize_hooks(spec: ImageSpec) -> list[str]:
         'ln -sf ../run/systemd/resolve/stub-resolv.conf "$1/etc/resolv.conf"',
         'rm -f "$1/etc/apt/preferences.d/appliance-lock"',
         # logs and caches of the install itself would only make trees differ
-        'rm -rf "$1"/var/log/apt/* "$1"/var/log/dpkg.log "$1"/var/log/alternatives.log "$1"/var/cache/ldconfig/aux-cache',
+        'rm -rf "$1"/var/log/apt/* "$1"/var/log/dpkg.log "$1"/var/log/alternatives.log',
+        'rm -f "$1"/var/cache/ldconfig/aux-cache',
     ]
     return hooks
 
@@ -142,7 +143,8 @@ def build_base(cache: Cache, tools: ToolsTree, archive: Archive, spec: ImageSpec
 
 def newest_base(cache: Cache, spec: ImageSpec) -> BaseTree | None:
     """Offline fallback: the newest complete base built for this spec."""
-    found = [e for e in cache.entries() if e.kind == "base" and e.complete and e.meta().get("spec") == spec.base_inputs()]
+    found = [e for e in cache.entries()
+             if e.kind == "base" and e.complete and e.meta().get("spec") == spec.base_inputs()]
     found.sort(key=lambda e: e.meta().get("created", 0))
     return BaseTree(found[-1]) if found else None
 

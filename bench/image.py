@@ -1,0 +1,102 @@
+"""Image build benchmark: cold build, warm rebuild, config-only rebuild; tree and image sizes.
+
+usage: python bench/image.py [--profile profiles/exit-node.yaml] [--out bench/results/image.json]
+Needs root. The cold build uses a fresh cache (the .deb files are shared, so the network is not
+what is measured); warm builds reuse it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+NEW_PEER = ("    - {name: bench-peer, public_key: K96DZC4rXOjZrtOcKzO5/XmhczSwYZHPDHk7snb5xkw=, "
+            "allowed_ips: [100.64.0.99/32]}\n")
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), "?")
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_mib": mem, "kernel": platform.release(),
+            "kvm": os.access("/dev/kvm", os.R_OK | os.W_OK)}
+
+
+def build(profile: Path, cache: Path, out: Path, secrets: Path) -> tuple[float, dict[str, Any]]:
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "appliance", "build", str(profile), "--out-dir", str(out),
+                           "--secrets", str(secrets), "--cache", str(cache), "--json"],
+                          capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        sys.exit(f"build failed:\n{proc.stderr[-2000:]}")
+    return time.monotonic() - t0, json.loads(proc.stdout)
+
+
+def row(label: str, seconds: float, m: dict[str, Any]) -> dict[str, Any]:
+    stages = m["build"]["stages"]
+    assembly = sum(stages.get(k, 0) for k in ("esp", "root_fs", "disk", "outputs"))
+    return {"run": label, "seconds": round(seconds, 1), "assembly_s": round(assembly, 1),
+            "outside_assembly_s": round(seconds - assembly, 1), "stages": stages}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--profile", type=Path, default=REPO / "profiles/exit-node.yaml")
+    ap.add_argument("--out", type=Path, default=REPO / "bench/results/image.json")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="appliance-bench-"))
+    shared_debs = Path(os.environ.get("APPLIANCE_CACHE") or Path.home() / ".cache/appliance") / "debs"
+    try:
+        cache = work / "cache"
+        cache.mkdir()
+        if shared_debs.is_dir():
+            (cache / "debs").symlink_to(shared_debs)
+        out, secrets = work / "images", work / "secrets"
+        runs = []
+        t, cold = build(args.profile, cache, out, secrets)
+        runs.append(row("cold (empty cache, .debs present)", t, cold))
+        t, warm = build(args.profile, cache, out, secrets)
+        runs.append(row("warm, no change", t, warm))
+        changed = work / args.profile.name
+        changed.write_text(args.profile.read_text().replace("dataplane:", NEW_PEER + "dataplane:", 1))
+        t, cfg = build(changed, cache, out, secrets)
+        runs.append(row("warm, config-only change (new peer)", t, cfg))
+        name = cold["name"]
+        img = cold["outputs"][f"{name}.img"]
+        result = {
+            "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "profile": str(args.profile),
+            "runs": runs,
+            "sizes": {"root_tree_mib": round(cold["root_tree_bytes"] / 2**20, 1),
+                      "image_raw_mib": round(img["size"] / 2**20, 1),
+                      "image_allocated_mib": round(img["allocated"] / 2**20, 1),
+                      "image_zstd_mib": round(cold["outputs"][f"{name}.img.zst"]["size"] / 2**20, 1),
+                      "image_zstd_mb": round(cold["outputs"][f"{name}.img.zst"]["size"] / 1e6, 1)},
+            "reproducible": warm["outputs"][f"{name}.img"]["sha256"] == img["sha256"],
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    m = result["machine"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}")
+    print(f"{'run':40} {'total s':>8} {'assembly s':>11} {'outside s':>10}")
+    for r in runs:
+        print(f"{r['run']:40} {r['seconds']:8.1f} {r['assembly_s']:11.1f} {r['outside_assembly_s']:10.1f}")
+    s = result["sizes"]
+    print(f"root tree {s['root_tree_mib']} MiB; image raw {s['image_raw_mib']} MiB, allocated "
+          f"{s['image_allocated_mib']} MiB, zstd {s['image_zstd_mib']} MiB ({s['image_zstd_mb']} MB); "
+          f"rebuild bit-identical: {result['reproducible']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The content-keyed cache: entries appear whole or not at all; ls and clean."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from appliance.cli import cli
+from appliance.image.cache import COMPLETE, Cache, content_key
+
+
+def test_key_is_stable_and_order_free() -> None:
+    assert content_key({"a": 1, "b": [1, 2]}) == content_key({"b": [1, 2], "a": 1})
+    assert content_key({"a": 1}) != content_key({"a": 2})
+
+
+def test_built_once_then_reused(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    calls = []
+
+    def make(d: Path) -> dict[str, object]:
+        calls.append(d)
+        (d / "data").write_text("x")
+        return {"note": "hi"}
+
+    e1 = cache.get_or_build("thing", "k1", make)
+    e2 = cache.get_or_build("thing", "k1", make)
+    assert len(calls) == 1 and e1.path == e2.path and (e1.path / "data").read_text() == "x"
+    assert e1.meta()["note"] == "hi"
+    cache.get_or_build("thing", "k1", make, rebuild=True)
+    assert len(calls) == 2
+
+
+def test_failed_build_leaves_nothing(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+
+    def broken(d: Path) -> dict[str, object]:
+        (d / "half").write_text("x")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        cache.get_or_build("thing", "k2", broken)
+    assert not cache.entry("thing", "k2").path.exists()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_cli_ls_and_clean(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    for key in ("old", "new"):
+        cache.get_or_build("thing", key, lambda d: {})
+    past = time.time() - 10 * 86400
+    os.utime(cache.entry("thing", "old").path / COMPLETE, (past, past))
+    listed = json.loads(CliRunner().invoke(cli, ["cache", "ls", "--json", "--cache", str(tmp_path)]).stdout)
+    assert {e["key"] for e in listed["entries"]} == {"old", "new"}
+    result = CliRunner().invoke(cli, ["cache", "clean", "--older-than", "1", "--cache", str(tmp_path)])
+    assert result.exit_code == 0 and "removed 1 entries" in result.output
+    assert [e.key for e in cache.entries()] == ["new"]
+    CliRunner().invoke(cli, ["cache", "clean", "--cache", str(tmp_path)])
+    assert cache.entries() == []

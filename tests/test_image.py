@@ -1,0 +1,295 @@
+"""`appliance build`: a real Debian trixie image, checked without mounting anything: the partition
+table with sfdisk, the ESP with mtools and `ukify inspect`, the root file system with debugfs.
+
+Builds share one cache ($APPLIANCE_TEST_CACHE, default ~/.cache/appliance-tests): the first run
+builds the tools and root trees (about a minute), later builds reuse them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree
+
+import pytest
+
+from appliance.image import Cache
+from appliance.image.assemble import ESP_TYPE, ROOT_X86_64_TYPE, DiskIds, kernel_cmdline
+from appliance.image.debian import Archive
+from appliance.image.outputs import sha256
+from appliance.image.run import NULL_LOG
+from appliance.image.tools import ToolsTree, build_tools
+from conftest import PROFILES, REPO
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+CACHE = Path(os.environ.get("APPLIANCE_TEST_CACHE") or Path.home() / ".cache" / "appliance-tests")
+
+
+def appliance(*args: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "APPLIANCE_CACHE": str(CACHE)}, **kw)
+    if check and proc.returncode != 0:
+        pytest.fail(f"appliance {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def build(profile: Path, out: Path, secrets: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return appliance("build", str(profile), "--out-dir", str(out), "--secrets", str(secrets), *extra, check=check)
+
+
+@pytest.fixture(scope="session")
+def tools() -> ToolsTree:
+    return build_tools(Cache(CACHE), Archive.from_env(), NULL_LOG)
+
+
+@pytest.fixture(scope="session")
+def exit_node(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    d = tmp_path_factory.mktemp("exit-node")
+    proc = build(PROFILES / "exit-node.yaml", d / "images", d / "secrets", "--json")
+    return {"dir": d, "images": d / "images", "secrets": d / "secrets", "manifest": json.loads(proc.stdout),
+            "stderr": proc.stderr}
+
+
+def in_tools(tools: ToolsTree, cmd: list[str], binds: list[Path]) -> str:
+    return tools.run(cmd, binds=binds, log=NULL_LOG)
+
+
+def test_outputs_and_manifest(exit_node: dict[str, Any]) -> None:
+    m, images = exit_node["manifest"], exit_node["images"]
+    for name in ("exit-node.img", "exit-node.img.zst", "exit-node.img.bmap"):
+        assert m["outputs"][name]["sha256"] == sha256(images / name), name
+    assert (images / "exit-node.manifest.json").is_file()
+    assert oct((images / "exit-node.img").stat().st_mode & 0o777) == "0o600"  # it holds the private key
+    unpacked = subprocess.run(f"zstd -dc {images / 'exit-node.img.zst'} | sha256sum", shell=True,
+                              capture_output=True, text=True, check=True).stdout.split()[0]
+    assert unpacked == m["outputs"]["exit-node.img"]["sha256"]
+    bmap = ElementTree.parse(images / "exit-node.img.bmap").getroot()
+    assert bmap.tag == "bmap"
+    assert int(bmap.findtext("ImageSize") or 0) == (images / "exit-node.img").stat().st_size
+    assert 0 < int(bmap.findtext("MappedBlocksCount") or 0) < int(bmap.findtext("BlocksCount") or 0)
+    assert m["packages"]["systemd"].startswith("257") and "linux-image-cloud-amd64" in m["packages"]
+    assert m["profile"]["digest"] and len(m["config_digest"]) == 64
+    for stage in ("tools", "base", "stage", "verify_tree", "esp", "root_fs", "disk", "outputs"):
+        assert stage in m["build"]["stages"]
+    assert not list(images.glob(".*tmp-*"))
+
+
+def test_progress_per_stage(exit_node: dict[str, Any]) -> None:
+    for title in ("tools tree", "root tree", "verify root tree", "ESP with unified kernel image",
+                  "root file system", "GPT disk image"):
+        assert f"✓ {title}" in exit_node["stderr"]
+
+
+def test_partition_table(exit_node: dict[str, Any], tools: ToolsTree) -> None:
+    img = exit_node["images"] / "exit-node.img"
+    table = json.loads(in_tools(tools, ["sfdisk", "--json", str(img)], [img.parent]))["partitiontable"]
+    ids = DiskIds.for_name("exit-node")
+    assert table["label"] == "gpt" and table["id"].lower() == ids.disk
+    esp, root = table["partitions"]
+    assert (esp["type"], esp["uuid"].lower(), esp["start"]) == (ESP_TYPE, ids.esp, 2048)
+    assert (root["type"], root["uuid"].lower(), root["name"]) == (ROOT_X86_64_TYPE, ids.root_part, "root")
+    assert esp["size"] * 512 == 128 * 2**20
+    assert (root["start"] + root["size"]) * 512 <= img.stat().st_size
+
+
+def test_esp_holds_the_uki(exit_node: dict[str, Any], tools: ToolsTree, tmp_path: Path) -> None:
+    img = exit_node["images"] / "exit-node.img"
+    listing = in_tools(tools, ["sh", "-c", f"MTOOLS_SKIP_CHECK=1 mdir -b -i {img}@@1048576 ::/EFI/BOOT"], [img.parent])
+    assert "BOOTX64.EFI" in listing
+    in_tools(tools, ["sh", "-c", f"MTOOLS_SKIP_CHECK=1 mcopy -i {img}@@1048576 ::/EFI/BOOT/BOOTX64.EFI {tmp_path}/"],
+             [img.parent, tmp_path])
+    sections = in_tools(tools, ["ukify", "--json=short", "inspect", str(tmp_path / "BOOTX64.EFI")], [tmp_path])
+    uki = json.loads(sections)
+    assert uki[".cmdline"]["text"].strip() == kernel_cmdline(DiskIds.for_name("exit-node"))
+    assert uki[".uname"]["text"].strip() == exit_node["manifest"]["kernel"]["version"]
+    assert uki[".linux"]["size"] > 5 * 2**20 and uki[".initrd"]["size"] > 1 * 2**20
+
+
+def debugfs(tools: ToolsTree, img: Path, request: str) -> str:
+    offset = 129 * 2**20
+    return in_tools(tools, ["debugfs", "-R", request, f"{img}?offset={offset}"], [img.parent])
+
+
+def test_root_filesystem(exit_node: dict[str, Any], tools: ToolsTree) -> None:
+    img = exit_node["images"] / "exit-node.img"
+    key = debugfs(tools, img, "stat /etc/credstore/network.wireguard.private.wg0")
+    assert "Mode:  0600" in key and "User:     0   Group:     0" in key
+    assert "Mode:  0700" in debugfs(tools, img, "stat /etc/credstore")
+    nft = debugfs(tools, img, "cat /etc/nftables.conf")
+    assert 'iifname "wg0" oifname != "wg0" counter masquerade' in nft
+    etc_ssh = debugfs(tools, img, "ls -l /etc/ssh")
+    assert "ssh_host_" not in etc_ssh and "sshd_config.d" in etc_ssh
+    assert "Size: 0" in debugfs(tools, img, "stat /etc/machine-id")
+    wants = debugfs(tools, img, "ls -l /etc/systemd/system/multi-user.target.wants")
+    assert "systemd-networkd.service" in wants and "ssh.service" in wants
+    assert "nftables.service" in debugfs(tools, img, "ls -l /etc/systemd/system/sysinit.target.wants")
+    assert "vmlinuz" not in debugfs(tools, img, "ls -l /boot")
+    hostname = debugfs(tools, img, "cat /etc/hostname")
+    assert hostname.strip().endswith("exit-node")
+
+
+def test_private_key_only_in_root_only_file(exit_node: dict[str, Any]) -> None:
+    private = (exit_node["secrets"] / "exit-node" / "private.key").read_text().strip()
+    images = exit_node["images"]
+    for f in ("exit-node.manifest.json", "exit-node.build.log", "exit-node.img.bmap"):
+        assert private not in (images / f).read_text(), f
+    assert private not in exit_node["stderr"]
+
+
+def test_rebuild_is_bit_identical_and_config_only_rebuild_is_quick(exit_node: dict[str, Any],
+                                                                   tmp_path: Path) -> None:
+    first = exit_node["manifest"]
+    again = json.loads(build(PROFILES / "exit-node.yaml", exit_node["images"], exit_node["secrets"], "--json").stdout)
+    assert again["outputs"]["exit-node.img"]["sha256"] == first["outputs"]["exit-node.img"]["sha256"]
+    # a configuration-only change (a new peer) reuses the base tree and gives a different image
+    text = (PROFILES / "exit-node.yaml").read_text().replace(
+        "dataplane:", "    - {name: tablet, public_key: K96DZC4rXOjZrtOcKzO5/XmhczSwYZHPDHk7snb5xkw=, "
+        "allowed_ips: [100.64.0.4/32]}\ndataplane:")
+    changed = tmp_path / "exit-node.yaml"
+    changed.write_text(text)
+    m = json.loads(build(changed, exit_node["images"], exit_node["secrets"], "--json").stdout)
+    assert m["base_key"] == first["base_key"]
+    assert m["outputs"]["exit-node.img"]["sha256"] != first["outputs"]["exit-node.img"]["sha256"]
+    stages = m["build"]["stages"]
+    outside_assembly = sum(v for k, v in stages.items() if k not in ("esp", "root_fs", "disk", "outputs"))
+    assert outside_assembly <= 5.0, stages
+
+
+def test_unknown_package_fails_cleanly(tmp_path: Path) -> None:
+    text = (PROFILES / "exit-node.yaml").read_text().replace("  timezone: UTC", "  timezone: UTC\n  packages: "
+                                                               "[tcpdump, no-such-package-xyz]")
+    profile = tmp_path / "exit-node.yaml"
+    profile.write_text(text)
+    proc = build(profile, tmp_path / "images", tmp_path / "secrets", check=False)
+    assert proc.returncode == 1
+    assert "unknown package 'no-such-package-xyz' in system.packages" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "images" / "exit-node.img").exists()
+
+
+def test_killed_build_leaves_no_image(exit_node: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "images"
+    cmd = [sys.executable, "-m", "appliance", "build", str(PROFILES / "exit-node.yaml"), "--out-dir", str(out),
+           "--secrets", str(exit_node["secrets"])]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "APPLIANCE_CACHE": str(CACHE)})
+    assert proc.stderr is not None
+    seen = ""
+    deadline = time.monotonic() + 300
+    while "▸ zstd" not in seen and time.monotonic() < deadline:  # the image file is being written now
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen += line
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert "▸ zstd" in seen, seen
+    assert not (out / "exit-node.img").exists()
+    assert list(out.glob(".exit-node.img.tmp-*")), "expected the killed build's temporary image"
+    build(PROFILES / "exit-node.yaml", out, exit_node["secrets"])
+    assert (out / "exit-node.img").exists() and not list(out.glob(".exit-node.*tmp-*"))
+
+
+def test_full_disk_fails_cleanly(exit_node: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "small"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(out)], check=True)
+    try:
+        proc = build(PROFILES / "exit-node.yaml", out, exit_node["secrets"], check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert "No space left on device" in proc.stderr
+        assert not (out / "exit-node.img").exists() and not list(out.glob(".exit-node.*tmp-*"))
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+
+
+NETWORKD_IN_TREE = """
+set -e
+mount -t tmpfs tmpfs "$1/run" && mkdir -p "$1/run/systemd"
+mount -t proc proc "$1/proc" && mount -t sysfs sysfs "$1/sys"
+# as PID 1 does for ImportCredential=: a private copy the service user (systemd-network) can read
+mkdir "$1/run/credentials" && cp "$1"/etc/credstore/* "$1/run/credentials/" && chmod -R a+rX "$1/run/credentials"
+chroot "$1" sh -c 'set -e; ip link set lo up
+udevadm verify --no-style /etc/udev/rules.d/90-appliance-offload.rules
+CREDENTIALS_DIRECTORY=/run/credentials SYSTEMD_LOG_LEVEL=debug SYSTEMD_LOG_TARGET=console \\
+  timeout 3 /usr/lib/systemd/systemd-networkd 2>&1 || true'
+"""
+
+
+def networkd_in_tree(tree: Path) -> list[str]:
+    """The image's own systemd-networkd (trixie) and udevadm on the staged tree, in a private network
+    and mount namespace: what they say about the rendered files."""
+    res = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c",
+                          NETWORKD_IN_TREE, "_", str(tree)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr + res.stdout
+    return [ln for ln in res.stdout.splitlines() if "/etc/systemd/network/" in ln]
+
+
+def test_image_tools_accept_rendered_files(exit_node: dict[str, Any], tmp_path: Path) -> None:
+    """What the host's older tools could not check: networkd's credential syntax (systemd 257),
+    udev rules (udevadm verify). Run from a kept staged tree."""
+    out = tmp_path / "images"
+    proc = build(PROFILES / "exit-node.yaml", out, exit_node["secrets"], "--keep-tree")
+    tree = Path(next(line.split("kept root tree: ", 1)[1].split(" (")[0] for line in proc.stderr.splitlines()
+                     if "kept root tree: " in line))
+    try:
+        lines = networkd_in_tree(tree)
+        loaded = {ln.split(":")[0] for ln in lines if ln.endswith("Successfully loaded.")}
+        assert loaded == {"/etc/systemd/network/10-uplink.network", "/etc/systemd/network/30-wg0.netdev",
+                          "/etc/systemd/network/30-wg0.network"}, lines
+        complaints = [ln for ln in lines if not ln.endswith("Successfully loaded.")]
+        assert complaints == []
+        # the same check on a planted mistake: it must speak up
+        uplink = tree / "etc/systemd/network/10-uplink.network"
+        uplink.write_text(uplink.read_text() + "Bogus=1\n")
+        assert any("Unknown key 'Bogus'" in ln for ln in networkd_in_tree(tree))
+    finally:
+        subprocess.run(["rm", "-rf", str(tree.parent)], check=True)
+
+
+def test_lock_rebuilds_the_same_image_from_a_fresh_root_tree(exit_node: dict[str, Any], tmp_path: Path) -> None:
+    """--lock writes the versions; a locked build makes a new base tree (pinned by apt preferences)
+    from scratch, and because the versions are the same, the image is bit-identical."""
+    profile = tmp_path / "exit-node.yaml"
+    profile.write_text((PROFILES / "exit-node.yaml").read_text())
+    first = json.loads(build(profile, tmp_path / "images", exit_node["secrets"], "--lock", "--json").stdout)
+    lock = json.loads((tmp_path / "exit-node.lock").read_text())
+    assert lock["packages"] == first["packages"] and lock["source_date_epoch"] == first["source_date_epoch"]
+    second = json.loads(build(profile, tmp_path / "images", exit_node["secrets"], "--lock", "--json").stdout)
+    assert second["base_key"] != first["base_key"]  # built anew, pinned
+    assert second["packages"] == first["packages"]
+    assert second["outputs"]["exit-node.img"]["sha256"] == first["outputs"]["exit-node.img"]["sha256"]
+
+
+def test_tree_verification_catches_a_broken_tree(exit_node: dict[str, Any], tmp_path: Path) -> None:
+    from appliance.profile import load_profile
+    from appliance.render import image_spec, render
+    from appliance.secrets import SecretStore
+    from appliance.verify import verify_tree
+
+    proc = build(PROFILES / "exit-node.yaml", tmp_path / "images", exit_node["secrets"], "--keep-tree")
+    tree = Path(next(line.split("kept root tree: ", 1)[1].split(" (")[0] for line in proc.stderr.splitlines()
+                     if "kept root tree: " in line))
+    try:
+        p = load_profile(PROFILES / "exit-node.yaml").profile
+        config = render(p, SecretStore(exit_node["secrets"]).appliance_keys(p.name, ["phone"]))
+        spec = image_spec(p)
+        expect = {"config": config.manifest(), "enabled_units": list(spec.enable_units),
+                  "packages": list(spec.packages), "secret_paths": [e.path for e in config if e.secret]}
+        assert verify_tree(tree, expect, tmp_path / "v1").ok
+        os.chmod(tree / "etc/credstore/network.wireguard.private.wg0", 0o644)
+        os.chmod(tree / "etc/sysctl.d/90-appliance.conf", 0o600)
+        (tree / "etc/nftables.conf").write_text("flush ruleset\n")
+        subprocess.run(["chroot", str(tree), "systemctl", "disable", "--quiet", "ssh.service"], check=True)
+        result = verify_tree(tree, expect, tmp_path / "v2")
+        failed = set(result.failures)
+        assert {"test_key_files_root_only", "test_rendered_files_owner_mode_kind", "test_rendered_file_contents",
+                "test_units_enabled"} <= failed, result.output
+    finally:
+        subprocess.run(["rm", "-rf", str(tree.parent)], check=True)
