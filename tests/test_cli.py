@@ -152,9 +152,10 @@ def test_render_invalid_profile_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists() and not (tmp_path / "s").exists()
 
 
-def test_build_stops_at_render_for_now(tmp_path: Path) -> None:
-    result = run("build", str(PROFILES / "exit-node.yaml"), "--out-dir", str(tmp_path / "images"),
+def test_build_render_only(tmp_path: Path) -> None:
+    result = run("build", str(PROFILES / "exit-node.yaml"), "--render-only", "--out-dir", str(tmp_path / "images"),
                  secrets=tmp_path / "s")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "images/exit-node.config/etc/nftables.conf").is_file()
-    assert "render configuration" in result.output
+    assert "keys and configuration" in result.output
+    assert not (tmp_path / "images/exit-node.img").exists()
