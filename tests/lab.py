@@ -1,0 +1,107 @@
+"""A lab of network namespaces joined by veth pairs, for tests that send real packets.
+
+Every namespace, process and directory the lab makes is recorded and removed by close(), which the
+fixtures call even when a test fails. Each namespace gets a private /run (wireguard-go puts its
+UAPI socket in /var/run/wireguard), so several wireguard-go instances do not collide. Addresses come
+from 198.18.0.0/15 (RFC 2544, benchmarking) and exist only inside the lab."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+PRIVATE_RUN = 'mount --bind "$0" /run && exec "$@"'
+
+
+class Lab:
+    def __init__(self, tag: str = "t"):
+        self.prefix = f"apl{tag}{os.getpid() % 100000}"
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
+        self.namespaces: list[str] = []
+        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def ns(self, short: str) -> str:
+        name = f"{self.prefix}-{short}"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        self.namespaces.append(name)
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        (self.dir / "run" / name / "wireguard").mkdir(parents=True)
+        return name
+
+    def rundir(self, ns: str) -> Path:
+        return self.dir / "run" / ns
+
+    def veth(self, a: tuple[str, str, str], b: tuple[str, str, str], mac_a: str | None = None) -> None:
+        """Connect (ns, ifname, address/len) a to b and bring both up."""
+        (ns_a, if_a, addr_a), (ns_b, if_b, addr_b) = a, b
+        cmd = ["ip", "link", "add", if_a, "netns", ns_a]
+        if mac_a:
+            cmd += ["address", mac_a]
+        subprocess.run([*cmd, "type", "veth", "peer", "name", if_b, "netns", ns_b], check=True)
+        for ns, ifname, addr in ((ns_a, if_a, addr_a), (ns_b, if_b, addr_b)):
+            if addr:
+                subprocess.run(["ip", "-n", ns, "addr", "add", addr, "dev", ifname], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", ifname, "up"], check=True)
+
+    def _wrap(self, ns: str, cmd: Sequence[str | Path]) -> list[str]:
+        return ["ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private",
+                "sh", "-c", PRIVATE_RUN, str(self.rundir(ns)), *[str(c) for c in cmd]]
+
+    def run(self, ns: str, cmd: Sequence[str | Path], check: bool = True, input: str | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(self._wrap(ns, cmd), capture_output=True, text=True, input=input, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"[{ns}] {' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout}{proc.stderr}")
+        return proc
+
+    def spawn(self, ns: str, cmd: Sequence[str | Path], name: str, env: dict[str, str] | None = None
+              ) -> subprocess.Popen[bytes]:
+        log = self.dir / f"{name}.log"
+        with open(log, "ab") as f:
+            proc = subprocess.Popen(self._wrap(ns, cmd), stdout=f, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **(env or {})}, start_new_session=True)
+        self.procs.append((proc, log))
+        return proc
+
+    def log(self, name: str) -> str:
+        p = self.dir / f"{name}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    @staticmethod
+    def stop(proc: subprocess.Popen[bytes], timeout: float = 5) -> None:
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=timeout)
+
+    def close(self) -> None:
+        for proc, _ in reversed(self.procs):
+            self.stop(proc)
+        for ns in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1) -> float:  # type: ignore[no-untyped-def]
+    """Seconds until predicate() is true; AssertionError after timeout."""
+    t0 = time.monotonic()
+    while True:
+        if predicate():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
