@@ -39,14 +39,18 @@ def ensure_sysctls(wanted: dict[str, str], dry: bool) -> tuple[list[str], list[s
     return changes, errors
 
 
+def _matches(link: LinkConfig, name: str, macs: set[str]) -> bool:
+    if link.match_mac:
+        return link.match_mac in macs
+    return bool(link.match_name) and fnmatch.fnmatchcase(name, str(link.match_name))
+
+
 def matching_links(ipr: IPRoute, link: LinkConfig) -> list[str]:
     names = []
     for msg in ipr.get_links():
         name = msg.get_attr("IFLA_IFNAME")
-        mac = (msg.get_attr("IFLA_PERM_ADDRESS") or msg.get_attr("IFLA_ADDRESS") or "").lower()
-        if link.match_mac and link.match_mac in (mac, (msg.get_attr("IFLA_ADDRESS") or "").lower()):
-            names.append(name)
-        elif link.match_name and fnmatch.fnmatchcase(name, link.match_name):
+        macs = {str(msg.get_attr(a) or "").lower() for a in ("IFLA_PERM_ADDRESS", "IFLA_ADDRESS")}
+        if _matches(link, name, macs):
             names.append(name)
     return sorted(names)
 

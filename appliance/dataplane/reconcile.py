@@ -6,6 +6,7 @@ only that, so a second pass reports no changes. With dry=True nothing is written
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import socket
 from dataclasses import dataclass, field
@@ -63,16 +64,14 @@ def wanted_device(cfg: DataplaneConfig, known_endpoints: dict[bytes, str] | None
 def _poke(peers: list[Peer]) -> None:
     """One datagram towards each peer's tunnel address: WireGuard has no session yet, so it starts
     a handshake now instead of waiting for the peer's rekey timer (~15 s)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s4, socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s6:
-        for peer in peers:
-            for net in sorted(peer.allowed_ips):
-                n = ipaddress.ip_network(net)
-                host = next(n.hosts(), n.network_address) if n.num_addresses > 1 else n.network_address
-                try:
-                    (s4 if n.version == 4 else s6).sendto(b"", (str(host), 9))
-                except OSError:
-                    pass  # no route yet: the peer's own timer will start the handshake
-                break
+    for peer in peers:
+        for net in sorted(peer.allowed_ips)[:1]:
+            n = ipaddress.ip_network(net)
+            host = next(n.hosts(), n.network_address) if n.num_addresses > 1 else n.network_address
+            family = socket.AF_INET if n.version == 4 else socket.AF_INET6
+            # no route yet: the peer's own timer will start the handshake instead
+            with socket.socket(family, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+                s.sendto(b"", (str(host), 9))
 
 
 def _key_bytes(p: PeerConfig) -> bytes:
@@ -129,7 +128,7 @@ def _tunnel(ipr: IPRoute, cfg: DataplaneConfig, res: Result, dry: bool, uapi_dir
                 uapi.set_device(uapi.socket_path(wg.interface, uapi_dir), change)
     res.changes += ensure_addresses(ipr, idx, wg.interface, wg.addresses, dry)
     res.changes += ensure_routes(ipr, idx, cfg.table, cfg.routes, dry)
-    families = {ipaddress.ip_network(r).version for r in cfg.routes} | {
+    families: set[int] = {ipaddress.ip_network(r).version for r in cfg.routes} | {
         ipaddress.ip_interface(a).version for a in wg.addresses}
     res.changes += ensure_rules(ipr, cfg.table, cfg.rule_priority, families, dry)
     restored = [c.peer for c in change.peers if not c.remove and c.peer.endpoint

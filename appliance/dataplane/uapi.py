@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .wgstate import Device, DeviceChange, Peer
@@ -42,21 +43,24 @@ def _errno(reply: str) -> int:
     raise UapiError(f"no errno in reply: {reply[:200]!r}")
 
 
+@dataclass
+class _PeerReply:
+    public_key: bytes
+    allowed_ips: set[str] = field(default_factory=set)
+    endpoint: str | None = None
+    keepalive: int = 0
+    psk: bytes = bytes(32)
+
+    def peer(self) -> Peer:
+        return Peer(self.public_key, frozenset(self.allowed_ips), self.endpoint, self.keepalive, self.psk)
+
+
 def get(path: Path) -> Device:
     reply = _request(path, "get=1\n\n")
     if _errno(reply) != 0:
         raise UapiError(f"get failed: errno {_errno(reply)}")
     private, port = bytes(32), 0
-    peers: dict[bytes, Peer] = {}
-    cur: dict[str, object] | None = None
-
-    def close() -> None:
-        if cur is not None:
-            key = cur["public_key"]
-            assert isinstance(key, bytes)
-            peers[key] = Peer(key, frozenset(cur["allowed_ips"]), cur.get("endpoint"),  # type: ignore[arg-type]
-                              int(cur.get("keepalive", 0)), cur.get("psk", bytes(32)))  # type: ignore[arg-type]
-
+    peers: list[_PeerReply] = []
     for line in reply.splitlines():
         key, _, value = line.partition("=")
         if key == "private_key":
@@ -64,18 +68,16 @@ def get(path: Path) -> Device:
         elif key == "listen_port":
             port = int(value)
         elif key == "public_key":
-            close()
-            cur = {"public_key": bytes.fromhex(value), "allowed_ips": set()}
-        elif cur is not None and key == "allowed_ip":
-            cur["allowed_ips"].add(value)  # type: ignore[attr-defined]
-        elif cur is not None and key == "endpoint":
-            cur["endpoint"] = value
-        elif cur is not None and key == "persistent_keepalive_interval":
-            cur["keepalive"] = int(value)
-        elif cur is not None and key == "preshared_key":
-            cur["psk"] = bytes.fromhex(value)
-    close()
-    return Device(private, port, peers)
+            peers.append(_PeerReply(bytes.fromhex(value)))
+        elif peers and key == "allowed_ip":
+            peers[-1].allowed_ips.add(value)
+        elif peers and key == "endpoint":
+            peers[-1].endpoint = value
+        elif peers and key == "persistent_keepalive_interval":
+            peers[-1].keepalive = int(value)
+        elif peers and key == "preshared_key":
+            peers[-1].psk = bytes.fromhex(value)
+    return Device(private, port, {p.public_key: p.peer() for p in peers})
 
 
 def set_device(path: Path, change: DeviceChange) -> None:
