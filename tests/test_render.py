@@ -102,14 +102,18 @@ def test_exit_node_content(fixed_keys: ApplianceKeys) -> None:
     assert "meta nfproto ipv4 oifname != \"wg0\" counter accept" in nft
     assert "udp dport 51820 counter accept" in nft
     assert "policy drop" in nft and "shields up" not in nft
-    netdev = t.text("etc/systemd/network/30-wg0.netdev")
-    assert "PrivateKey=@network.wireguard.private.wg0" in netdev
-    assert "PresharedKey=@network.wireguard.psk.wg0.phone" in netdev
-    assert netdev.count("[WireGuardPeer]") == 2
-    network = t.text("etc/systemd/network/30-wg0.network")
-    assert "Destination=100.64.0.2/32\nTable=52\nScope=link" in network
-    assert "Destination=fd7a:115c:a1e0::2/128\nTable=52\n" in network
-    assert "[RoutingPolicyRule]\nTable=52\nPriority=5270\nFamily=both" in network
+    # wg0 belongs to the reconciler: networkd leaves it alone and keeps our routes and rule
+    assert "etc/systemd/network/30-wg0.netdev" not in t
+    assert "Unmanaged=yes" in t.text("etc/systemd/network/30-wg0.network")
+    networkd = t.text("etc/systemd/networkd.conf.d/appliance.conf")
+    assert "ManageForeignRoutingPolicyRules=no" in networkd and "ManageForeignRoutes=no" in networkd
+    assert t["usr/sbin/appliance-dataplane"].mode == 0o755
+    assert "from appliance.dataplane.cli import main" in t.text("usr/sbin/appliance-dataplane")
+    assert "def apply(" in t.text("usr/lib/appliance/python/appliance/dataplane/reconcile.py")
+    assert "ExecStart=/usr/sbin/appliance-dataplane watch" in t.text("etc/systemd/system/appliance-dataplane.service")
+    assert t["etc/systemd/system/multi-user.target.wants/appliance-dataplane.service"].target == \
+        "/etc/systemd/system/appliance-dataplane.service"
+    assert "etc/systemd/system/appliance-wireguard-go.service" not in t  # kernel WireGuard
     sysctl = t.text("etc/sysctl.d/90-appliance.conf")
     assert "net.ipv4.ip_forward = 1" in sysctl and "net.ipv6.conf.all.forwarding = 1" in sysctl
     uplink = t.text("etc/systemd/network/10-uplink.network")
@@ -127,9 +131,10 @@ def test_subnet_router_acl_and_shields_up(fixed_keys: ApplianceKeys) -> None:
     assert 'counter drop comment "shields up' in nft
     assert 'counter drop comment "acl: not allowed"' in nft
     assert "meta nfproto ipv4 oifname" not in nft  # not an exit node: no route to everywhere
-    # wireguard-go: networkd configures the TUN's addresses and routes but does not create it
-    assert "etc/systemd/network/30-wg0.netdev" not in t
-    assert "etc/systemd/network/30-wg0.network" in t
+    # wireguard-go runs as its own service; the reconciler configures the TUN it makes
+    assert "ExecStart=/usr/bin/wireguard-go --foreground wg0" in t.text(
+        "etc/systemd/system/appliance-wireguard-go.service")
+    assert "etc/systemd/system/multi-user.target.wants/appliance-wireguard-go.service" in t
     assert "Address=192.168.10.1/24" in t.text("etc/systemd/network/10-lan.network")
     assert "net.core.rmem_max = 7340032" in t.text("etc/sysctl.d/90-appliance.conf")
 

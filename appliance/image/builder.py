@@ -203,7 +203,7 @@ def _esp(cache: Cache, tools: ToolsTree, base: BaseTree, ids: DiskIds, cmdline: 
 def _verify(tree: Path, config: ConfigTree, spec: ImageSpec, work: Path, log: BuildLog) -> None:
     expect = {
         "config": config.manifest(),
-        "enabled_units": list(spec.enable_units),
+        "enabled_units": [*spec.enable_units, *spec.appliance_units],
         "packages": list(spec.packages),
         "secret_paths": [e.path for e in config if e.secret],
     }

@@ -103,10 +103,6 @@ class Context:
     def kernel_forwarding(self) -> bool:
         return self.profile.dataplane.mode == "kernel"
 
-    @property
-    def kernel_wireguard(self) -> bool:
-        return self.profile.dataplane.mode == "kernel" and self.profile.dataplane.wireguard == "kernel"
-
 
 def _links(p: Profile) -> list[Link]:
     out = []

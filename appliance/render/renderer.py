@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from typing import Any
 
 import jinja2
 
+from .. import __version__
 from ..profile.model import Profile
 from ..secrets import ApplianceKeys
 from .context import CREDSTORE, PRIVATE_KEY_CREDENTIAL, WG_IFACE, Context, build_context, psk_credential
@@ -28,8 +30,29 @@ def _env() -> jinja2.Environment:
 
 
 def enabled_units(p: Profile) -> list[str]:
+    """Debian's units the image enables (in the base tree, where their unit files are)."""
     units = ["nftables.service", "ssh.service", "systemd-networkd.service", "systemd-resolved.service"]
     return sorted(units)
+
+
+def appliance_units(p: Profile) -> list[str]:
+    """The appliance's own units, shipped and enabled by the rendered tree."""
+    units = ["appliance-dataplane.service"]
+    if p.dataplane.mode == "kernel" and p.dataplane.wireguard == "wireguard-go":
+        units.append("appliance-wireguard-go.service")
+    return sorted(units)
+
+
+DATAPLANE_CODE = "usr/lib/appliance/python/appliance"
+
+
+def _dataplane_code(t: ConfigTree) -> None:
+    """The reconciler's own source, run by the image's python3 (with python3-pyroute2)."""
+    package = importlib.resources.files("appliance")
+    t.file(f"{DATAPLANE_CODE}/__init__.py", f'"""appliance {__version__}: the on-device parts."""\n')
+    for f in sorted(package.joinpath("dataplane").iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".py"):
+            t.file(f"{DATAPLANE_CODE}/dataplane/{f.name}", f.read_bytes())
 
 
 def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
@@ -52,12 +75,16 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
         t.file(f"etc/systemd/network/10-{link.role}.network", tpl("link.network.j2", link=link))
         t.file(f"etc/systemd/system/appliance-offload-{link.role}@.service", tpl("offload.service.j2", link=link))
     t.file("etc/udev/rules.d/90-appliance-offload.rules", tpl("offload.rules.j2"))
-    if ctx.kernel_wireguard:
-        t.file(f"etc/systemd/network/30-{WG_IFACE}.netdev", tpl("wg.netdev.j2"))
-        t.file("etc/systemd/system/systemd-networkd.service.d/appliance-credentials.conf",
-               tpl("networkd-credentials.conf.j2"))
     if ctx.kernel_forwarding:
         t.file(f"etc/systemd/network/30-{WG_IFACE}.network", tpl("wg.network.j2"))
+    t.file("etc/systemd/networkd.conf.d/appliance.conf", tpl("networkd.conf.j2"))
+    _dataplane_code(t)
+    t.file("usr/sbin/appliance-dataplane", tpl("dataplane-launcher.j2", version=__version__), mode=0o755)
+    t.file("etc/systemd/system/appliance-dataplane.service", tpl("dataplane.service.j2"))
+    if p.dataplane.mode == "kernel" and p.dataplane.wireguard == "wireguard-go":
+        t.file("etc/systemd/system/appliance-wireguard-go.service", tpl("wireguard-go.service.j2"))
+    for unit in appliance_units(p):  # what `systemctl enable` makes for WantedBy=multi-user.target
+        t.symlink(f"etc/systemd/system/multi-user.target.wants/{unit}", f"/etc/systemd/system/{unit}")
     t.file("etc/nftables.conf", tpl("nftables.conf.j2", dhcpv4=_any(ctx, "ipv4", "dhcp"),
                                      dhcpv6=_any(ctx, "ipv6", "ra")), mode=0o755)
     t.file("etc/sysctl.d/90-appliance.conf", tpl("sysctl.conf.j2"))

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..profile.model import Profile
-from .renderer import enabled_units
+from .renderer import appliance_units, enabled_units
 
 BASE_PACKAGES = [
     "systemd", "systemd-sysv", "systemd-resolved", "udev", "dbus", "openssh-server", "nftables", "iproute2",
@@ -42,14 +42,16 @@ class ImageSpec:
     extra_packages: tuple[str, ...]  # the profile's own, for error messages
     initrd_modules: tuple[str, ...]  # empty: initramfs-tools MODULES=most
     modules_exclude: tuple[str, ...]  # kernel module subtrees left out of the image
-    enable_units: tuple[str, ...]
+    enable_units: tuple[str, ...]  # Debian's, enabled in the base tree
     disable_units: tuple[str, ...]
+    appliance_units: tuple[str, ...] = ()  # the appliance's own, enabled by the rendered tree
 
     def base_inputs(self) -> dict[str, Any]:
         """The parts that decide the base tree's content (the name does not)."""
         d = asdict(self)
         d.pop("name")
         d.pop("extra_packages")
+        d.pop("appliance_units")
         return d
 
 
@@ -76,4 +78,5 @@ def image_spec(p: Profile) -> ImageSpec:
         modules_exclude=tuple(MODULES_EXCLUDE_ALL + (MODULES_EXCLUDE_VM if p.system.board == "qemu" else [])),
         enable_units=tuple(enabled_units(p)),
         disable_units=tuple(DISABLED_UNITS),
+        appliance_units=tuple(appliance_units(p)),
     )
