@@ -20,12 +20,13 @@ import pytest
 from appliance.profile import load_profile
 from appliance.render import render
 from appliance.secrets import SecretStore, generate_private_key, public_key
+from appliance.verify import probe
+from appliance.verify.netns import Lab, wait_for
 from conftest import REPO, require_tool
-from lab import Lab, wait_for
 
 pytestmark = pytest.mark.root
 
-PROBE = str(Path(__file__).with_name("probe.py"))
+PROBE = str(Path(probe.__file__))
 UPLINK_MAC = "52:54:00:12:34:01"
 PORT = 7000
 

@@ -4,5 +4,14 @@ from .renderer import DATAPLANE_JSON, appliance_units, dataplane_config, enabled
 from .spec import ImageSpec, image_spec
 from .tree import ConfigTree, Entry
 
-__all__ = ["DATAPLANE_JSON", "appliance_units", "ConfigTree", "Entry", "ImageSpec", "dataplane_config", "enabled_units", "image_spec",
-           "render"]
+__all__ = [
+    "DATAPLANE_JSON",
+    "ConfigTree",
+    "Entry",
+    "ImageSpec",
+    "appliance_units",
+    "dataplane_config",
+    "enabled_units",
+    "image_spec",
+    "render",
+]

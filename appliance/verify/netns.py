@@ -1,4 +1,4 @@
-"""A lab of network namespaces joined by veth pairs, for tests that send real packets.
+"""A lab of network namespaces joined by veth pairs, for tests and `appliance test` to send real packets.
 
 Every namespace, process and directory the lab makes is recorded and removed by close(), which the
 fixtures call even when a test fails. Each namespace gets a private /run (wireguard-go puts its
@@ -14,7 +14,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 PRIVATE_RUN = 'mount --bind "$0" /run && exec "$@"'
@@ -95,7 +95,7 @@ class Lab:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.1) -> float:  # type: ignore[no-untyped-def]
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> float:
     """Seconds until predicate() is true; AssertionError after timeout."""
     t0 = time.monotonic()
     while True:

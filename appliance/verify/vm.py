@@ -1,0 +1,144 @@
+"""Boot an appliance image in QEMU: UEFI (OVMF), a snapshot overlay so the image is never modified,
+the serial console captured to a file, KVM when it works and TCG otherwise.
+
+NICs: one QEMU user-mode NIC for management (SSH forwarded to 127.0.0.1:PORT), plus TAP devices for
+the lab. The TAPs are made in the caller's network namespace, QEMU attaches to them, and the lab
+may then move them into its own namespaces; they vanish with the VM."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+MGMT_MAC = "52:54:00:aa:00:01"
+
+
+class VMError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Nic:
+    tap: str  # created by the runner, removed with the VM
+    mac: str
+
+
+@functools.cache
+def kvm_works() -> bool:
+    """Whether QEMU can actually run a guest with KVM here (a /dev/kvm node alone is not enough)."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK) or not shutil.which("qemu-system-x86_64"):
+        return False
+    try:
+        proc = subprocess.run(
+            ["qemu-system-x86_64", "-accel", "kvm", "-machine", "q35", "-cpu", "host", "-nodefaults",
+             "-display", "none", "-no-reboot", "-bios", "/dev/null", "-m", "64"],
+            capture_output=True, timeout=5)
+    except subprocess.TimeoutExpired:
+        return True  # it ran (and would run forever with an empty BIOS): KVM works
+    return proc.returncode == 0 and b"kvm" not in proc.stderr.lower()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class VM:
+    image: Path
+    workdir: Path
+    nics: list[Nic] = field(default_factory=list)
+    memory_mib: int = 1024
+    cpus: int = 2
+    ssh_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+
+    @property
+    def console(self) -> Path:
+        return self.workdir / "console.log"
+
+    @property
+    def accel(self) -> list[str]:
+        return ["-accel", "kvm", "-cpu", "host"] if kvm_works() else ["-accel", "tcg,thread=multi", "-cpu", "max"]
+
+    def command(self) -> list[str]:
+        vars_copy = self.workdir / "OVMF_VARS.fd"
+        shutil.copy(OVMF_VARS, vars_copy)
+        cmd = ["qemu-system-x86_64", "-name", "appliance", "-machine", "q35", *self.accel, "-smp", str(self.cpus),
+               "-m", str(self.memory_mib),
+               "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+               "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+               "-drive", f"if=none,id=disk,format=raw,file={self.image},snapshot=on,cache=unsafe",
+               "-device", "virtio-blk-pci,drive=disk",
+               "-netdev", f"user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+               "-device", f"virtio-net-pci,netdev=mgmt,mac={MGMT_MAC}"]
+        for i, nic in enumerate(self.nics):
+            cmd += ["-netdev", f"tap,id=lab{i},ifname={nic.tap},script=no,downscript=no",
+                    "-device", f"virtio-net-pci,netdev=lab{i},mac={nic.mac}"]
+        cmd += ["-object", "rng-random,id=rng,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng",
+                "-display", "none", "-monitor", "none", "-serial", f"file:{self.console}", "-no-reboot"]
+        return cmd
+
+    def start(self) -> None:
+        if not OVMF_CODE.exists():
+            raise VMError(f"{OVMF_CODE} is missing: install ovmf (make setup)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for nic in self.nics:
+            subprocess.run(["ip", "tuntap", "add", nic.tap, "mode", "tap"], check=True, capture_output=True)
+            subprocess.run(["ip", "link", "set", nic.tap, "up"], check=True)
+        env = {**os.environ, "TMPDIR": str(self.workdir)}  # where the snapshot overlay goes
+        self.started = time.monotonic()
+        with open(self.workdir / "qemu.log", "wb") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        time.sleep(0.5)
+        if self.proc.poll() is not None:
+            raise VMError(f"qemu exited at once: {(self.workdir / 'qemu.log').read_text()[-2000:]}")
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def console_text(self) -> str:
+        return self.console.read_text(errors="replace") if self.console.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        for nic in self.nics:  # may have been moved into a namespace that is gone by now
+            subprocess.run(["ip", "link", "del", nic.tap], capture_output=True)
+
+
+@contextlib.contextmanager
+def running(image: Path, nics: list[Nic], workdir: Path | None = None) -> Iterator[VM]:
+    """A started VM, stopped and cleaned up however the block ends (exceptions, Ctrl-C)."""
+    own = workdir is None
+    wd = workdir or Path(tempfile.mkdtemp(prefix="appliance-vm-"))
+    vm = VM(image, wd, nics)
+    try:
+        vm.start()
+        yield vm
+    finally:
+        vm.stop()
+        if own:
+            shutil.rmtree(wd, ignore_errors=True)
