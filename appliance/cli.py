@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
 import click
+from rich.table import Table
 
 from . import __version__
 from .peer_config import client_config, find_peer, terminal_qr
@@ -286,6 +288,50 @@ def cache_clean(older_than: float | None, clean_all: bool, cache_dir: Path | Non
     if clean_all:
         shutil.rmtree(cache.root / "debs", ignore_errors=True)
     out.print(f"removed {len(removed)} entries from {cache.root}")
+
+
+@cli.command("test")
+@profile_arg
+@click.option("--keep", is_flag=True, help="keep the work directory (image, console log, suite output)")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@cache_option
+def test_cmd(profile: Path, keep: bool, as_json: bool, cache_dir: Path | None) -> None:
+    """Boot a lab variant of PROFILE's image in QEMU, with a lab network of peers, upstream and LAN,
+    and run the testinfra suite generated from the profile, with real traffic through the tunnel.
+
+    The lab variant carries the lab's keys for the declared peers and the lab's SSH key; everything
+    else is the image `appliance build` makes. Needs root."""
+    from .image import Cache, ImageError
+    from .verify.boot import BootTest
+    from .verify.vm import VMError
+
+    loaded = _load(profile)
+    test = BootTest(loaded.profile, Cache(cache_dir), step, keep=keep)
+    try:
+        report = test.run()
+    except (ImageError, VMError, AssertionError, subprocess.SubprocessError, OSError) as e:
+        tail = "\n".join(str(e).splitlines()[-20:])
+        die(f"{loaded.profile.name}: the lab did not come up: {tail}" + (f" (kept in {test.workdir})" if keep else ""))
+    if as_json:
+        echo_json({"name": report.name, "ok": report.ok, "passed": report.passed, "failed": report.failed,
+                   "failures": report.failures, "timings": report.timings, "accel": report.accel})
+    else:
+        table = Table(title=f"appliance test {report.name} ({report.accel})")
+        table.add_column("check")
+        table.add_column("result")
+        for line in report.output.splitlines():
+            if line.startswith(("FAILED", "ERROR")):
+                table.add_row(line.split("::", 1)[-1].split(" - ")[0], "[red]failed[/]")
+        table.add_row(f"{report.passed} checks", "[green]passed[/]")
+        for k, v in report.timings.items():
+            table.add_row(k.replace("_", " "), f"{v:.1f} s")
+        out.print(table)
+    if keep:
+        err.print(f"work directory: {test.workdir}")
+    if not report.ok:
+        if not as_json:
+            err.print(report.output[-6000:])
+        raise SystemExit(1)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -1,7 +1,9 @@
 """Traffic probes for lab tests, run inside namespaces as `python3 probe.py ...`.
 
-  probe.py serve PORT LOG   TCP and UDP echo on PORT; appends {"proto", "src"} per arrival to LOG
-  probe.py tcp HOST PORT    connect, send, expect the echo; exit 0 on success
+  probe.py serve PORTS LOG  TCP and UDP echo on each of PORTS (comma-separated); appends
+                            {"proto", "src", "port"} per arrival to LOG
+  probe.py tcp HOST PORT [TIMEOUT]  connect, send, expect the echo; prints the MSS; exit 0 on success
+  probe.py connect HOST PORT [TIMEOUT]  open a TCP connection to any server; exit 0 if it was accepted
   probe.py udp HOST PORT    send a datagram, expect the echo within 3 s
   probe.py raw HOST PROTO N send N raw IP packets of protocol PROTO (132 SCTP, 47 GRE)
 
@@ -16,43 +18,53 @@ import struct
 import sys
 
 
-def serve(port: int, log: str) -> None:
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    tcp.bind(("0.0.0.0", port))
-    tcp.listen(16)
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("0.0.0.0", port))
+def serve(ports: list[int], log: str) -> None:
     sel = selectors.DefaultSelector()
-    sel.register(tcp, selectors.EVENT_READ)
-    sel.register(udp, selectors.EVENT_READ)
+    for port in ports:
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind(("0.0.0.0", port))
+        tcp.listen(16)
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("0.0.0.0", port))
+        sel.register(tcp, selectors.EVENT_READ, ("tcp", port))
+        sel.register(udp, selectors.EVENT_READ, ("udp", port))
     print("ready", flush=True)
     while True:
         for key, _ in sel.select():
-            if key.fileobj is tcp:
-                conn, addr = tcp.accept()
-                conn.settimeout(5)
-                data = conn.recv(65536)
-                conn.sendall(data)
-                conn.close()
-                proto = "tcp"
-            else:
-                data, addr = udp.recvfrom(65536)
-                udp.sendto(data, addr)
-                proto = "udp"
+            proto, port = key.data
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            try:
+                if proto == "tcp":
+                    conn, addr = sock.accept()
+                    conn.settimeout(5)
+                    conn.sendall(conn.recv(65536))
+                    conn.close()
+                else:
+                    data, addr = sock.recvfrom(65536)
+                    sock.sendto(data, addr)
+            except OSError:
+                continue
             with open(log, "a") as f:
-                f.write(json.dumps({"proto": proto, "src": addr[0]}) + "\n")
+                f.write(json.dumps({"proto": proto, "src": addr[0], "port": port}) + "\n")
 
 
-def tcp(host: str, port: int) -> None:
-    with socket.create_connection((host, port), timeout=5) as s:
+def tcp(host: str, port: int, timeout: float = 5) -> None:
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        print(f"mss={s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)}", flush=True)
         s.sendall(b"appliance-probe")
         assert s.recv(100) == b"appliance-probe"
 
 
-def udp(host: str, port: int) -> None:
+def connect(host: str, port: int, timeout: float = 3) -> None:
+    with socket.create_connection((host, port), timeout=timeout):
+        pass
+
+
+def udp(host: str, port: int, timeout: float = 3) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(3)
+        s.settimeout(timeout)
         s.sendto(b"appliance-probe", (host, port))
         assert s.recvfrom(100)[0] == b"appliance-probe"
 
@@ -87,11 +99,13 @@ def raw(host: str, proto: int, n: int) -> None:
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     if cmd == "serve":
-        serve(int(args[0]), args[1])
+        serve([int(p) for p in args[0].split(",")], args[1])
     elif cmd == "tcp":
-        tcp(args[0], int(args[1]))
+        tcp(args[0], int(args[1]), *(float(a) for a in args[2:3]))
+    elif cmd == "connect":
+        connect(args[0], int(args[1]), *(float(a) for a in args[2:3]))
     elif cmd == "udp":
-        udp(args[0], int(args[1]))
+        udp(args[0], int(args[1]), *(float(a) for a in args[2:3]))
     elif cmd == "raw":
         raw(args[0], int(args[1]), int(args[2]))
     else:

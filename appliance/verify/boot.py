@@ -1,0 +1,431 @@
+"""`appliance test`: build a lab variant of the image, boot it in QEMU inside a lab network, and run
+the testinfra suite generated from the profile, with real traffic through the tunnel.
+
+The lab variant differs from the image you flash only where a lab must: each declared peer's public
+key is replaced by a key the lab holds (so the lab can be every peer, with that peer's ACLs), the
+lab's SSH key is authorised, the NICs are matched by the lab's MACs, and a QEMU management NIC gets
+an address (no routes) so testinfra can log in over 127.0.0.1.
+
+  wan  (the internet / upstream): the uplink TAP, DHCP (dnsmasq), the upstream server
+  lan  (subnet routers): the LAN TAP and a LAN host
+  peer-N: one namespace per declared peer, wireguard-go with the config `appliance peer` prints"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..image import BuildLog, BuildOptions, Cache, build_image
+from ..peer_config import client_config, routes_for_peer
+from ..profile import Profile
+from ..profile.acl import AclTarget
+from ..render import ConfigTree, image_spec, render
+from ..secrets import SecretStore, generate_private_key, public_key
+from . import probe
+from .netns import Lab, wait_for
+from .vm import MGMT_MAC, Nic, running
+
+UPLINK_MAC = "52:54:00:12:34:01"
+LAN_MAC = "52:54:00:12:34:02"
+WAN_GATEWAY = "198.18.30.1"  # the "internet" side of the uplink; also the upstream server
+WAN_NET = "198.18.30.0/24"
+PORTS = [22, 443, 7000, 8080]
+PROBE_PORT = 7000
+SUITE = Path(__file__).with_name("boot_suite.py")
+
+MGMT_NETWORK = f"""# lab only: QEMU's management NIC, for testinfra over SSH; no routes, no DNS
+[Match]
+MACAddress={MGMT_MAC}
+
+[Link]
+RequiredForOnline=no
+
+[Network]
+DHCP=ipv4
+LinkLocalAddressing=no
+IPv6AcceptRA=no
+
+[DHCPv4]
+UseRoutes=no
+UseGateway=no
+UseDNS=no
+UseDomains=no
+"""
+
+Step = Callable[[str], AbstractContextManager[None]]
+
+
+@dataclass
+class LabPeer:
+    name: str
+    private_key: str
+    ns: str = ""
+    tunnel_ip: str = ""
+
+    @property
+    def public(self) -> str:
+        return public_key(self.private_key)
+
+
+@dataclass
+class BootReport:
+    name: str
+    passed: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    output: str = ""
+    console: str = ""
+    accel: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.passed > 0
+
+
+def lab_variant(p: Profile, ssh_public_key: str) -> tuple[Profile, list[LabPeer]]:
+    data = p.model_dump(mode="json")
+    peers = []
+    for entry in data["wireguard"]["peers"]:
+        lp = LabPeer(entry["name"], generate_private_key())
+        entry["public_key"] = lp.public
+        v4 = [n for n in entry["allowed_ips"] if ":" not in n and n.endswith("/32")]
+        lp.tunnel_ip = v4[0].split("/")[0] if v4 else ""
+        peers.append(lp)
+    data["system"]["ssh"]["authorized_keys"].append(ssh_public_key)
+    for role, mac in (("uplink", UPLINK_MAC), ("lan", LAN_MAC)):
+        if data["interfaces"].get(role):
+            data["interfaces"][role]["match"] = {"mac": mac}
+    return Profile.model_validate(data), peers
+
+
+def lan_host(p: Profile) -> str | None:
+    """The LAN host the lab places: the first /32 an ACL names inside the LAN, else LAN address + 19."""
+    lan = p.interfaces.lan
+    if lan is None or isinstance(lan.ipv4, str):
+        return None
+    net = lan.ipv4.address.network
+    for rule in p.firewall.acl:
+        for dest in rule.to:
+            if dest.network.prefixlen == 32 and dest.network.network_address in net:
+                return str(dest.network.network_address)
+    return str(lan.ipv4.address.ip + 19)
+
+
+def acl_allows(p: Profile, peer: str, proto: str, dst: str, port: int | None) -> bool:
+    """The profile's forwarding policy, evaluated independently of the nftables renderer."""
+    ip = ipaddress.ip_address(dst)
+    offered = [ipaddress.ip_network("0.0.0.0/0")] if p.is_exit_node else list(p.routing.advertise_routes)
+    if not p.firewall.acl:
+        return any(ip in n for n in offered if n.version == ip.version)
+
+    def dest_ok(d: AclTarget) -> bool:
+        if ip not in d.network:
+            return False
+        return not d.ports or (port is not None and any(lo <= port <= hi for lo, hi in d.ports))
+
+    return any((peer in r.peers or "*" in r.peers) and r.proto in (proto, "any") and any(dest_ok(d) for d in r.to)
+               for r in p.firewall.acl)
+
+
+def traffic_cases(p: Profile, peers: list[LabPeer], lan: str | None) -> list[dict[str, Any]]:
+    cases: list[dict[str, Any]] = []
+    # GRE has no ports: behind one SNAT address, a second peer's GRE to the same destination has no
+    # unique conntrack tuple while the first one's lives. Layer-3 checks use one peer per target.
+    layer3_done: set[str] = set()
+    for peer in peers:
+        if not peer.tunnel_ip:
+            continue
+        targets = []
+        if p.is_exit_node:
+            targets.append(("upstream", WAN_GATEWAY))
+        if lan:
+            targets.append(("lan host", lan))
+        if not p.is_exit_node:  # somewhere the profile does not offer: must not arrive
+            targets.append(("not advertised", WAN_GATEWAY))
+        for label, dst in targets:
+            protos: list[tuple[str, int | None]] = [("tcp", PROBE_PORT), ("udp", PROBE_PORT), ("icmp", None)]
+            if lan and dst == lan:
+                protos += [("tcp", 443), ("tcp", 22)]
+            for proto, port in protos:
+                allowed = label != "not advertised" and acl_allows(p, peer.name, proto, dst, port)
+                cases.append({"peer": peer.name, "target": label, "dst": dst, "proto": proto, "port": port,
+                              "expect": "arrive" if allowed else "blocked"})
+            layer3 = p.dataplane.mode == "kernel" and label != "not advertised" and dst not in layer3_done
+            if layer3 and acl_allows(p, peer.name, "any", dst, None):
+                layer3_done.add(dst)
+                for proto in ("sctp", "gre"):
+                    cases.append({"peer": peer.name, "target": label, "dst": dst, "proto": proto, "port": None,
+                                  "expect": "arrive"})
+    return cases
+
+
+def _ssh_keypair(work: Path) -> tuple[Path, str]:
+    key = work / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "appliance-lab", "-f", str(key)], check=True)
+    return key, (work / "id_ed25519.pub").read_text().strip()
+
+
+def _strip_wg_quick(conf: str) -> tuple[str, list[str]]:
+    """Split a wg-quick config into what `wg setconf` takes and the interface addresses."""
+    keep, addresses = [], []
+    for line in conf.splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key == "Address":
+            addresses = [a.strip() for a in line.split("=", 1)[1].split(",")]
+        elif key not in ("MTU", "DNS", "Table"):
+            keep.append(line)
+    return "\n".join(keep) + "\n", addresses
+
+
+def _banner(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            return s.recv(16).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def _lease(path: Path, mac: str) -> str | None:
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[1].lower() == mac:
+            return parts[2]
+    return None
+
+
+@dataclass
+class BootTest:
+    profile: Profile
+    cache: Cache
+    step: Step
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="appliance-test-")))
+    keep: bool = False
+    timeout: float = 240.0
+    sabotage: Callable[[ConfigTree], None] | None = None  # tests break the image on purpose
+
+    def run(self) -> BootReport:
+        report = BootReport(self.profile.name)
+        try:
+            return self._run(report)
+        finally:
+            if not self.keep:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _build(self, lab_profile: Profile) -> Path:
+        store = SecretStore(self.workdir / "secrets")
+        p = lab_profile
+        tree = render(p, store.appliance_keys(p.name, [x.name for x in p.wireguard.peers if x.preshared_key]))
+        tree.file("etc/systemd/network/05-lab-management.network", MGMT_NETWORK)
+        if self.sabotage:
+            self.sabotage(tree)
+        out = self.workdir / "images"
+        build_image(image_spec(p), tree, {"path": "lab variant", "digest": "", "files": []},
+                    BuildOptions(out_dir=out, cache=self.cache), self.step, BuildLog(out / f"{p.name}.build.log"))
+        return out / f"{p.name}.img"
+
+    def _run(self, report: BootReport) -> BootReport:
+        key, ssh_pub = _ssh_keypair(self.workdir)
+        lab_profile, peers = lab_variant(self.profile, ssh_pub)
+        with self.step("build the lab variant of the image"):
+            image = self._build(lab_profile)
+        p = lab_profile
+        lab = Lab("b")
+        try:
+            return self._boot(report, image, lab, p, peers, key)
+        finally:
+            report.console = (self.workdir / "vm" / "console.log").read_text(errors="replace") \
+                if (self.workdir / "vm" / "console.log").exists() else ""
+            lab.close()
+
+    def _boot(self, report: BootReport, image: Path, lab: Lab, p: Profile, peers: list[LabPeer],
+              key: Path) -> BootReport:
+        wan = lab.ns("wan")
+        lan_ns = lab.ns("lan") if p.interfaces.lan else None
+        arrivals = lab.dir / "arrivals.jsonl"
+        lab.run(wan, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        lab.run(wan, ["nft", "-f", "-"], input=_counters("tapu"))
+        for i, peer in enumerate(peers):
+            peer.ns = lab.ns(f"p{i}")
+            lab.veth((wan, f"w{i}", f"198.18.{40 + i}.1/24"), (peer.ns, "p0", f"198.18.{40 + i}.2/24"))
+            lab.run(peer.ns, ["ip", "route", "add", "default", "via", f"198.18.{40 + i}.1"])
+        tag = f"{os.getpid() % 10000}"
+        nics = [Nic(f"aplu{tag}", UPLINK_MAC)] + ([Nic(f"apll{tag}", LAN_MAC)] if lan_ns else [])
+        with running(image, nics, self.workdir / "vm") as vm:
+            report.accel = "kvm" if "kvm" in vm.accel else "tcg"
+            with self.step(f"boot in QEMU ({report.accel}), lab network, peers"):
+                _attach(lab, wan, nics[0].tap, "tapu")
+                uplink_ip = self._uplink(lab, wan, p, arrivals)
+                lan = lan_host(p)
+                if lan_ns and lan:
+                    self._lan(lab, lan_ns, nics[1].tap, p, lan, arrivals)
+                for peer in peers:
+                    self._peer(lab, p, peer, uplink_ip)
+                self._wait_up(lab, p, peers, vm.ssh_port, vm.seconds, report.timings)
+            expect = self._expectations(p, peers, uplink_ip, lan, lab, wan, lan_ns, arrivals)
+            with self.step("testinfra suite and traffic through the tunnel"):
+                t0 = time.monotonic()
+                self._suite(report, vm.ssh_port, key, expect)
+                report.timings["suite"] = round(time.monotonic() - t0, 1)
+        return report
+
+    def _lan(self, lab: Lab, ns: str, tap: str, p: Profile, host: str, arrivals: Path) -> None:
+        _attach(lab, ns, tap, "tapl")
+        lan_if = p.interfaces.lan
+        assert lan_if is not None and not isinstance(lan_if.ipv4, str)
+        lab.run(ns, ["ip", "addr", "add", f"{host}/{lan_if.ipv4.address.network.prefixlen}", "dev", "tapl"])
+        lab.run(ns, ["ip", "route", "add", "default", "via", str(lan_if.ipv4.address.ip)])
+        lab.run(ns, ["nft", "-f", "-"], input=_counters("tapl"))
+        lab.spawn(ns, [sys.executable, probe.__file__, "serve", ",".join(map(str, PORTS)), arrivals], "lan-server")
+
+    def _uplink(self, lab: Lab, wan: str, p: Profile, arrivals: Path) -> str:
+        uplink = p.interfaces.uplink
+        assert uplink is not None
+        lab.spawn(wan, [sys.executable, probe.__file__, "serve", ",".join(map(str, PORTS)), arrivals],
+                  "upstream-server")
+        if isinstance(uplink.ipv4, str):
+            lab.run(wan, ["ip", "addr", "add", f"{WAN_GATEWAY}/24", "dev", "tapu"])
+            leases = lab.dir / "dnsmasq.leases"
+            lab.spawn(wan, ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0", "--interface=tapu",
+                            "--bind-interfaces", "--dhcp-range=198.18.30.100,198.18.30.150,255.255.255.0,1h",
+                            f"--dhcp-option=option:router,{WAN_GATEWAY}", f"--dhcp-leasefile={leases}",
+                            "--dhcp-authoritative"], "dnsmasq")
+            wait_for(lambda: _lease(leases, UPLINK_MAC) is not None, self.timeout, 0.2)
+            ip = _lease(leases, UPLINK_MAC)
+            assert ip is not None
+            return ip
+        gw = uplink.ipv4.gateway or next(h for h in uplink.ipv4.address.network.hosts() if h != uplink.ipv4.address.ip)
+        lab.run(wan, ["ip", "addr", "add", f"{gw}/{uplink.ipv4.address.network.prefixlen}", "dev", "tapu"])
+        return str(uplink.ipv4.address.ip)
+
+    def _peer(self, lab: Lab, p: Profile, peer: LabPeer, uplink_ip: str) -> None:
+        keyfile = self.workdir / f"{peer.name}.key"
+        keyfile.write_text(peer.private_key + "\n")
+        store = SecretStore(self.workdir / "secrets")
+        psk = store.preshared_key(p.name, peer.name) if any(
+            x.name == peer.name and x.preshared_key for x in p.wireguard.peers) else None
+        entry = next(x for x in p.wireguard.peers if x.name == peer.name)
+        conf = client_config(p, entry, public_key(store.private_key(p.name)), psk, peer.private_key,
+                             f"{uplink_ip}:{p.wireguard.listen_port}")
+        setconf, addresses = _strip_wg_quick(conf)
+        lab.spawn(peer.ns, ["wireguard-go", "-f", "wgp"], f"wg-{peer.name}", env={"LOG_LEVEL": "error"})
+        wait_for(lambda: (lab.rundir(peer.ns) / "wireguard" / "wgp.sock").exists(), 10)
+        lab.run(peer.ns, ["wg", "setconf", "wgp", "/dev/stdin"], input=setconf)
+        for a in addresses:
+            lab.run(peer.ns, ["ip", "addr", "add", a, "dev", "wgp"])
+        # a larger MTU than the appliance's tunnel: only MSS clamping keeps TCP segments fitting
+        lab.run(peer.ns, ["ip", "link", "set", "wgp", "mtu", "1500", "up"])
+        lab.run(peer.ns, ["ip", "route", "add", f"{uplink_ip}/32", "via", _gateway(lab, peer.ns)])
+        for net in routes_for_peer(p):
+            if net.version == 4:
+                lab.run(peer.ns, ["ip", "route", "replace", str(net), "dev", "wgp"])
+        if not p.is_exit_node:  # a peer that sends more than it was offered: the appliance must refuse
+            lab.run(peer.ns, ["ip", "route", "add", f"{WAN_GATEWAY}/32", "dev", "wgp"])
+
+    def _wait_up(self, lab: Lab, p: Profile, peers: list[LabPeer], ssh_port: int, clock: Callable[[], float],
+                 timings: dict[str, float]) -> None:
+        """Until SSH answers and a peer has completed a handshake; each time is taken when it happens.
+        A ping to the appliance's tunnel address gives the peers something to send."""
+        target = str(p.wireguard.addresses[0].ip)
+
+        def any_handshake() -> bool:
+            for peer in peers:
+                lab.run(peer.ns, ["ping", "-c", "1", "-W", "1", target], check=False)
+                out = lab.run(peer.ns, ["wg", "show", "wgp", "latest-handshakes"], check=False).stdout
+                if any(int(x.split()[-1]) > 0 for x in out.splitlines() if x.strip()):
+                    return True
+            return False
+
+        def both() -> bool:
+            if "boot_to_ssh" not in timings and _banner(ssh_port):
+                timings["boot_to_ssh"] = round(clock(), 1)
+            if "boot_to_handshake" not in timings and any_handshake():
+                timings["boot_to_handshake"] = round(clock(), 1)
+            return len(timings) >= 2
+
+        wait_for(both, self.timeout, 0.2)
+
+    def _expectations(self, p: Profile, peers: list[LabPeer], uplink_ip: str, lan: str | None, lab: Lab,
+                      wan: str, lan_ns: str | None, arrivals: Path) -> dict[str, Any]:
+        spec = image_spec(p)
+        dp = p.dataplane
+        return {
+            "name": p.name, "roles": list(p.roles), "mode": dp.mode, "implementation": dp.wireguard,
+            "units": list(spec.enable_units) + list(spec.appliance_units)
+            + (["appliance-wireguard-go.service"] if dp.mode == "kernel" and dp.wireguard == "wireguard-go" else []),
+            "uplink_mac": UPLINK_MAC, "uplink_ip": uplink_ip,
+            "offload": {"rx-udp-gro-forwarding": p.interfaces.uplink.offload.udp_gro_forwarding if p.interfaces.uplink
+                        else True, "rx-gro-list": False},
+            "table": p.routing.table, "rule_priority": p.routing.rule_priority,
+            "routes": sorted(str(n) for peer in p.wireguard.peers for n in peer.allowed_ips if n.version == 4),
+            "peer_keys": sorted(x.public_key for x in p.wireguard.peers),
+            "tunnel_address": str(p.wireguard.addresses[0].ip), "shields_up": p.firewall.shields_up,
+            "mss_clamp": p.routing.mss_clamp, "wg_mtu": p.wireguard.mtu,
+            "lab": {"dir": str(lab.dir), "wan": wan, "lan": lan_ns, "arrivals": str(arrivals), "probe": probe.__file__,
+                    "peers": {x.name: {"ns": x.ns, "tunnel_ip": x.tunnel_ip} for x in peers},
+                    "snat_source": {WAN_GATEWAY: uplink_ip, **({lan: _lan_ip(p)} if lan else {})}},
+            "cases": traffic_cases(p, peers, lan),
+        }
+
+    def _suite(self, report: BootReport, port: int, key: Path, expect: dict[str, Any]) -> None:
+        (self.workdir / "expect.json").write_text(json.dumps(expect, indent=1))
+        (self.workdir / "ssh_config").write_text(
+            f"Host *\n  User root\n  IdentityFile {key}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
+            "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
+        (self.workdir / "pytest.ini").write_text("[pytest]\n")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", str(SUITE), "-q", "-rfE", "-p", "no:cacheprovider",
+             "-c", str(self.workdir / "pytest.ini"), "--rootdir", str(self.workdir), "--color=no",
+             f"--hosts=paramiko://root@127.0.0.1:{port}", f"--ssh-config={self.workdir / 'ssh_config'}"],
+            capture_output=True, text=True,
+            env={**os.environ, "APPLIANCE_BOOT_EXPECT": str(self.workdir / "expect.json")})
+        report.output = proc.stdout + proc.stderr
+        m = re.search(r"(\d+) passed", report.output)
+        report.passed = int(m.group(1)) if m else 0
+        m = re.search(r"(\d+) (failed|error)", report.output)
+        report.failed = int(m.group(1)) if m else (0 if proc.returncode == 0 else 1)
+        report.failures = re.findall(r"^(?:FAILED|ERROR) \S*?::(\S+)", report.output, re.M)
+
+
+def _attach(lab: Lab, ns: str, tap: str, name: str) -> None:
+    """Move a TAP QEMU holds into a lab namespace, under a stable name."""
+    subprocess.run(["ip", "link", "set", tap, "netns", ns, "name", name], check=True)
+    lab.run(ns, ["ip", "link", "set", name, "up"])
+
+
+def _gateway(lab: Lab, ns: str) -> str:
+    out = lab.run(ns, ["ip", "-j", "route", "show", "default"]).stdout
+    return str(json.loads(out)[0]["gateway"])
+
+
+def _lan_ip(p: Profile) -> str:
+    lan = p.interfaces.lan
+    assert lan is not None and not isinstance(lan.ipv4, str)
+    return str(lan.ipv4.address.ip)
+
+
+def _counters(ifname: str) -> str:
+    return f"""table inet count {{
+    chain pre {{
+        type filter hook prerouting priority -300; policy accept;
+        iifname "{ifname}" meta l4proto sctp counter
+        iifname "{ifname}" meta l4proto gre counter
+        iifname "{ifname}" meta l4proto icmp counter
+    }}
+}}
+"""

@@ -1,0 +1,155 @@
+"""testinfra suite for a booted appliance (paramiko backend), generated from the profile: run by
+`appliance test` (boot.py), with expectations and the lab's layout in $APPLIANCE_BOOT_EXPECT.
+
+The appliance is checked over SSH; traffic is sent from the lab's peer namespaces through the
+tunnel and checked where it arrives (the upstream or LAN host's log and nftables counters)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+with open(os.environ["APPLIANCE_BOOT_EXPECT"]) as _f:
+    X: dict[str, Any] = json.load(_f)
+LAB = X["lab"]
+KERNEL = X["mode"] == "kernel"
+
+
+def lab(ns: str, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=timeout)
+
+
+def probe(ns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return lab(ns, sys.executable, LAB["probe"], *args)
+
+
+def arrivals(proto: str, port: int | None) -> list[dict[str, Any]]:
+    try:
+        with open(LAB["arrivals"]) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    return [a for a in map(json.loads, lines) if a["proto"] == proto and a["port"] == port]
+
+
+def counter(ns: str, proto: str) -> int:
+    out = json.loads(lab(ns, "nft", "-j", "list", "table", "inet", "count").stdout)
+    for item in out["nftables"]:
+        rule = item.get("rule")
+        if rule and any(f'"{proto}"' in json.dumps(e) for e in rule["expr"] if "match" in e):
+            return int(next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e))
+    raise AssertionError(f"no {proto} counter in {ns}")
+
+
+def far_end(dst: str) -> str:
+    return str(LAB["lan"] if dst != "198.18.30.1" else LAB["wan"])
+
+
+def test_system_is_running(host: Any) -> None:
+    state = host.run("timeout 90 systemctl is-system-running --wait").stdout.strip()
+    failed = host.run("systemctl --failed --no-legend --plain").stdout.strip()
+    assert state == "running", f"{state}; failed units: {failed}"
+
+
+@pytest.mark.parametrize("unit", X["units"])
+def test_unit_active(host: Any, unit: str) -> None:
+    assert host.service(unit).is_running or host.run(f"systemctl is-active {unit}").stdout.strip() == "active"
+
+
+def test_forwarding_sysctl(host: Any) -> None:
+    assert host.sysctl("net.ipv4.ip_forward") == (1 if KERNEL else 0)
+
+
+def test_ruleset_loaded(host: Any) -> None:
+    ruleset = host.check_output("nft list table inet appliance")
+    assert "chain input" in ruleset
+    if KERNEL:
+        assert "masquerade" in ruleset and "forward_from_peers" in ruleset
+
+
+@pytest.mark.skipif(not KERNEL, reason="userspace mode has no kernel routes to peers")
+def test_policy_rule_and_table(host: Any) -> None:
+    rules = json.loads(host.check_output("ip -j rule show"))
+    assert any(r.get("priority") == X["rule_priority"] and str(r.get("table")) == str(X["table"]) for r in rules)
+    routes = json.loads(host.check_output(f"ip -j route show table {X['table']}"))
+    got = sorted(r["dst"] if "/" in r["dst"] else f"{r['dst']}/32" for r in routes)
+    assert got == X["routes"] and all(r["dev"] == "wg0" for r in routes)
+
+
+def test_wireguard_peers(host: Any) -> None:
+    peers = host.check_output("wg show wg0 peers").split()
+    assert sorted(peers) == X["peer_keys"]
+    assert host.check_output("ip -br link show wg0").split()[1] in ("UP", "UNKNOWN")
+
+
+def test_handshake_with_a_lab_peer(host: Any) -> None:
+    times = [int(line.split()[1]) for line in host.check_output("wg show wg0 latest-handshakes").splitlines()]
+    assert any(t > 0 for t in times)
+
+
+def test_uplink_offloads(host: Any) -> None:
+    links = json.loads(host.check_output("ip -j link show"))
+    uplink = next(link["ifname"] for link in links if link.get("address") == X["uplink_mac"])
+    features = host.check_output(f"ethtool -k {uplink}")
+    for feature, on in X["offload"].items():
+        assert f"{feature}: {'on' if on else 'off'}" in features, features
+
+
+def test_shields_up(host: Any) -> None:
+    """A peer opening a connection to the appliance itself (SSH on its tunnel address)."""
+    peer = next(iter(LAB["peers"].values()))
+    result = probe(peer["ns"], "connect", X["tunnel_address"], "22", "3")
+    if X["shields_up"]:
+        assert result.returncode != 0, "shields are up, yet a peer reached the appliance"
+    else:
+        assert result.returncode == 0, result.stderr
+
+
+def _case_id(c: dict[str, Any]) -> str:
+    return f"{c['peer']}-{c['proto']}{'/' + str(c['port']) if c['port'] else ''}-{c['target'].replace(' ', '_')}"
+
+
+@pytest.mark.parametrize("case", X["cases"], ids=[_case_id(c) for c in X["cases"]])
+def test_traffic(case: dict[str, Any]) -> None:
+    ns = LAB["peers"][case["peer"]]["ns"]
+    dst, proto, port, arrive = case["dst"], case["proto"], case["port"], case["expect"] == "arrive"
+    source = LAB["snat_source"].get(dst)
+    if proto in ("tcp", "udp"):
+        before = len(arrivals(proto, port))
+        result = probe(ns, proto, dst, str(port), "5" if arrive else "2")
+        time.sleep(0.2)
+        new = arrivals(proto, port)[before:]
+        if arrive:
+            assert result.returncode == 0, result.stderr
+            assert new and all(a["src"] == source for a in new), f"arrived from {[a['src'] for a in new]}"
+        else:
+            assert result.returncode != 0 and not new, "a packet the profile does not allow arrived"
+        return
+    far = far_end(dst)
+    counted = "icmp" if proto == "icmp" else proto
+    before = counter(far, counted)
+    if proto == "icmp":
+        result = lab(ns, "ping", "-c", "2", "-i", "0.3", "-W", "2", dst)
+        assert (result.returncode == 0) == arrive, result.stdout
+    else:
+        probe(ns, "raw", dst, "132" if proto == "sctp" else "47", "5")
+    time.sleep(0.3)
+    got = counter(far, counted) - before
+    assert (got >= 2) if arrive else (got == 0), f"{got} {proto} packets arrived"
+
+
+@pytest.mark.skipif(not X["mss_clamp"], reason="profile does not clamp MSS")
+def test_mss_clamped(host: Any) -> None:
+    """The lab peers' tunnel MTU (1500) is larger than the appliance's: the MSS a peer ends up with is
+    what the appliance clamped the SYN-ACK to on its way into the tunnel."""
+    case = next(c for c in X["cases"] if c["proto"] == "tcp" and c["expect"] == "arrive")
+    ns = LAB["peers"][case["peer"]]["ns"]
+    out = probe(ns, "tcp", case["dst"], str(case["port"])).stdout
+    mss = int(out.split("mss=")[1].split()[0])
+    assert mss <= X["wg_mtu"] - 40, f"MSS {mss} not clamped to the tunnel MTU {X['wg_mtu']}"
