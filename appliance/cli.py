@@ -319,9 +319,8 @@ def test_cmd(profile: Path, keep: bool, as_json: bool, cache_dir: Path | None) -
         table = Table(title=f"appliance test {report.name} ({report.accel})")
         table.add_column("check")
         table.add_column("result")
-        for line in report.output.splitlines():
-            if line.startswith(("FAILED", "ERROR")):
-                table.add_row(line.split("::", 1)[-1].split(" - ")[0], "[red]failed[/]")
+        for failure in report.failures:
+            table.add_row(failure, "[red]failed[/]")
         table.add_row(f"{report.passed} checks", "[green]passed[/]")
         for k, v in report.timings.items():
             table.add_row(k.replace("_", " "), f"{v:.1f} s")

@@ -399,7 +399,7 @@ class BootTest:
         report.passed = int(m.group(1)) if m else 0
         m = re.search(r"(\d+) (failed|error)", report.output)
         report.failed = int(m.group(1)) if m else (0 if proc.returncode == 0 else 1)
-        report.failures = re.findall(r"^(?:FAILED|ERROR) \S*?::(\S+)", report.output, re.M)
+        report.failures = re.findall(r"^(?:FAILED|ERROR) \S*?::(\S+?)(?: - |$)", report.output, re.M)
 
 
 def _attach(lab: Lab, ns: str, tap: str, name: str) -> None:
