@@ -30,3 +30,4 @@ clean:
 
 bench: setup
 	$(BIN)/python bench/image.py
+	$(BIN)/python bench/boot.py

@@ -198,10 +198,13 @@ cache_option = click.option(
 @click.option("--keep-tree", is_flag=True, help="keep the staged root tree (holds the private key) for debugging")
 @click.option("--render-only", is_flag=True, help="stop after rendering the configuration into OUT_DIR/NAME.config")
 @click.option("--json", "as_json", is_flag=True, help="print the build manifest as JSON")
+@click.option("--verify", "boot_verify", is_flag=True,
+              help="then boot a lab variant in QEMU and run the traffic suite (as `appliance test`)")
 @cache_option
 @secrets_option
 def build(profile: Path, out_dir: Path, no_cache: bool, use_lock: bool, update_lock: bool, no_verify: bool,
-          keep_tree: bool, render_only: bool, as_json: bool, cache_dir: Path | None, secrets_dir: Path) -> None:
+          keep_tree: bool, render_only: bool, as_json: bool, boot_verify: bool, cache_dir: Path | None,
+          secrets_dir: Path) -> None:
     """Build the bootable disk image for PROFILE: OUT_DIR/NAME.img (GPT, UEFI) and friends."""
     from .image import BuildLog, BuildOptions, Cache, ImageError, build_image
     from .render import image_spec
@@ -238,6 +241,9 @@ def build(profile: Path, out_dir: Path, no_cache: bool, use_lock: bool, update_l
     out.print(f"[green]built[/] {result.image}: {img['size'] / 2**20:.0f} MiB raw, "
               f"{img['allocated'] / 2**20:.0f} MiB allocated, {zst['size'] / 2**20:.1f} MiB zstd, "
               f"sha256 {img['sha256'][:16]}… in {result.timings['total']:.1f} s")
+    if boot_verify:
+        ctx = click.get_current_context()
+        ctx.invoke(test_cmd, profile=profile, keep=False, as_json=False, cache_dir=cache_dir)
 
 
 @cli.group("cache")
@@ -331,6 +337,21 @@ def test_cmd(profile: Path, keep: bool, as_json: bool, cache_dir: Path | None) -
         if not as_json:
             err.print(report.output[-6000:])
         raise SystemExit(1)
+
+
+@cli.command("run")
+@profile_arg
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default="images", show_default=True)
+@click.option("--persist", is_flag=True, help="write changes to the image (default: a throwaway overlay)")
+def run_cmd(profile: Path, out_dir: Path, persist: bool) -> None:
+    """Boot OUT_DIR/NAME.img of PROFILE in QEMU with its serial console on this terminal."""
+    from .verify.vm import run_interactive
+
+    name = _load(profile).profile.name
+    image = out_dir / f"{name}.img"
+    if not image.exists():
+        die(f"{image} does not exist: run `appliance build {profile}` first")
+    raise SystemExit(run_interactive(image.resolve(), persist))
 
 
 def _atomic_write(path: Path, text: str) -> None:

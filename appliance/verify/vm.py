@@ -129,6 +129,23 @@ class VM:
             subprocess.run(["ip", "link", "del", nic.tap], capture_output=True)
 
 
+def run_interactive(image: Path, persist: bool = False) -> int:
+    """Boot the image with the serial console on this terminal (Ctrl-A X quits QEMU)."""
+    workdir = Path(tempfile.mkdtemp(prefix="appliance-run-"))
+    try:
+        vm = VM(image, workdir)
+        cmd = vm.command()
+        if persist:
+            cmd = [c.replace(",snapshot=on", "") for c in cmd]
+        cmd[cmd.index("-serial") + 1] = "mon:stdio"
+        cmd.remove("-monitor")
+        cmd.remove("none")
+        print(f"SSH: ssh -p {vm.ssh_port} root@127.0.0.1   (serial console below; Ctrl-A X quits)", flush=True)
+        return subprocess.call(cmd, env={**os.environ, "TMPDIR": str(workdir)})
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def running(image: Path, nics: list[Nic], workdir: Path | None = None) -> Iterator[VM]:
     """A started VM, stopped and cleaned up however the block ends (exceptions, Ctrl-C)."""
