@@ -366,8 +366,7 @@ class BootTest:
         dp = p.dataplane
         return {
             "name": p.name, "roles": list(p.roles), "mode": dp.mode, "implementation": dp.wireguard,
-            "units": list(spec.enable_units) + list(spec.appliance_units)
-            + (["appliance-wireguard-go.service"] if dp.mode == "kernel" and dp.wireguard == "wireguard-go" else []),
+            "units": sorted({*spec.enable_units, *spec.appliance_units}),
             "uplink_mac": UPLINK_MAC, "uplink_ip": uplink_ip,
             "offload": {"rx-udp-gro-forwarding": p.interfaces.uplink.offload.udp_gro_forwarding if p.interfaces.uplink
                         else True, "rx-gro-list": False},
