@@ -146,6 +146,12 @@ def test_userspace_has_no_kernel_forwarding(fixed_keys: ApplianceKeys) -> None:
     assert "udp dport 51820 counter accept" in nft  # wireguard-go's socket stays in the host namespace
     sysctl = t.text("etc/sysctl.d/90-appliance.conf")
     assert "ip_forward" not in sysctl and "ping_group_range = 0 2147483647" in sysctl
+    unit = t.text("etc/systemd/system/appliance-userspace.service")
+    assert "User=appliance-dp" in unit and "ExecStart=/usr/sbin/appliance-dataplane userspace" in unit
+    assert "LoadCredential=wireguard-private-key:/etc/credstore/network.wireguard.private.wg0" in unit
+    assert "appliance-dp" in t.text("etc/sysusers.d/appliance.conf")
+    ns_rules = t.text("etc/appliance/userspace-nftables.conf")
+    assert "masquerade" in ns_rules and "tcp dport 1080 counter accept" in ns_rules
     dp = json.loads(t.text(DATAPLANE_JSON))
     assert dp["mode"] == "userspace" and dp["socks5"] == "127.0.0.1:1080"
     assert dp["wireguard"]["implementation"] == "wireguard-go"

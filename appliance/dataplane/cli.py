@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import select
@@ -14,8 +15,8 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 
-from . import uapi
-from .config import DEFAULT_CONFIG, ConfigError, load
+from . import uapi, userspace
+from .config import DEFAULT_CONFIG, ConfigError, DataplaneConfig, load
 from .reconcile import Result, apply
 
 
@@ -69,6 +70,20 @@ def watch(config: Path, interval: float, uapi_dir: Path) -> None:
             _print(res, False)
 
 
+def _with_credentials(cfg: DataplaneConfig) -> DataplaneConfig:
+    """An unprivileged service reads its keys from systemd credentials (LoadCredential=), not from
+    the root-only key files that dataplane.json names."""
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not creds:
+        return cfg
+    wg = cfg.wireguard
+    key = Path(creds) / "wireguard-private-key"
+    peers = tuple(dataclasses.replace(p, preshared_key_file=str(Path(creds) / f"wireguard-psk-{p.name}"))
+                  if p.preshared_key_file else p for p in wg.peers)
+    return dataclasses.replace(cfg, wireguard=dataclasses.replace(
+        wg, private_key_file=str(key) if key.exists() else wg.private_key_file, peers=peers))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="appliance-dataplane", description=__doc__)
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -80,11 +95,20 @@ def main(argv: list[str] | None = None) -> None:
     p_status.add_argument("--json", action="store_true")
     p_watch = sub.add_parser("watch", help="apply, then keep applying on link events (the service)")
     p_watch.add_argument("--interval", type=float, default=30.0)
+    p_user = sub.add_parser("userspace", help="run the rootless dataplane (wireguard-go + pasta), unprivileged")
+    p_user.add_argument("--ruleset", type=Path, default=userspace.NFT_USERSPACE)
+    p_inner = sub.add_parser("userspace-inner", help=argparse.SUPPRESS)
+    p_inner.add_argument("--ready-fd", type=int, required=True)
+    p_inner.add_argument("--ruleset", type=Path, required=True)
     args = ap.parse_args(argv)
     try:
         if args.command == "watch":
             watch(args.config, args.interval, args.uapi_dir)
             return
+        if args.command == "userspace":
+            sys.exit(userspace.outer(_with_credentials(load(args.config)), args.config, args.ruleset))
+        if args.command == "userspace-inner":
+            sys.exit(userspace.inner(_with_credentials(load(args.config)), args.ruleset, args.ready_fd))
         res = apply(load(args.config), dry=args.command == "status", uapi_dir=args.uapi_dir)
     except ConfigError as e:
         sys.exit(f"appliance-dataplane: {e}")

@@ -40,6 +40,8 @@ def appliance_units(p: Profile) -> list[str]:
     units = ["appliance-dataplane.service"]
     if p.dataplane.mode == "kernel" and p.dataplane.wireguard == "wireguard-go":
         units.append("appliance-wireguard-go.service")
+    if p.dataplane.mode == "userspace":
+        units.append("appliance-userspace.service")
     return sorted(units)
 
 
@@ -86,7 +88,16 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
     for unit in appliance_units(p):  # what `systemctl enable` makes for WantedBy=multi-user.target
         t.symlink(f"etc/systemd/system/multi-user.target.wants/{unit}", f"/etc/systemd/system/{unit}")
     t.file("etc/nftables.conf", tpl("nftables.conf.j2", dhcpv4=_any(ctx, "ipv4", "dhcp"),
-                                     dhcpv6=_any(ctx, "ipv6", "ra")), mode=0o755)
+                                     dhcpv6=_any(ctx, "ipv6", "ra"), forwarding=ctx.kernel_forwarding,
+                                     extra_tcp=[]), mode=0o755)
+    if p.dataplane.mode == "userspace":
+        # inside the dataplane's own namespace the kernel forwards between wg0 and pasta's interface
+        socks = int(p.dataplane.socks5.rsplit(":", 1)[1])
+        t.file("etc/appliance/userspace-nftables.conf",
+               tpl("nftables.conf.j2", dhcpv4=False, dhcpv6=False, forwarding=True, extra_tcp=[socks]))
+        t.file("etc/systemd/system/appliance-userspace.service", tpl("userspace.service.j2", credstore=CREDSTORE))
+        t.file("etc/sysusers.d/appliance.conf",
+               'u appliance-dp - "appliance userspace dataplane" /nonexistent /usr/sbin/nologin\n')
     t.file("etc/sysctl.d/90-appliance.conf", tpl("sysctl.conf.j2"))
     t.file("etc/ssh/sshd_config.d/10-appliance.conf", tpl("sshd.conf.j2"))
     t.file("etc/systemd/system-preset/10-appliance.preset", tpl("preset.j2", units=enabled_units(p)))

@@ -63,7 +63,7 @@ def image_spec(p: Profile) -> ImageSpec:
     if dp.mode == "userspace" or dp.wireguard == "wireguard-go":
         packages |= {"wireguard-go", "wireguard-tools"}
     if dp.mode == "userspace":
-        packages.add("passt")
+        packages |= {"passt", "microsocks"}
     kernel = f"linux-image-cloud-{p.system.arch}" if p.system.board == "qemu" else f"linux-image-{p.system.arch}"
     packages.add(kernel)
     packages |= set(p.system.packages)

@@ -18,6 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 PRIVATE_RUN = 'mount --bind "$0" /run && exec "$@"'
+# with extra bind mounts: "$0" is /run's source, then pairs of (source, target) up to "--"
+PRIVATE_RUN_BINDS = ('run=$0; while [ "$1" != -- ]; do mount --bind "$1" "$2"; shift 2; done; shift; '
+                     'mount --bind "$run" /run && exec "$@"')
 
 
 class Lab:
@@ -50,9 +53,12 @@ class Lab:
                 subprocess.run(["ip", "-n", ns, "addr", "add", addr, "dev", ifname], check=True)
             subprocess.run(["ip", "-n", ns, "link", "set", ifname, "up"], check=True)
 
-    def _wrap(self, ns: str, cmd: Sequence[str | Path]) -> list[str]:
-        return ["ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private",
-                "sh", "-c", PRIVATE_RUN, str(self.rundir(ns)), *[str(c) for c in cmd]]
+    def _wrap(self, ns: str, cmd: Sequence[str | Path], binds: Sequence[tuple[Path, str]] = ()) -> list[str]:
+        head = ["ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private", "sh", "-c"]
+        if not binds:
+            return [*head, PRIVATE_RUN, str(self.rundir(ns)), *[str(c) for c in cmd]]
+        pairs = [str(x) for src, dst in binds for x in (src, dst)]
+        return [*head, PRIVATE_RUN_BINDS, str(self.rundir(ns)), *pairs, "--", *[str(c) for c in cmd]]
 
     def run(self, ns: str, cmd: Sequence[str | Path], check: bool = True, input: str | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -62,11 +68,11 @@ class Lab:
                                  f"{proc.stdout}{proc.stderr}")
         return proc
 
-    def spawn(self, ns: str, cmd: Sequence[str | Path], name: str, env: dict[str, str] | None = None
-              ) -> subprocess.Popen[bytes]:
+    def spawn(self, ns: str, cmd: Sequence[str | Path], name: str, env: dict[str, str] | None = None,
+              binds: Sequence[tuple[Path, str]] = ()) -> subprocess.Popen[bytes]:
         log = self.dir / f"{name}.log"
         with open(log, "ab") as f:
-            proc = subprocess.Popen(self._wrap(ns, cmd), stdout=f, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(self._wrap(ns, cmd, binds), stdout=f, stderr=subprocess.STDOUT,
                                     env={**os.environ, **(env or {})}, start_new_session=True)
         self.procs.append((proc, log))
         return proc

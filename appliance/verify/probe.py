@@ -3,6 +3,7 @@
   probe.py serve PORTS LOG  TCP and UDP echo on each of PORTS (comma-separated); appends
                             {"proto", "src", "port"} per arrival to LOG
   probe.py tcp HOST PORT [TIMEOUT]  connect, send, expect the echo; prints the MSS; exit 0 on success
+  probe.py socks PROXY HOST PORT   through a SOCKS5 proxy (host:port) to the echo server at HOST:PORT
   probe.py connect HOST PORT [TIMEOUT]  open a TCP connection to any server; exit 0 if it was accepted
   probe.py udp HOST PORT    send a datagram, expect the echo within 3 s
   probe.py raw HOST PROTO N send N raw IP packets of protocol PROTO (132 SCTP, 47 GRE)
@@ -57,6 +58,19 @@ def tcp(host: str, port: int, timeout: float = 5) -> None:
         assert s.recv(100) == b"appliance-probe"
 
 
+def socks(proxy: str, host: str, port: int) -> None:
+    """Through a SOCKS5 proxy (no auth) to an echo server at host:port."""
+    phost, pport = proxy.rsplit(":", 1)
+    with socket.create_connection((phost, int(pport)), timeout=5) as s:
+        s.sendall(b"\x05\x01\x00")
+        assert s.recv(2) == b"\x05\x00", "proxy refused the greeting"
+        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack("!H", port))
+        reply = s.recv(10)
+        assert reply[:2] == b"\x05\x00", f"proxy could not connect: {reply!r}"
+        s.sendall(b"appliance-probe")
+        assert s.recv(100) == b"appliance-probe"
+
+
 def connect(host: str, port: int, timeout: float = 3) -> None:
     with socket.create_connection((host, port), timeout=timeout):
         pass
@@ -102,6 +116,8 @@ if __name__ == "__main__":
         serve([int(p) for p in args[0].split(",")], args[1])
     elif cmd == "tcp":
         tcp(args[0], int(args[1]), *(float(a) for a in args[2:3]))
+    elif cmd == "socks":
+        socks(args[0], args[1], int(args[2]))
     elif cmd == "connect":
         connect(args[0], int(args[1]), *(float(a) for a in args[2:3]))
     elif cmd == "udp":

@@ -1,0 +1,111 @@
+"""The rootless (userspace) dataplane: no process holds root or CAP_NET_ADMIN in the host namespace.
+
+  outer (the service's unprivileged user, host network namespace)
+    `unshare --user --map-root-user --net` -> inner, root only inside its own user namespace:
+        wireguard-go on wg0, the reconciler's usual pass (keys, peers, addresses, routes),
+        nftables for the namespace (ACLs, shields-up, masquerade to pasta's interface, MSS clamp),
+        microsocks (SOCKS5) for local programs
+    pasta (Debian passt) joins that namespace: it forwards the WireGuard UDP port and the SOCKS5
+    port into it, and terminates every TCP/UDP flow leaving it, re-originating it from the host's
+    own sockets; ICMP echo becomes a ping from the host; other protocols go nowhere.
+
+Any part exiting ends the whole dataplane (exit status 1), and systemd starts it afresh.
+
+wireguard-go's UDP socket lives inside the namespace, so WireGuard traffic crosses pasta. Keeping it
+in the host namespace (WG_TUN_FD) does not work with wireguard-go 0.0.20231211: CreateTUNFromFile
+looks the interface up by name in its own namespace ("no such device")."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import DataplaneConfig
+from .reconcile import apply
+
+NS_IFNAME = "tap0"  # pasta's interface inside the namespace
+NFT_USERSPACE = Path("/etc/appliance/userspace-nftables.conf")
+
+
+def _wait(path: Path, timeout: float) -> None:
+    t0 = time.monotonic()
+    while not path.exists():
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.05)
+
+
+def inner(cfg: DataplaneConfig, ruleset: Path, ready_fd: int) -> int:
+    """Inside the namespace: bring up the tunnel, then hold the namespace until a part exits."""
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    wg = subprocess.Popen(["wireguard-go", "-f", cfg.wireguard.interface], env={**os.environ, "LOG_LEVEL": "error"})
+    _wait(Path("/var/run/wireguard") / f"{cfg.wireguard.interface}.sock", 10)
+    tunnel = dataclasses.replace(cfg, mode="kernel", links=(), sysctl={"net.ipv4.ip_forward": "1"},
+                                 wireguard=dataclasses.replace(cfg.wireguard, implementation="wireguard-go"))
+    res = apply(tunnel)
+    for e in res.errors:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    subprocess.run(["nft", "-f", str(ruleset)], check=True)
+    parts = [wg]
+    if cfg.socks5:
+        port = cfg.socks5.rsplit(":", 1)[1]
+        parts.append(subprocess.Popen(["microsocks", "-i", "0.0.0.0", "-p", port]))
+    os.write(ready_fd, b"ready\n")
+    os.close(ready_fd)
+    return _supervise(parts)
+
+
+def outer(cfg: DataplaneConfig, config_path: Path, ruleset: Path) -> int:
+    r, w = os.pipe()
+    inner_proc = subprocess.Popen(
+        ["unshare", "--user", "--map-root-user", "--net", "--", sys.executable, "-m", "appliance.dataplane",
+         "--config", str(config_path), "userspace-inner", "--ready-fd", str(w), "--ruleset", str(ruleset)],
+        pass_fds=[w])
+    os.close(w)
+    with os.fdopen(r) as ready:
+        if ready.readline().strip() != "ready":
+            inner_proc.wait()
+            print("error: the namespace did not come up", file=sys.stderr, flush=True)
+            return 1
+    pid = inner_proc.pid
+    # --no-map-gw: the gateway's address is a real destination (an exit node reaches everything),
+    # not pasta's alias for the host itself
+    cmd = ["pasta", "--config-net", "--foreground", "--quiet", "--no-map-gw", "--ns-ifname", NS_IFNAME,
+           "--netns", f"/proc/{pid}/ns/net", "--userns", f"/proc/{pid}/ns/user",
+           "-u", str(cfg.wireguard.listen_port), "-T", "none", "-U", "none"]
+    if cfg.socks5:
+        host, port = cfg.socks5.rsplit(":", 1)
+        cmd += ["-t", f"{host.strip('[]')}/{port}"]
+    else:
+        cmd += ["-t", "none"]
+    pasta = subprocess.Popen(cmd)
+    print(f"userspace dataplane up: wireguard-go in namespace {pid}, pasta {pasta.pid}", flush=True)
+    return _supervise([inner_proc, pasta])
+
+
+def _supervise(parts: list[subprocess.Popen[bytes]]) -> int:
+    """Wait until any part exits (or SIGTERM), then stop the others."""
+    stop = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    while not stop and all(p.poll() is None for p in parts):
+        time.sleep(0.2)
+    for p in parts:
+        if p.poll() is None:
+            p.terminate()
+    for p in parts:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    return 0 if stop else 1
