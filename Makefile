@@ -31,3 +31,4 @@ clean:
 bench: setup
 	$(BIN)/python bench/image.py
 	$(BIN)/python bench/boot.py
+	$(BIN)/python bench/dataplane.py

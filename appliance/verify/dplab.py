@@ -1,0 +1,152 @@
+"""Dataplane labs in network namespaces, shared by the tests and `make bench`:
+client (a WireGuard peer) <-> appliance <-> server, with the appliance's dataplane as the image runs it.
+
+  plain:     the appliance only routes (no WireGuard): the ceiling
+  kernel:    wireguard-go on the appliance, the rendered ruleset, the reconciler (kernel mode)
+  userspace: the rootless dataplane (wireguard-go in a user+net namespace, pasta) as an unprivileged uid
+
+Addresses: client-appliance 198.18.50.0/24, appliance-server 198.18.60.0/24, tunnel 100.64.9.0/24."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..profile import load_profile
+from ..render import render
+from ..secrets import SecretStore, generate_private_key, public_key
+from .netns import Lab, wait_for
+
+REPO = Path(__file__).resolve().parent.parent.parent
+UID = 64123  # the unprivileged dataplane user of the userspace lab (no passwd entry needed)
+SERVER = "198.18.60.2"
+APPLIANCE_UPLINK = "198.18.60.1"
+ENDPOINT = "198.18.50.1"
+
+PROFILE = """\
+name: dplab
+roles: [exit-node]
+interfaces:
+  uplink: {{match: {{name: "a1"}}, ipv4: {{address: 198.18.60.1/24, gateway: 198.18.60.2}}}}
+wireguard:
+  addresses: [100.64.9.1/32]
+  mtu: {mtu}
+  peers:
+    - {{name: client, public_key: "{client}", allowed_ips: [100.64.9.2/32]}}
+dataplane: {dataplane}
+"""
+
+
+@dataclass
+class DataplaneLab:
+    lab: Lab
+    mode: str
+    client: str
+    appliance: str
+    server: str
+    dataplane: subprocess.Popen[bytes] | None = None
+
+    def close(self) -> None:
+        self.lab.close()
+
+
+def _topology(lab: Lab) -> tuple[str, str, str]:
+    client, appl, server = lab.ns("client"), lab.ns("appl"), lab.ns("server")
+    lab.veth((client, "c0", "198.18.50.2/24"), (appl, "a0", f"{ENDPOINT}/24"))
+    lab.veth((appl, "a1", f"{APPLIANCE_UPLINK}/24"), (server, "s0", f"{SERVER}/24"))
+    lab.run(appl, ["ip", "route", "add", "default", "via", SERVER])
+    return client, appl, server
+
+
+def start(mode: str, *, wireguard_go: str = "wireguard-go", mtu: int = 1420, tag: str = "d") -> DataplaneLab:
+    """A running lab; the caller closes it (also on failure: use try/finally)."""
+    lab = Lab(tag)
+    try:
+        client, appl, server = _topology(lab)
+        d = DataplaneLab(lab, mode, client, appl, server)
+        if mode == "plain":
+            lab.run(appl, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            lab.run(client, ["ip", "route", "add", "198.18.60.0/24", "via", ENDPOINT])
+            lab.run(server, ["ip", "route", "add", "198.18.50.0/24", "via", APPLIANCE_UPLINK])
+            return d
+        client_key = generate_private_key()
+        dataplane = "{mode: kernel, wireguard: wireguard-go}" if mode == "kernel" else \
+            '{mode: userspace, socks5: "127.0.0.1:1080"}'
+        profile = lab.dir / "dplab.yaml"
+        profile.write_text(PROFILE.format(mtu=mtu, client=public_key(client_key), dataplane=dataplane))
+        p = load_profile(profile).profile
+        store = SecretStore(lab.dir / "secrets")
+        root = lab.dir / "root"
+        render(p, store.appliance_keys(p.name, [])).write(root, include_secrets=True)
+        dp = json.loads((root / "etc/appliance/dataplane.json").read_text())
+        key_file = root / dp["wireguard"]["private_key_file"].lstrip("/")
+        # host-wide buffer limits are read-only inside a lab namespace
+        dp["sysctl"] = {k: v for k, v in dp["sysctl"].items() if not k.startswith("net.core.")}
+        if mode == "kernel":
+            dp["wireguard"]["private_key_file"] = str(key_file)
+            (lab.dir / "dataplane.json").write_text(json.dumps(dp))
+            lab.run(appl, ["nft", "-f", root / "etc/nftables.conf"])
+            lab.spawn(appl, [wireguard_go, "-f", "wg0"], "wg-appl", env={"LOG_LEVEL": "error"})
+            wait_for(lambda: (lab.rundir(appl) / "wireguard" / "wg0.sock").exists(), 10)
+            lab.run(appl, [sys.executable, "-m", "appliance.dataplane", "--config", lab.dir / "dataplane.json",
+                           "apply"])
+        else:
+            d.dataplane = _start_userspace(lab, appl, root, dp, key_file)
+        _client(lab, client, profile, client_key, wireguard_go)
+        wait_for(lambda: lab.run(client, ["ping", "-c", "1", "-W", "2", SERVER], check=False).returncode == 0, 30, 0.5)
+        return d
+    except BaseException:
+        lab.close()
+        raise
+
+
+def _start_userspace(lab: Lab, ns: str, root: Path, dp: dict[str, object], key_file: Path
+                     ) -> subprocess.Popen[bytes]:
+    lab.run(ns, ["sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"])  # as the image's sysctl.d
+    private = lab.dir / "dp"
+    private.mkdir()
+    (private / "dataplane.json").write_text(json.dumps(dp))
+    creds = private / "credentials"  # what LoadCredential= gives the service
+    creds.mkdir()
+    (creds / "wireguard-private-key").write_bytes(key_file.read_bytes())
+    (private / "rules.nft").write_bytes((root / "etc/appliance/userspace-nftables.conf").read_bytes())
+    # the image's udev makes /dev/net/tun 0666; a lab host may not: a node the uid owns, bound over it
+    subprocess.run(["mknod", str(private / "tun"), "c", "10", "200"], check=True)
+    for d in (lab.dir, lab.dir / "run"):  # traversable (not listable) for the unprivileged uid
+        os.chmod(d, 0o711)
+    for path in [private, *private.rglob("*"), lab.rundir(ns), lab.rundir(ns) / "wireguard"]:
+        os.chown(path, UID, UID)
+    os.chmod(private / "tun", 0o600)
+    proc = lab.spawn(
+        ns, ["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", "--inh-caps=-all", "--",
+             # Debian's python3 with python3-pyroute2, as in the image (a venv may sit under /root)
+             "env", f"CREDENTIALS_DIRECTORY={creds}", f"PYTHONPATH={REPO}", "/usr/bin/python3", "-m",
+             "appliance.dataplane", "--config", private / "dataplane.json", "userspace",
+             "--ruleset", private / "rules.nft"],
+        "dataplane", binds=[(private / "tun", "/dev/net/tun")])
+    wait_for(lambda: "userspace dataplane up" in lab.log("dataplane") or proc.poll() is not None, 30)
+    if proc.poll() is not None:
+        raise RuntimeError(f"the userspace dataplane exited:\n{lab.log('dataplane')}")
+    return proc
+
+
+def _client(lab: Lab, ns: str, profile: Path, key: str, wireguard_go: str) -> None:
+    """The peer, configured from `appliance peer` output, sending everything into the tunnel."""
+    (lab.dir / "client.key").write_text(key)
+    conf = subprocess.run([sys.executable, "-m", "appliance", "peer", str(profile), "client", "--endpoint",
+                           f"{ENDPOINT}:51820", "--private-key-file", str(lab.dir / "client.key"), "--secrets",
+                           str(lab.dir / "secrets")], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    (lab.dir / "wgc.conf").write_text(conf)
+    (lab.dir / "wgc.conf").chmod(0o600)
+    stripped = subprocess.run(["wg-quick", "strip", str(lab.dir / "wgc.conf")], capture_output=True, text=True,
+                              check=True).stdout
+    lab.spawn(ns, [wireguard_go, "-f", "wgc"], "wg-client", env={"LOG_LEVEL": "error"})
+    wait_for(lambda: (lab.rundir(ns) / "wireguard" / "wgc.sock").exists(), 10)
+    lab.run(ns, ["wg", "setconf", "wgc", "/dev/stdin"], input=stripped)
+    lab.run(ns, ["ip", "addr", "add", "100.64.9.2/32", "dev", "wgc"])
+    lab.run(ns, ["ip", "link", "set", "wgc", "up"])
+    lab.run(ns, ["ip", "route", "add", "default", "dev", "wgc"])
