@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 NEW_PEER = ("    - {name: bench-peer, public_key: K96DZC4rXOjZrtOcKzO5/XmhczSwYZHPDHk7snb5xkw=, "
             "allowed_ips: [100.64.0.99/32]}\n")
 
@@ -27,8 +28,10 @@ def machine() -> dict[str, Any]:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), "?")
     mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+    from appliance.verify.vm import kvm_works
+
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_mib": mem, "kernel": platform.release(),
-            "kvm": os.access("/dev/kvm", os.R_OK | os.W_OK)}
+            "kvm_works": kvm_works()}  # probed: a /dev/kvm node alone is not enough
 
 
 def build(profile: Path, cache: Path, out: Path, secrets: Path) -> tuple[float, dict[str, Any]]:
