@@ -354,6 +354,46 @@ def run_cmd(profile: Path, out_dir: Path, persist: bool) -> None:
     raise SystemExit(run_interactive(image.resolve(), persist))
 
 
+@cli.command("flash")
+@click.argument("image", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("device", type=click.Path(path_type=Path))
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@click.option("--force", is_flag=True, help="allow a device that is neither removable nor USB")
+@click.option("--verify-only", is_flag=True, help="only compare DEVICE with IMAGE (write nothing)")
+def flash_cmd(image: Path, device: Path, yes: bool, force: bool, verify_only: bool) -> None:
+    """Write IMAGE to DEVICE (SD card, USB stick, disk) with bmaptool, then read it back and verify.
+
+    Refuses mounted devices, the running system's root or swap, devices smaller than the image, and
+    devices that are neither removable nor USB unless --force."""
+    from . import flash
+
+    bmap = image.with_name(image.name + ".bmap")
+    bmap_or_none = bmap if bmap.exists() else None
+    try:
+        target = flash.inspect_target(device)
+        if not verify_only:
+            reasons = flash.refusals(target, image.stat().st_size, force)
+            if reasons:
+                die(f"refusing to write to {target.path}: " + "; ".join(reasons))
+            out.print(target.describe())
+            if not yes:
+                try:
+                    answer = click.confirm(f"Erase {target.path} and write {image.name}?", default=False, err=True)
+                except click.Abort:
+                    answer = False
+                if not answer:
+                    die("nothing written (--yes skips the question)")
+            if bmap_or_none is None:
+                err.print("[yellow]warning:[/] no .bmap beside the image: every block is written")
+            with step(f"write {image.name} to {target.path}" + (" (bmaptool)" if bmap_or_none else "")):
+                flash.write(image, target.path, bmap_or_none, lambda m: err.print(m))
+        with step(f"read back and verify {target.path}"):
+            n = flash.verify(image, target.path, bmap_or_none)
+    except flash.FlashError as e:
+        die(str(e))
+    out.print(f"[green]verified[/] {n / 2**20:.0f} MiB on {target.path} match {image.name}")
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)

@@ -1,0 +1,180 @@
+"""`appliance flash`: write an image to an SD card, USB stick or disk, safely, and prove it arrived.
+
+Refused (nothing written): not a block device; any partition mounted; the running system's root or
+swap; smaller than the image; not removable and not USB unless forced. The write uses bmaptool and
+the image's .bmap (only mapped blocks), or a full copy when there is no bmap; then the device is
+synced, its page cache dropped, and every written range read back and compared with the image."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree
+
+from .ui import ApplianceError
+
+CHUNK = 4 * 1024 * 1024
+
+
+class FlashError(ApplianceError):
+    pass
+
+
+@dataclass(frozen=True)
+class Target:
+    path: str
+    size: int
+    removable: bool
+    transport: str
+    model: str
+    serial: str
+    mounted: tuple[str, ...]  # mount points of the device and its partitions
+    devices: tuple[str, ...]  # the device and its partitions
+
+    def describe(self) -> str:
+        size = f"{self.size / 1e9:.1f} GB" if self.size >= 1e9 else f"{self.size / 2**20:.0f} MiB"
+        return (f"{self.path}: {self.model or 'unknown model'}, {size}, "
+                f"{self.transport or 'no transport'}{', removable' if self.removable else ''}"
+                f"{', serial ' + self.serial if self.serial else ''}")
+
+
+def inspect_target(device: Path) -> Target:
+    try:
+        mode = os.stat(device).st_mode
+    except OSError as e:
+        raise FlashError(f"{device}: {e.strerror}") from None
+    if not stat.S_ISBLK(mode):
+        raise FlashError(f"{device} is not a block device (give the whole disk, e.g. /dev/sdb)")
+    out = subprocess.run(["lsblk", "-J", "-b", "-o", "NAME,PATH,SIZE,RM,TRAN,MODEL,SERIAL,TYPE,MOUNTPOINTS",
+                          str(device)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise FlashError(f"lsblk {device}: {out.stderr.strip()}")
+    disk = json.loads(out.stdout)["blockdevices"][0]
+    nodes = list(_walk(disk))
+    return Target(
+        path=disk["path"], size=int(disk["size"]), removable=bool(disk.get("rm")),
+        transport=disk.get("tran") or "", model=(disk.get("model") or "").strip(),
+        serial=(disk.get("serial") or "").strip(),
+        mounted=tuple(m for n in nodes for m in (n.get("mountpoints") or []) if m),
+        devices=tuple(n["path"] for n in nodes))
+
+
+def _walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("children") or []:
+        yield from _walk(child)
+
+
+def _system_devices() -> set[str]:
+    """Devices behind / and active swap, as real paths."""
+    found = set()
+    root = subprocess.run(["findmnt", "-n", "-o", "SOURCE", "/"], capture_output=True, text=True).stdout.strip()
+    if root.startswith("/dev/"):
+        found.add(os.path.realpath(root))
+    for line in Path("/proc/swaps").read_text().splitlines()[1:]:
+        if line.startswith("/dev/"):
+            found.add(os.path.realpath(line.split()[0]))
+    return found
+
+
+def refusals(target: Target, image_size: int, force: bool) -> list[str]:
+    reasons = []
+    if target.mounted:
+        reasons.append(f"it is mounted ({', '.join(target.mounted)}): unmount every partition first")
+    system = _system_devices() & {os.path.realpath(d) for d in target.devices}
+    if system:
+        reasons.append(f"it holds this system's root or swap ({', '.join(sorted(system))})")
+    if target.size < image_size:
+        reasons.append(f"it is smaller ({target.size} bytes) than the image ({image_size} bytes)")
+    if not force and not target.removable and target.transport != "usb":
+        reasons.append("it is neither removable nor USB (a built-in disk?): add --force if you mean it")
+    return reasons
+
+
+@dataclass
+class BlockMap:
+    """The mapped ranges of an image and their sha256, from bmaptool's .bmap (format 2.x)."""
+
+    image_size: int
+    block_size: int
+    ranges: list[tuple[int, int, str]] = field(default_factory=list)  # first block, last block, sha256
+
+    @classmethod
+    def read(cls, path: Path) -> BlockMap:
+        root = ElementTree.parse(path).getroot()
+        bm = cls(int(root.findtext("ImageSize") or 0), int(root.findtext("BlockSize") or 4096))
+        for r in root.iter("Range"):
+            first, _, last = (r.text or "").strip().partition("-")
+            bm.ranges.append((int(first), int(last or first), r.get("chksum", "")))
+        return bm
+
+
+def write(image: Path, device: str, bmap: Path | None, log: Callable[[str], None]) -> None:
+    if bmap is not None:
+        proc = subprocess.run(["bmaptool", "copy", "--bmap", str(bmap), str(image), device],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise FlashError(f"bmaptool copy failed: {proc.stderr.strip().splitlines()[-1:]}")
+    else:
+        log("no .bmap beside the image: writing every block (slower)")
+        size = image.stat().st_size
+        with open(image, "rb") as src, open(device, "r+b") as dst:
+            done = 0
+            while chunk := src.read(CHUNK):
+                dst.write(chunk)
+                done += len(chunk)
+                if done % (256 * CHUNK) == 0:
+                    log(f"{done * 100 // size} %")
+            dst.flush()
+            os.fsync(dst.fileno())
+    _sync_and_forget(device)
+
+
+def _sync_and_forget(device: str) -> None:
+    """Flush the device and drop its cached pages, so reading back reads the medium."""
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def verify(image: Path, device: str, bmap: Path | None) -> int:
+    """Compare what the device holds with the image; returns the bytes compared. Raises on mismatch."""
+    _sync_and_forget(device)
+    with open(device, "rb") as dev:
+        if bmap is not None:
+            bm = BlockMap.read(bmap)
+            compared = 0
+            for first, last, digest in bm.ranges:
+                h = hashlib.sha256()
+                dev.seek(first * bm.block_size)
+                remaining = (last - first + 1) * bm.block_size
+                remaining = min(remaining, bm.image_size - first * bm.block_size)
+                while remaining > 0:
+                    data = dev.read(min(CHUNK, remaining))
+                    if not data:
+                        break
+                    h.update(data)
+                    remaining -= len(data)
+                    compared += len(data)
+                if digest and h.hexdigest() != digest:
+                    raise FlashError(f"verification failed: blocks {first}-{last} on {device} differ from the image")
+            return compared
+        size = image.stat().st_size
+        with open(image, "rb") as img:
+            done = 0
+            while done < size:
+                a, b = img.read(CHUNK), dev.read(CHUNK)
+                if a != b[:len(a)]:
+                    raise FlashError(f"verification failed near byte {done} of {device}")
+                done += len(a)
+        return size

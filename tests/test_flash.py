@@ -1,0 +1,140 @@
+"""`appliance flash` on loop devices made by the test: a flash that verifies, the refusals (nothing
+written), and a corrupted medium caught by verification."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, require_tool
+
+pytestmark = pytest.mark.root
+MiB = 1024 * 1024
+
+
+def appliance(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True, cwd=REPO,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    """A 24 MiB sparse image with a few data regions, and its .bmap."""
+    img = tmp_path / "edge.img"
+    with open(img, "wb") as f:
+        f.truncate(24 * MiB)
+        for offset in (0, 5 * MiB, 17 * MiB):
+            f.seek(offset)
+            f.write(os.urandom(300 * 1024))
+    require_tool("bmaptool")
+    subprocess.run(["bmaptool", "create", "-o", str(img) + ".bmap", str(img)], check=True, capture_output=True)
+    return img
+
+
+class Loops:
+    def __init__(self, tmp: Path):
+        self.tmp, self.devices, self.mounts = tmp, [], []
+
+    def make(self, size: int) -> str:
+        backing = self.tmp / f"disk{len(self.devices)}.raw"
+        with open(backing, "wb") as f:
+            f.truncate(size)
+        dev = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        self.devices.append(dev)
+        return dev
+
+    def close(self) -> None:
+        for m in reversed(self.mounts):
+            subprocess.run(["umount", m], capture_output=True)
+        for dev in self.devices:
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+@pytest.fixture
+def loops(tmp_path: Path) -> Iterator[Loops]:
+    lo = Loops(tmp_path)
+    try:
+        yield lo
+    finally:
+        lo.close()
+
+
+def digest(dev: str, size: int) -> str:
+    with open(dev, "rb") as f:
+        return hashlib.sha256(f.read(size)).hexdigest()
+
+
+def test_flash_and_verify(image: Path, loops: Loops) -> None:
+    dev = loops.make(32 * MiB)
+    result = appliance("flash", str(image), dev, "--yes", "--force")
+    assert result.returncode == 0, result.stderr
+    assert "verified" in result.stdout
+    assert digest(dev, 24 * MiB) == hashlib.sha256(image.read_bytes()).hexdigest()
+
+
+def test_full_write_without_bmap_warns_and_verifies(image: Path, loops: Loops) -> None:
+    Path(str(image) + ".bmap").unlink()
+    dev = loops.make(32 * MiB)
+    result = appliance("flash", str(image), dev, "--yes", "--force")
+    assert result.returncode == 0, result.stderr
+    assert "no .bmap" in result.stderr and "verified" in result.stdout
+
+
+def test_refuses_a_mounted_device(image: Path, loops: Loops, tmp_path: Path) -> None:
+    dev = loops.make(32 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", dev], check=True)
+    (tmp_path / "mnt").mkdir()
+    subprocess.run(["mount", dev, str(tmp_path / "mnt")], check=True)
+    loops.mounts.append(str(tmp_path / "mnt"))
+    before = digest(dev, 24 * MiB)
+    result = appliance("flash", str(image), dev, "--yes", "--force")
+    assert result.returncode == 1 and "mounted" in result.stderr
+    assert digest(dev, 24 * MiB) == before
+
+
+def test_refuses_a_device_smaller_than_the_image(image: Path, loops: Loops) -> None:
+    dev = loops.make(16 * MiB)
+    result = appliance("flash", str(image), dev, "--yes", "--force")
+    assert result.returncode == 1 and "smaller" in result.stderr
+    assert digest(dev, 16 * MiB) == hashlib.sha256(bytes(16 * MiB)).hexdigest()
+
+
+def test_refuses_a_non_removable_device_without_force(image: Path, loops: Loops) -> None:
+    dev = loops.make(32 * MiB)  # loop devices report neither removable nor USB
+    result = appliance("flash", str(image), dev, "--yes")
+    assert result.returncode == 1 and "--force" in result.stderr
+    assert digest(dev, 24 * MiB) == hashlib.sha256(bytes(24 * MiB)).hexdigest()
+
+
+def test_refuses_a_regular_file(image: Path, tmp_path: Path) -> None:
+    target = tmp_path / "not-a-disk"
+    target.write_bytes(b"")
+    result = appliance("flash", str(image), str(target), "--yes", "--force")
+    assert result.returncode == 1 and "not a block device" in result.stderr and target.read_bytes() == b""
+
+
+def test_asks_before_writing(image: Path, loops: Loops) -> None:
+    dev = loops.make(32 * MiB)
+    result = appliance("flash", str(image), dev, "--force")  # no --yes, and no one to answer
+    assert result.returncode == 1 and "nothing written" in result.stderr
+
+
+def test_corrupted_medium_is_detected(image: Path, loops: Loops) -> None:
+    dev = loops.make(32 * MiB)
+    assert appliance("flash", str(image), dev, "--yes", "--force").returncode == 0
+    with open(dev, "r+b") as f:  # one flipped byte inside a mapped range, as a failing card would
+        f.seek(5 * MiB + 1234)
+        byte = f.read(1)
+        f.seek(5 * MiB + 1234)
+        f.write(bytes([byte[0] ^ 0xFF]))
+        f.flush()
+        os.fsync(f.fileno())
+    result = appliance("flash", str(image), dev, "--verify-only")
+    assert result.returncode == 1 and "verification failed" in result.stderr
