@@ -394,6 +394,100 @@ def flash_cmd(image: Path, device: Path, yes: bool, force: bool, verify_only: bo
     out.print(f"[green]verified[/] {n / 2**20:.0f} MiB on {target.path} match {image.name}")
 
 
+@cli.group("fleet")
+def fleet_group() -> None:
+    """Work on every profile of a fleet directory (usually a git repository)."""
+
+
+@fleet_group.command("check")
+@click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path), default=".")
+@click.option("--json", "as_json", is_flag=True, help="print results as JSON")
+def fleet_check(directory: Path, as_json: bool) -> None:
+    """Validate every device profile under DIRECTORY and the rules across them: unique names, tunnel
+    addresses and endpoints; one public key per peer name. Exit status 2 on any problem."""
+    from . import fleet
+
+    result = fleet.check(directory)
+    if as_json:
+        echo_json({"ok": result.ok, "devices": [lp.profile.name for lp in result.loaded],
+                   "issues": [i.to_json() for i in result.issues]})
+    else:
+        for issue in result.issues:
+            err.print(f"[red]{issue}[/]")
+        out.print(f"{len(result.loaded)} devices checked, {len(result.issues)} problem(s)")
+    if not result.ok:
+        raise SystemExit(EXIT_INVALID)
+
+
+@fleet_group.command("diff")
+@click.argument("rev1")
+@click.argument("rev2")
+@click.argument("directory", default=".")
+@click.option("--repo", type=click.Path(file_okay=False, exists=True, path_type=Path), default=".",
+              help="the git repository (default: the current directory)")
+@click.option("--stat", "stat_only", is_flag=True, help="only which devices and images change")
+def fleet_diff(rev1: str, rev2: str, directory: str, repo: Path, stat_only: bool) -> None:
+    """Render every device at REV1 and REV2 and show how each device's configuration changes (keys
+    are never read: placeholders stand in) and which images would be rebuilt."""
+    from . import fleet
+
+    try:
+        results = fleet.diff(repo, rev1, rev2, directory)
+    except ProfileError as e:
+        die(str(e))
+    table = Table(title=f"fleet diff {rev1}..{rev2}")
+    for col in ("device", "change", "image"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.name, r.status, r.image_changes or "unchanged")
+    if not stat_only:
+        for r in results:
+            if r.diff:
+                click.echo(f"### {r.name}")
+                click.echo(r.diff, nl=False)
+    out.print(table)
+
+
+@fleet_group.command("build")
+@click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path), default=".")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default="images", show_default=True)
+@cache_option
+@secrets_option
+def fleet_build(directory: Path, out_dir: Path, cache_dir: Path | None, secrets_dir: Path) -> None:
+    """Build every device profile under DIRECTORY (sharing cached root trees); a failure in one does
+    not stop the others. Exit status 1 if any failed."""
+    from . import fleet
+    from .image import BuildLog, BuildOptions, Cache, ImageError, build_image
+    from .render import image_spec
+
+    table = Table(title=f"fleet build {directory}")
+    for col in ("device", "roles", "mode", "image", "sha256", "time", "result"):
+        table.add_column(col)
+    failed = 0
+    for path in fleet.devices(directory)[0]:
+        t0 = time.monotonic()
+        try:
+            lp = load_profile(path)
+            p = lp.profile
+            tree = render(p, SecretStore(secrets_dir).appliance_keys(
+                p.name, [x.name for x in p.wireguard.peers if x.preshared_key]))
+            res = build_image(image_spec(p), tree, {"path": str(path), "digest": lp.digest,
+                                                     "files": [str(f) for f in lp.files]},
+                              BuildOptions(out_dir=out_dir, cache=Cache(cache_dir)), step,
+                              BuildLog(out_dir / f"{p.name}.build.log"))
+            img = res.manifest["outputs"][f"{p.name}.img.zst"]
+            table.add_row(p.name, ", ".join(p.roles), p.dataplane.mode, f"{img['size'] / 2**20:.1f} MiB zstd",
+                          res.manifest["outputs"][f"{p.name}.img"]["sha256"][:12],
+                          f"{time.monotonic() - t0:.0f} s", "[green]built[/]")
+        except (ProfileError, ImageError, SecretStoreError) as e:
+            failed += 1
+            err.print(f"[red]{path}: {e}[/]")
+            table.add_row(path.stem, "", "", "", "", f"{time.monotonic() - t0:.0f} s", "[red]failed[/]")
+    out.print(table)
+    if failed:
+        raise SystemExit(1)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
