@@ -200,14 +200,20 @@ cache_option = click.option(
 @click.option("--json", "as_json", is_flag=True, help="print the build manifest as JSON")
 @click.option("--verify", "boot_verify", is_flag=True,
               help="then boot a lab variant in QEMU and run the traffic suite (as `appliance test`)")
+@click.option("--age-identity", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="age identity for encrypted keys (*.key.age) [env: APPLIANCE_AGE_IDENTITY]")
 @cache_option
 @secrets_option
 def build(profile: Path, out_dir: Path, no_cache: bool, use_lock: bool, update_lock: bool, no_verify: bool,
-          keep_tree: bool, render_only: bool, as_json: bool, boot_verify: bool, cache_dir: Path | None,
-          secrets_dir: Path) -> None:
+          keep_tree: bool, render_only: bool, as_json: bool, boot_verify: bool, age_identity: Path | None,
+          cache_dir: Path | None, secrets_dir: Path) -> None:
     """Build the bootable disk image for PROFILE: OUT_DIR/NAME.img (GPT, UEFI) and friends."""
     from .image import BuildLog, BuildOptions, Cache, ImageError, build_image
     from .render import image_spec
+    from .secrets.crypt import IDENTITY_ENV
+
+    if age_identity:
+        os.environ[IDENTITY_ENV] = str(age_identity.resolve())
 
     with step(f"validate {profile}"):
         loaded = _load(profile)
@@ -486,6 +492,47 @@ def fleet_build(directory: Path, out_dir: Path, cache_dir: Path | None, secrets_
     out.print(table)
     if failed:
         raise SystemExit(1)
+
+
+@cli.group("secrets")
+def secrets_group() -> None:
+    """Encrypt the secret store with age so it can live in the fleet's git repository."""
+
+
+@secrets_group.command("encrypt")
+@click.argument("target")
+@click.option("--recipient", "-r", "recipient_list", multiple=True, help="age public key (age1...); repeatable")
+@click.option("--recipients-file", "-R", type=click.File("r"), help="file with one age recipient per line")
+@click.option("--remove-plaintext", is_flag=True, help="delete each key file once its .age file is written")
+@secrets_option
+def secrets_encrypt(target: str, recipient_list: tuple[str, ...], recipients_file: TextIO | None,
+                    remove_plaintext: bool, secrets_dir: Path) -> None:
+    """Write KEY.age beside every key of appliance TARGET (a name or a profile), for the recipients.
+
+    The .age files can be committed; builds decrypt them in memory with --age-identity or
+    $APPLIANCE_AGE_IDENTITY. Keys are created first if the appliance has none yet."""
+    from .secrets.crypt import AgeError, encrypt_file, recipients
+
+    texts = list(recipient_list) + ([ln for ln in recipients_file.read().splitlines() if ln.strip()
+                                     and not ln.startswith("#")] if recipients_file else [])
+    if not texts:
+        die("give at least one --recipient age1... (or --recipients-file)")
+    name, psk_peers = target, []
+    if target.endswith((".yaml", ".yml")) or os.sep in target:
+        lp = _load(Path(target))
+        name, psk_peers = lp.profile.name, [x.name for x in lp.profile.wireguard.peers if x.preshared_key]
+    store = SecretStore(secrets_dir)
+    try:
+        to = recipients(texts)
+        store.appliance_keys(name, psk_peers)
+        written = [encrypt_file(f, to) for f in store.key_files(name)]
+    except (AgeError, SecretStoreError) as e:
+        die(str(e))
+    if remove_plaintext:
+        for f in store.key_files(name):
+            f.unlink()
+    for w in written:
+        out.print(f"wrote {w}")
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -15,7 +15,8 @@ from appliance.cli import cli
 from appliance.secrets import generate_private_key, public_key
 from conftest import EXAMPLES, PROFILES, REPO
 
-COMMANDS = ["validate", "render", "schema", "keys", "peer", "build", "test", "run", "cache", "flash", "fleet"]
+COMMANDS = ["validate", "render", "schema", "keys", "peer", "build", "test", "run", "cache", "flash", "fleet",
+            "secrets"]
 
 
 def run(*args: str, secrets: Path | None = None) -> object:

@@ -120,3 +120,9 @@ def test_fleet_build_continues_past_a_failure(tmp_path: Path) -> None:
     assert (tmp_path / "images/site-ams.img").exists() and (tmp_path / "images/site-fra.img").exists()
     assert not (tmp_path / "images/site-zzz.img").exists()
     assert "site-ams" in proc.stdout and "failed" in proc.stdout
+    # the private keys of the fleet appear in no log, manifest or output
+    keys = [f.read_text().strip() for f in (tmp_path / "secrets").rglob("*.key")]
+    assert len(keys) >= 2
+    texts = [p.read_text() for p in (tmp_path / "images").glob("*") if p.suffix in (".json", ".log")]
+    texts += [proc.stdout, proc.stderr]
+    assert not any(k in t for k in keys for t in texts)

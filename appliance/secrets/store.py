@@ -44,9 +44,10 @@ class ApplianceKeys:
 
 
 class SecretStore:
-    def __init__(self, root: Path | None = None, create: bool = True):
+    def __init__(self, root: Path | None = None, create: bool = True, age_identity: Path | None = None):
         self.root = Path(root) if root is not None else default_store_path()
         self.create = create
+        self.age_identity = age_identity
 
     def _dir(self, *parts: str) -> Path:
         path = self.root.joinpath(*parts)
@@ -57,6 +58,14 @@ class SecretStore:
         return path
 
     def _get_or_create(self, path: Path, make: Callable[[], str]) -> str:
+        encrypted = path.with_name(path.name + ".age")
+        if not path.exists() and encrypted.exists():  # committed ciphertext: decrypt in memory only
+            from .crypt import AgeError, decrypt_file
+
+            try:
+                return decrypt_file(encrypted, self.age_identity)
+            except AgeError as e:
+                raise SecretStoreError(str(e)) from None
         if path.exists():
             _require_private_file(path)
             value = path.read_text().strip()
@@ -74,6 +83,10 @@ class SecretStore:
 
     def preshared_key(self, name: str, peer: str) -> str:
         return self._get_or_create(self._dir(name, "psk") / f"{peer}.key", generate_preshared_key)
+
+    def key_files(self, name: str) -> list[Path]:
+        base = self.root / name
+        return sorted(p for p in base.rglob("*.key")) if base.is_dir() else []
 
     def appliance_keys(self, name: str, psk_peers: list[str]) -> ApplianceKeys:
         return ApplianceKeys(self.private_key(name), {p: self.preshared_key(name, p) for p in sorted(psk_peers)})
