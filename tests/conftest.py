@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,15 @@ PROFILES = REPO / "profiles"
 EXAMPLES = sorted(
     [*PROFILES.glob("*.yaml"), *(PROFILES / "fleet" / "sites").glob("*.yaml")], key=lambda p: p.name
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A terminated run (CI timeout, kill) unwinds like Ctrl-C, so fixtures still remove the namespaces,
+    # processes, TAPs and loop devices they made.
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
