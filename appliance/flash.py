@@ -118,10 +118,17 @@ class BlockMap:
 
 def write(image: Path, device: str, bmap: Path | None, log: Callable[[str], None]) -> None:
     if bmap is not None:
-        proc = subprocess.run(["bmaptool", "copy", "--bmap", str(bmap), str(image), device],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise FlashError(f"bmaptool copy failed: {proc.stderr.strip().splitlines()[-1:]}")
+        proc = subprocess.Popen(["bmaptool", "copy", "--bmap", str(bmap), str(image), device],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        tail: list[str] = []
+        for line in proc.stderr:  # bmaptool reports "NN% copied" as it goes
+            line = line.strip()
+            tail = (tail + [line])[-5:]
+            if "%" in line:
+                log(line.split("info: ", 1)[-1])
+        if proc.wait() != 0:
+            raise FlashError(f"bmaptool copy failed: {' / '.join(tail)}")
     else:
         log("no .bmap beside the image: writing every block (slower)")
         size = image.stat().st_size

@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,10 +46,14 @@ class Loops:
         backing = self.tmp / f"disk{len(self.devices)}.raw"
         with open(backing, "wb") as f:
             f.truncate(size)
-        dev = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True,
-                             check=True).stdout.strip()
-        self.devices.append(dev)
-        return dev
+        for attempt in range(5):  # another process may take the free device between lookup and attach
+            proc = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
+            if proc.returncode == 0:
+                dev = proc.stdout.strip()
+                self.devices.append(dev)
+                return dev
+            time.sleep(0.2 * (attempt + 1))
+        raise AssertionError(f"no loop device: {proc.stderr}")
 
     def close(self) -> None:
         for m in reversed(self.mounts):
