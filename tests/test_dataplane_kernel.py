@@ -21,7 +21,7 @@ from appliance.profile import load_profile
 from appliance.render import render
 from appliance.secrets import SecretStore, generate_private_key, public_key
 from appliance.verify import probe
-from appliance.verify.netns import Lab, wait_for
+from appliance.verify.netns import Lab, start_peer, start_wireguard_go, wait_for
 from conftest import REPO, require_tool
 
 pytestmark = pytest.mark.root
@@ -78,11 +78,6 @@ class Topology:
                             check=False).returncode == 0
 
 
-def _start_wireguard_go(lab: Lab, ns: str, ifname: str, name: str) -> None:
-    lab.spawn(ns, ["wireguard-go", "-f", ifname], name, env={"LOG_LEVEL": "error"})
-    wait_for(lambda: (lab.rundir(ns) / "wireguard" / f"{ifname}.sock").exists(), 10)
-
-
 @pytest.fixture(scope="module")
 def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     for tool in ("wireguard-go", "wg", "nft", "ethtool", "ping"):
@@ -113,7 +108,7 @@ def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         lab.veth((appl, "a1", "198.18.20.1/24"), (up, "u0", "198.18.20.2/24"), mac_a=UPLINK_MAC)
         lab.run(appl, ["ip", "route", "add", "default", "via", "198.18.20.2"])
         lab.run(appl, ["nft", "-f", root / "etc/nftables.conf"])
-        _start_wireguard_go(lab, appl, "wg0", "wg-appl")
+        start_wireguard_go(lab, appl, "wg0", "wg-appl")
         t.reconcile()
         # the upstream server, with counters for what arrives from the appliance
         lab.run(up, ["nft", "-f", "-"], input=COUNTERS)
@@ -123,14 +118,7 @@ def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
                                "198.18.10.1:51820", "--private-key-file", str(work / "client.key"),
                                "--secrets", str(work / "secrets")], capture_output=True, text=True, check=True,
                               cwd=REPO).stdout
-        (work / "wgp.conf").write_text(conf)
-        (work / "wgp.conf").chmod(0o600)
-        stripped = subprocess.run(["wg-quick", "strip", str(work / "wgp.conf")], capture_output=True, text=True,
-                                  check=True).stdout
-        _start_wireguard_go(lab, peer, "wgp", "wg-peer")
-        lab.run(peer, ["wg", "setconf", "wgp", "/dev/stdin"], input=stripped)
-        lab.run(peer, ["ip", "addr", "add", "100.64.0.2/32", "dev", "wgp"])
-        lab.run(peer, ["ip", "link", "set", "wgp", "mtu", "1420", "up"])
+        start_peer(lab, peer, "wgp", conf, mtu=1420)
         lab.run(peer, ["ip", "route", "add", "default", "dev", "wgp"])
         wait_for(lambda: t.ping(1), 20)
         yield t
@@ -233,7 +221,7 @@ def test_restart_of_wireguard_go_is_healed_by_the_watcher(topo: Topology) -> Non
         t0 = time.monotonic()
         Lab.stop(wg_proc)
         wait_for(lambda: lab.run(topo.appl, ["ip", "link", "show", "wg0"], check=False).returncode != 0, 10)
-        _start_wireguard_go(lab, topo.appl, "wg0", "wg-appl")
+        start_wireguard_go(lab, topo.appl, "wg0", "wg-appl")
         recovered = wait_for(lambda: topo.ping(1), 30)
         total = time.monotonic() - t0
         print(f"\ntraffic back {total:.1f} s after wireguard-go was killed ({recovered:.1f} s after restart)")

@@ -54,12 +54,17 @@ def _git(repo: Path, *args: str) -> None:
                         "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"})
 
 
-def test_diff_between_revisions(tmp_path: Path) -> None:
-    repo = tmp_path / "fleet-repo"
+def _fleet_repo(repo: Path) -> Path:
+    """The example fleet, committed to a new git repository."""
     shutil.copytree(PROFILES / "fleet", repo)
     _git(repo, "init", "-q")
     _git(repo, "add", ".")
     _git(repo, "commit", "-qm", "fleet")
+    return repo
+
+
+def test_diff_between_revisions(tmp_path: Path) -> None:
+    repo = _fleet_repo(tmp_path / "fleet-repo")
     ams = repo / "sites/ams.yaml"
     ams.write_text(ams.read_text().replace("advertise_routes: [10.10.0.0/24]", "advertise_routes: [10.10.0.0/23]")
                    .replace("10.10.0.1/24", "10.10.0.1/23"))
@@ -78,11 +83,7 @@ def test_diff_between_revisions(tmp_path: Path) -> None:
 
 
 def test_diff_unknown_revision(tmp_path: Path) -> None:
-    repo = tmp_path / "r"
-    shutil.copytree(PROFILES / "fleet", repo)
-    _git(repo, "init", "-q")
-    _git(repo, "add", ".")
-    _git(repo, "commit", "-qm", "x")
+    repo = _fleet_repo(tmp_path / "r")
     result = CliRunner().invoke(cli, ["fleet", "diff", "nope", "HEAD", "--repo", str(repo)])
     assert result.exit_code == 1 and "nope" in result.output
 

@@ -266,6 +266,7 @@ def test_lock_rebuilds_the_same_image_from_a_fresh_root_tree(exit_node: dict[str
 
 
 def test_tree_verification_catches_a_broken_tree(exit_node: dict[str, Any], tmp_path: Path) -> None:
+    from appliance.image.builder import tree_expectations
     from appliance.profile import load_profile
     from appliance.render import image_spec, render
     from appliance.secrets import SecretStore
@@ -277,9 +278,7 @@ def test_tree_verification_catches_a_broken_tree(exit_node: dict[str, Any], tmp_
     try:
         p = load_profile(PROFILES / "exit-node.yaml").profile
         config = render(p, SecretStore(exit_node["secrets"]).appliance_keys(p.name, ["phone"]))
-        spec = image_spec(p)
-        expect = {"config": config.manifest(), "enabled_units": list(spec.enable_units),
-                  "packages": list(spec.packages), "secret_paths": [e.path for e in config if e.secret]}
+        expect = tree_expectations(config, image_spec(p))
         assert verify_tree(tree, expect, tmp_path / "v1").ok
         os.chmod(tree / "etc/credstore/network.wireguard.private.wg0", 0o644)
         os.chmod(tree / "etc/sysctl.d/90-appliance.conf", 0o600)

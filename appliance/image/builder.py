@@ -200,14 +200,18 @@ def _esp(cache: Cache, tools: ToolsTree, base: BaseTree, ids: DiskIds, cmdline: 
     return cache.get_or_build("esp", key, make).path / "esp.img"
 
 
-def _verify(tree: Path, config: ConfigTree, spec: ImageSpec, work: Path, log: BuildLog) -> None:
-    expect = {
+def tree_expectations(config: ConfigTree, spec: ImageSpec) -> dict[str, Any]:
+    """What the tree checks (verify/tree_suite.py) expect of a staged root tree."""
+    return {
         "config": config.manifest(),
         "enabled_units": [*spec.enable_units, *spec.appliance_units],
         "packages": list(spec.packages),
         "secret_paths": [e.path for e in config if e.secret],
     }
-    result = verify_tree(tree, expect, work / "verify")
+
+
+def _verify(tree: Path, config: ConfigTree, spec: ImageSpec, work: Path, log: BuildLog) -> None:
+    result = verify_tree(tree, tree_expectations(config, spec), work / "verify")
     log.write(result.output)
     if not result.ok:
         shown = ", ".join(result.failures[:8]) or result.output.strip().splitlines()[-1]

@@ -4,6 +4,7 @@ Templates stay declarative: every decision is made here, in Python, where it can
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,8 +122,6 @@ def _uses_ipv6(p: Profile) -> bool:
 
 def _offered(p: Profile) -> list[IPNetwork]:
     """Where peers may go when no ACL narrows it: the advertised routes, everything for an exit node."""
-    import ipaddress
-
     if p.is_exit_node:
         return [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
     return list(p.routing.advertise_routes)

@@ -35,7 +35,7 @@ from ..profile.acl import AclTarget
 from ..render import ConfigTree, image_spec, render
 from ..secrets import SecretStore, generate_private_key, public_key
 from . import probe
-from .netns import Lab, wait_for
+from .netns import Lab, start_peer, wait_for
 from .vm import MGMT_MAC, Nic, running
 
 UPLINK_MAC = "52:54:00:12:34:01"
@@ -179,18 +179,6 @@ def _ssh_keypair(work: Path) -> tuple[Path, str]:
     return key, (work / "id_ed25519.pub").read_text().strip()
 
 
-def _strip_wg_quick(conf: str) -> tuple[str, list[str]]:
-    """Split a wg-quick config into what `wg setconf` takes and the interface addresses."""
-    keep, addresses = [], []
-    for line in conf.splitlines():
-        key = line.split("=", 1)[0].strip()
-        if key == "Address":
-            addresses = [a.strip() for a in line.split("=", 1)[1].split(",")]
-        elif key not in ("MTU", "DNS", "Table"):
-            keep.append(line)
-    return "\n".join(keep) + "\n", addresses
-
-
 def _banner(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
@@ -322,14 +310,8 @@ class BootTest:
         entry = next(x for x in p.wireguard.peers if x.name == peer.name)
         conf = client_config(p, entry, public_key(store.private_key(p.name)), psk, peer.private_key,
                              f"{uplink_ip}:{p.wireguard.listen_port}")
-        setconf, addresses = _strip_wg_quick(conf)
-        lab.spawn(peer.ns, ["wireguard-go", "-f", "wgp"], f"wg-{peer.name}", env={"LOG_LEVEL": "error"})
-        wait_for(lambda: (lab.rundir(peer.ns) / "wireguard" / "wgp.sock").exists(), 10)
-        lab.run(peer.ns, ["wg", "setconf", "wgp", "/dev/stdin"], input=setconf)
-        for a in addresses:
-            lab.run(peer.ns, ["ip", "addr", "add", a, "dev", "wgp"])
         # a larger MTU than the appliance's tunnel: only MSS clamping keeps TCP segments fitting
-        lab.run(peer.ns, ["ip", "link", "set", "wgp", "mtu", "1500", "up"])
+        start_peer(lab, peer.ns, "wgp", conf, mtu=1500)
         lab.run(peer.ns, ["ip", "route", "add", f"{uplink_ip}/32", "via", _gateway(lab, peer.ns)])
         for net in routes_for_peer(p):
             if net.version == 4:

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..profile import load_profile
 from ..render import render
 from ..secrets import SecretStore, generate_private_key, public_key
-from .netns import Lab, wait_for
+from .netns import Lab, start_peer, start_wireguard_go, wait_for
 
 REPO = Path(__file__).resolve().parent.parent.parent
 UID = 64123  # the unprivileged dataplane user of the userspace lab (no passwd entry needed)
@@ -90,8 +90,7 @@ def start(mode: str, *, wireguard_go: str = "wireguard-go", mtu: int = 1420, tag
             dp["wireguard"]["private_key_file"] = str(key_file)
             (lab.dir / "dataplane.json").write_text(json.dumps(dp))
             lab.run(appl, ["nft", "-f", root / "etc/nftables.conf"])
-            lab.spawn(appl, [wireguard_go, "-f", "wg0"], "wg-appl", env={"LOG_LEVEL": "error"})
-            wait_for(lambda: (lab.rundir(appl) / "wireguard" / "wg0.sock").exists(), 10)
+            start_wireguard_go(lab, appl, "wg0", "wg-appl", wireguard_go)
             lab.run(appl, [sys.executable, "-m", "appliance.dataplane", "--config", lab.dir / "dataplane.json",
                            "apply"])
         else:
@@ -140,13 +139,5 @@ def _client(lab: Lab, ns: str, profile: Path, key: str, wireguard_go: str) -> No
     conf = subprocess.run([sys.executable, "-m", "appliance", "peer", str(profile), "client", "--endpoint",
                            f"{ENDPOINT}:51820", "--private-key-file", str(lab.dir / "client.key"), "--secrets",
                            str(lab.dir / "secrets")], capture_output=True, text=True, check=True, cwd=REPO).stdout
-    (lab.dir / "wgc.conf").write_text(conf)
-    (lab.dir / "wgc.conf").chmod(0o600)
-    stripped = subprocess.run(["wg-quick", "strip", str(lab.dir / "wgc.conf")], capture_output=True, text=True,
-                              check=True).stdout
-    lab.spawn(ns, [wireguard_go, "-f", "wgc"], "wg-client", env={"LOG_LEVEL": "error"})
-    wait_for(lambda: (lab.rundir(ns) / "wireguard" / "wgc.sock").exists(), 10)
-    lab.run(ns, ["wg", "setconf", "wgc", "/dev/stdin"], input=stripped)
-    lab.run(ns, ["ip", "addr", "add", "100.64.9.2/32", "dev", "wgc"])
-    lab.run(ns, ["ip", "link", "set", "wgc", "up"])
+    start_peer(lab, ns, "wgc", conf, mtu=1420, binary=wireguard_go)
     lab.run(ns, ["ip", "route", "add", "default", "dev", "wgc"])

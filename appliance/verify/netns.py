@@ -110,3 +110,31 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+def start_wireguard_go(lab: Lab, ns: str, ifname: str, name: str, binary: str = "wireguard-go") -> None:
+    """wireguard-go on ifname in ns; returns once its UAPI socket answers to `wg`."""
+    lab.spawn(ns, [binary, "-f", ifname], name, env={"LOG_LEVEL": "error"})
+    wait_for(lambda: (lab.rundir(ns) / "wireguard" / f"{ifname}.sock").exists(), 10)
+
+
+def split_wg_quick(conf: str) -> tuple[str, list[str]]:
+    """A wg-quick config (as `appliance peer` prints it) as what `wg setconf` takes, and the addresses."""
+    keep, addresses = [], []
+    for line in conf.splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key == "Address":
+            addresses = [a.strip() for a in line.split("=", 1)[1].split(",")]
+        elif key not in ("MTU", "DNS", "Table"):
+            keep.append(line)
+    return "\n".join(keep) + "\n", addresses
+
+
+def start_peer(lab: Lab, ns: str, ifname: str, conf: str, mtu: int, binary: str = "wireguard-go") -> None:
+    """A WireGuard peer in ns configured from a wg-quick config; routes are the caller's."""
+    setconf, addresses = split_wg_quick(conf)
+    start_wireguard_go(lab, ns, ifname, f"wg-{ns}-{ifname}", binary)
+    lab.run(ns, ["wg", "setconf", ifname, "/dev/stdin"], input=setconf)
+    for a in addresses:
+        lab.run(ns, ["ip", "addr", "add", a, "dev", ifname])
+    lab.run(ns, ["ip", "link", "set", ifname, "mtu", str(mtu), "up"])

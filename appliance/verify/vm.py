@@ -105,7 +105,15 @@ class VM:
         with open(self.workdir / "qemu.log", "wb") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
-        time.sleep(0.5)
+        # A TAP has carrier once QEMU holds it. Only then may the lab move it into a namespace: moved
+        # earlier, QEMU would create a new, unconnected TAP of the same name instead.
+        deadline = time.monotonic() + 60
+        while not all(_carrier(nic.tap) for nic in self.nics):
+            if self.proc.poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                raise VMError(f"qemu did not attach to {[n.tap for n in self.nics]} within 60 s")
+            time.sleep(0.05)
         if self.proc.poll() is not None:
             raise VMError(f"qemu exited at once: {(self.workdir / 'qemu.log').read_text()[-2000:]}")
 
@@ -144,6 +152,13 @@ def run_interactive(image: Path, persist: bool = False) -> int:
         return subprocess.call(cmd, env={**os.environ, "TMPDIR": str(workdir)})
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _carrier(ifname: str) -> bool:
+    try:
+        return Path(f"/sys/class/net/{ifname}/carrier").read_text().strip() == "1"
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
