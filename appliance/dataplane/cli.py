@@ -97,18 +97,22 @@ def main(argv: list[str] | None = None) -> None:
     p_watch.add_argument("--interval", type=float, default=30.0)
     p_user = sub.add_parser("userspace", help="run the rootless dataplane (wireguard-go + pasta), unprivileged")
     p_user.add_argument("--ruleset", type=Path, default=userspace.NFT_USERSPACE)
+    p_user.add_argument("--relay-config", type=Path, default=userspace.RELAY_CONFIG)
     p_inner = sub.add_parser("userspace-inner", help=argparse.SUPPRESS)
     p_inner.add_argument("--ready-fd", type=int, required=True)
     p_inner.add_argument("--ruleset", type=Path, required=True)
+    p_inner.add_argument("--relay-config", type=Path, required=True)
     args = ap.parse_args(argv)
     try:
         if args.command == "watch":
             watch(args.config, args.interval, args.uapi_dir)
             return
         if args.command == "userspace":
-            sys.exit(userspace.outer(_with_credentials(load(args.config)), args.config, args.ruleset))
+            sys.exit(userspace.outer(_with_credentials(load(args.config)), args.config, args.ruleset,
+                                     args.relay_config))
         if args.command == "userspace-inner":
-            sys.exit(userspace.inner(_with_credentials(load(args.config)), args.ruleset, args.ready_fd))
+            sys.exit(userspace.inner(_with_credentials(load(args.config)), args.ruleset, args.relay_config,
+                                     args.ready_fd))
         res = apply(load(args.config), dry=args.command == "status", uapi_dir=args.uapi_dir)
     except ConfigError as e:
         sys.exit(f"appliance-dataplane: {e}")

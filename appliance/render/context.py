@@ -71,7 +71,9 @@ class FilterRule:
     proto: str  # tcp, udp, icmp, any
     ports: str  # nft port set, or "" for all ports
 
-    def nft(self) -> str:
+    def nft(self, out_of_tunnel: str = f'oifname != "{WG_IFACE}"') -> str:
+        """out_of_tunnel: how "not to another peer" is matched; before routing (a prerouting hook)
+        there is no output interface yet, only the route lookup `fib daddr oifname`."""
         ip = "ip" if self.family == 4 else "ip6"
         parts = []
         if self.sources:
@@ -85,8 +87,16 @@ class FilterRule:
         if not self.sources and not self.destination.prefixlen:
             parts.insert(0, f"meta nfproto ipv{self.family}")
         if not self.destination.prefixlen:
-            parts.append(f'oifname != "{WG_IFACE}"')  # "everywhere" means out of the tunnel, not to other peers
+            parts.append(out_of_tunnel)  # "everywhere" means out of the tunnel, not to other peers
         return " ".join(parts)
+
+    def nft_relay_tcp(self) -> str | None:
+        """The same decision for TCP before routing (userspace mode hands allowed TCP to the relay),
+        or None when the rule admits no TCP."""
+        if self.proto not in ("tcp", "any"):
+            return None
+        match = self.nft(f'fib daddr oifname != "{WG_IFACE}"')
+        return match if self.proto == "tcp" else f"{match} meta l4proto tcp"
 
 
 @dataclass(frozen=True)
@@ -149,6 +159,9 @@ def forward_rules(p: Profile) -> list[FilterRule]:
     return rules
 
 
+USERSPACE_RMEM_DEFAULT = "4194304"
+
+
 def _sysctls(p: Profile, links: list[Link], ipv6: bool) -> dict[str, str]:
     s: dict[str, str] = {}
     kernel = p.dataplane.mode == "kernel"
@@ -167,6 +180,10 @@ def _sysctls(p: Profile, links: list[Link], ipv6: bool) -> dict[str, str]:
         s["net.core.wmem_max"] = "7340032"
     if p.dataplane.mode == "userspace":
         s["net.ipv4.ping_group_range"] = "0 2147483647"  # pasta answers ICMP echo with unprivileged pings
+        # pasta does not size the socket it forwards WireGuard's port with: the default 208 KiB holds
+        # under 100 datagrams, a peer's wireguard-go sends bursts of 128, and every drop costs the
+        # tunnelled TCP a retransmission
+        s["net.core.rmem_default"] = USERSPACE_RMEM_DEFAULT
     return s
 
 

@@ -16,6 +16,7 @@ from .tree import ConfigTree
 
 DATAPLANE_JSON = "etc/appliance/dataplane.json"
 DATAPLANE_SCHEMA = 1
+RELAY_PORT = 12345  # userspace mode: redsocks, inside the dataplane's namespace
 
 
 def _env() -> jinja2.Environment:
@@ -89,12 +90,14 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
         t.symlink(f"etc/systemd/system/multi-user.target.wants/{unit}", f"/etc/systemd/system/{unit}")
     t.file("etc/nftables.conf", tpl("nftables.conf.j2", dhcpv4=_any(ctx, "ipv4", "dhcp"),
                                      dhcpv6=_any(ctx, "ipv6", "ra"), forwarding=ctx.kernel_forwarding,
-                                     extra_tcp=[]), mode=0o755)
+                                     extra_tcp=[], tcp_relay=None), mode=0o755)
     if p.dataplane.mode == "userspace":
         # inside the dataplane's own namespace the kernel forwards between wg0 and pasta's interface
         socks = int(p.dataplane.socks5.rsplit(":", 1)[1])
         t.file("etc/appliance/userspace-nftables.conf",
-               tpl("nftables.conf.j2", dhcpv4=False, dhcpv6=False, forwarding=True, extra_tcp=[socks]))
+               tpl("nftables.conf.j2", dhcpv4=False, dhcpv6=False, forwarding=True, extra_tcp=[socks],
+                   tcp_relay=RELAY_PORT))
+        t.file("etc/appliance/redsocks.conf", tpl("redsocks.conf.j2", relay_port=RELAY_PORT, socks_port=socks))
         t.file("etc/systemd/system/appliance-userspace.service", tpl("userspace.service.j2", credstore=CREDSTORE))
         t.file("etc/sysusers.d/appliance.conf",
                'u appliance-dp - "appliance userspace dataplane" /nonexistent /usr/sbin/nologin\n')

@@ -63,7 +63,7 @@ def image_spec(p: Profile) -> ImageSpec:
     if dp.mode == "userspace" or dp.wireguard == "wireguard-go":
         packages |= {"wireguard-go", "wireguard-tools"}
     if dp.mode == "userspace":
-        packages |= {"passt", "microsocks"}
+        packages |= {"passt", "microsocks", "redsocks"}
     kernel = f"linux-image-cloud-{p.system.arch}" if p.system.board == "qemu" else f"linux-image-{p.system.arch}"
     packages.add(kernel)
     packages |= set(p.system.packages)
@@ -77,6 +77,7 @@ def image_spec(p: Profile) -> ImageSpec:
         initrd_modules=tuple(VM_INITRD_MODULES) if p.system.board == "qemu" else (),
         modules_exclude=tuple(MODULES_EXCLUDE_ALL + (MODULES_EXCLUDE_VM if p.system.board == "qemu" else [])),
         enable_units=tuple(enabled_units(p)),
-        disable_units=tuple(DISABLED_UNITS),
+        # Debian's redsocks.service would run a second relay as root with the example configuration
+        disable_units=tuple(DISABLED_UNITS + (["redsocks.service"] if dp.mode == "userspace" else [])),
         appliance_units=tuple(appliance_units(p)),
     )

@@ -113,6 +113,7 @@ def _start_userspace(lab: Lab, ns: str, root: Path, dp: dict[str, object], key_f
     creds.mkdir()
     (creds / "wireguard-private-key").write_bytes(key_file.read_bytes())
     (private / "rules.nft").write_bytes((root / "etc/appliance/userspace-nftables.conf").read_bytes())
+    (private / "redsocks.conf").write_bytes((root / "etc/appliance/redsocks.conf").read_bytes())
     # the image's udev makes /dev/net/tun 0666; a lab host may not: a node the uid owns, bound over it
     subprocess.run(["mknod", str(private / "tun"), "c", "10", "200"], check=True)
     for d in (lab.dir, lab.dir / "run"):  # traversable (not listable) for the unprivileged uid
@@ -125,7 +126,7 @@ def _start_userspace(lab: Lab, ns: str, root: Path, dp: dict[str, object], key_f
              # Debian's python3 with python3-pyroute2, as in the image (a venv may sit under /root)
              "env", f"CREDENTIALS_DIRECTORY={creds}", f"PYTHONPATH={REPO}", "/usr/bin/python3", "-m",
              "appliance.dataplane", "--config", private / "dataplane.json", "userspace",
-             "--ruleset", private / "rules.nft"],
+             "--ruleset", private / "rules.nft", "--relay-config", private / "redsocks.conf"],
         "dataplane", binds=[(private / "tun", "/dev/net/tun")])
     wait_for(lambda: "userspace dataplane up" in lab.log("dataplane") or proc.poll() is not None, 30)
     if proc.poll() is not None:
