@@ -1,20 +1,21 @@
 """The rootless (userspace) dataplane: no process holds root or CAP_NET_ADMIN in the host namespace.
 
   outer (the service's unprivileged user, host network namespace)
+    microsocks on 127.0.0.1:EGRESS_PORT: opens peers' TCP connections from the host's own sockets
     `unshare --user --map-root-user --net` -> inner, root only inside its own user namespace:
         wireguard-go on wg0, the reconciler's usual pass (keys, peers, addresses, routes),
-        nftables for the namespace (ACLs, shields-up, masquerade to pasta's interface, MSS clamp),
-        microsocks (SOCKS5) for local programs,
-        redsocks: peers' TCP ends in the namespace's kernel and continues through microsocks
-    pasta (Debian passt) joins that namespace: it forwards the WireGuard UDP port and the SOCKS5
-    port into it, and terminates every TCP/UDP flow leaving it, re-originating it from the host's
-    own sockets; ICMP echo becomes a ping from the host; other protocols go nowhere.
+        nftables for the namespace (ACLs, shields-up, redirect of peers' TCP, masquerade to pasta's
+        interface), redsocks on RELAY_PORT, microsocks (SOCKS5 into the tunnel) for local programs
+    pasta (Debian passt) joins that namespace: it forwards the WireGuard UDP port and the local
+    SOCKS5 port into it, splices the namespace's EGRESS_PORT to the host's, and terminates UDP
+    flows leaving the namespace, re-originating them from host sockets; ICMP echo becomes a ping
+    from the host; other protocols go nowhere.
 
-Why the relay: pasta acknowledges a guest's TCP data only once the far end has, and only looks again
-when the next segment arrives. wireguard-go hands over a peer's window in a few bursts, so the last
-burst waits for the peer's retransmission timeout: 0.002-0.008 Gbit/s peer->upstream, measured. With
-the namespace's own TCP stack terminating the peer's connection, pasta sees an ordinary local
-sender (0.25 Gbit/s on the 2-core bench, CPU-bound).
+Peers' TCP ends in the namespace's kernel (redirect to redsocks) and leaves through the host-side
+SOCKS5 proxy, so pasta only splices it between two local sockets. pasta's own TCP path acknowledges
+a sender's data only once the far end has, and looks again only when the next segment arrives:
+wireguard-go hands over a peer's window in a few bursts, the last one waited for the peer's
+retransmission timeout, and uploads ran at 0.002-0.008 Gbit/s (measured, passt 2023-03 to 2026-07).
 
 Any part exiting ends the whole dataplane (exit status 1), and systemd starts it afresh.
 
@@ -32,12 +33,13 @@ import sys
 import time
 from pathlib import Path
 
-from .config import DataplaneConfig
+from .config import EGRESS_PORT, DataplaneConfig
 from .reconcile import apply
 
 NS_IFNAME = "tap0"  # pasta's interface inside the namespace
 NFT_USERSPACE = Path("/etc/appliance/userspace-nftables.conf")
 RELAY_CONFIG = Path("/etc/appliance/redsocks.conf")
+
 
 
 def _wait(path: Path, timeout: float) -> None:
@@ -59,17 +61,17 @@ def inner(cfg: DataplaneConfig, ruleset: Path, relay_config: Path, ready_fd: int
     for e in res.errors:
         print(f"error: {e}", file=sys.stderr, flush=True)
     subprocess.run(["nft", "-f", str(ruleset)], check=True)
-    parts = [wg]
+    parts = [wg, subprocess.Popen(["redsocks", "-c", str(relay_config)])]
     if cfg.socks5:
         port = cfg.socks5.rsplit(":", 1)[1]
         parts.append(subprocess.Popen(["microsocks", "-i", "0.0.0.0", "-p", port]))
-        parts.append(subprocess.Popen(["redsocks", "-c", str(relay_config)]))
     os.write(ready_fd, b"ready\n")
     os.close(ready_fd)
     return _supervise(parts)
 
 
 def outer(cfg: DataplaneConfig, config_path: Path, ruleset: Path, relay_config: Path) -> int:
+    egress = subprocess.Popen(["microsocks", "-i", "127.0.0.1", "-p", str(EGRESS_PORT)])
     r, w = os.pipe()
     inner_proc = subprocess.Popen(
         ["unshare", "--user", "--map-root-user", "--net", "--", sys.executable, "-m", "appliance.dataplane",
@@ -80,6 +82,7 @@ def outer(cfg: DataplaneConfig, config_path: Path, ruleset: Path, relay_config: 
     with os.fdopen(r) as ready:
         if ready.readline().strip() != "ready":
             inner_proc.wait()
+            egress.terminate()
             print("error: the namespace did not come up", file=sys.stderr, flush=True)
             return 1
     pid = inner_proc.pid
@@ -87,7 +90,7 @@ def outer(cfg: DataplaneConfig, config_path: Path, ruleset: Path, relay_config: 
     # not pasta's alias for the host itself
     cmd = ["pasta", "--config-net", "--foreground", "--quiet", "--no-map-gw", "--ns-ifname", NS_IFNAME,
            "--netns", f"/proc/{pid}/ns/net", "--userns", f"/proc/{pid}/ns/user",
-           "-u", str(cfg.wireguard.listen_port), "-T", "none", "-U", "none"]
+           "-u", str(cfg.wireguard.listen_port), "-T", str(EGRESS_PORT), "-U", "none"]
     if cfg.socks5:
         host, port = cfg.socks5.rsplit(":", 1)
         cmd += ["-t", f"{host.strip('[]')}/{port}"]
@@ -95,7 +98,7 @@ def outer(cfg: DataplaneConfig, config_path: Path, ruleset: Path, relay_config: 
         cmd += ["-t", "none"]
     pasta = subprocess.Popen(cmd)
     print(f"userspace dataplane up: wireguard-go in namespace {pid}, pasta {pasta.pid}", flush=True)
-    return _supervise([inner_proc, pasta])
+    return _supervise([inner_proc, pasta, egress])
 
 
 def _supervise(parts: list[subprocess.Popen[bytes]]) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 import jinja2
 
 from .. import __version__
+from ..dataplane.config import EGRESS_PORT, RELAY_PORT
 from ..profile.model import Profile
 from ..secrets import ApplianceKeys
 from .context import CREDSTORE, PRIVATE_KEY_CREDENTIAL, WG_IFACE, Context, build_context, psk_credential
@@ -16,7 +17,6 @@ from .tree import ConfigTree
 
 DATAPLANE_JSON = "etc/appliance/dataplane.json"
 DATAPLANE_SCHEMA = 1
-RELAY_PORT = 12345  # userspace mode: redsocks, inside the dataplane's namespace
 
 
 def _env() -> jinja2.Environment:
@@ -97,7 +97,7 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
         t.file("etc/appliance/userspace-nftables.conf",
                tpl("nftables.conf.j2", dhcpv4=False, dhcpv6=False, forwarding=True, extra_tcp=[socks],
                    tcp_relay=RELAY_PORT))
-        t.file("etc/appliance/redsocks.conf", tpl("redsocks.conf.j2", relay_port=RELAY_PORT, socks_port=socks))
+        t.file("etc/appliance/redsocks.conf", tpl("redsocks.conf.j2", relay_port=RELAY_PORT, egress_port=EGRESS_PORT))
         t.file("etc/systemd/system/appliance-userspace.service", tpl("userspace.service.j2", credstore=CREDSTORE))
         t.file("etc/sysusers.d/appliance.conf",
                'u appliance-dp - "appliance userspace dataplane" /nonexistent /usr/sbin/nologin\n')
