@@ -322,7 +322,7 @@ def test_cmd(profile: Path, keep: bool, as_json: bool, cache_dir: Path | None) -
     try:
         report = test.run()
     except (ImageError, VMError, AssertionError, subprocess.SubprocessError, OSError) as e:
-        tail = "\n".join(str(e).splitlines()[-20:])
+        tail = "\n".join(str(e).splitlines()[-60:])
         die(f"{loaded.profile.name}: the lab did not come up: {tail}" + (f" (kept in {test.workdir})" if keep else ""))
     if as_json:
         echo_json({"name": report.name, "ok": report.ok, "passed": report.passed, "failed": report.failed,

@@ -73,11 +73,15 @@ def inner(cfg: DataplaneConfig, ruleset: Path, relay_config: Path, ready_fd: int
 def outer(cfg: DataplaneConfig, config_path: Path, ruleset: Path, relay_config: Path) -> int:
     egress = subprocess.Popen(["microsocks", "-i", "127.0.0.1", "-p", str(EGRESS_PORT)])
     r, w = os.pipe()
+    # the inner half is this same package run anew: wherever it was loaded from (the image keeps it
+    # in /usr/lib/appliance/python, which only the launcher puts on sys.path)
+    home = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")]))}
     inner_proc = subprocess.Popen(
         ["unshare", "--user", "--map-root-user", "--net", "--", sys.executable, "-m", "appliance.dataplane",
          "--config", str(config_path), "userspace-inner", "--ready-fd", str(w), "--ruleset", str(ruleset),
          "--relay-config", str(relay_config)],
-        pass_fds=[w])
+        pass_fds=[w], env=env)
     os.close(w)
     with os.fdopen(r) as ready:
         if ready.readline().strip() != "ready":

@@ -45,8 +45,10 @@ class DiskIds:
 
 
 def kernel_cmdline(ids: DiskIds) -> str:
-    # serial last: it becomes /dev/console, which is what headless boxes and QEMU show
-    return f"root=PARTUUID={ids.root_part} rw rootwait panic=10 console=tty0 console=ttyS0,115200"
+    # serial last: it becomes /dev/console, which is what headless boxes and QEMU show.
+    # quiet: the kernel's boot log goes to the journal, not byte by byte through a (slow) serial
+    # port; systemd still shows failed and slow units on the console.
+    return f"root=PARTUUID={ids.root_part} rw rootwait panic=10 quiet console=tty0 console=ttyS0,115200"
 
 
 @dataclass(frozen=True)

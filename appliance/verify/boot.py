@@ -340,7 +340,25 @@ class BootTest:
                 timings["boot_to_handshake"] = round(clock(), 1)
             return len(timings) >= 2
 
-        wait_for(both, self.timeout, 0.2)
+        try:
+            wait_for(both, self.timeout, 0.2)
+        except AssertionError as e:
+            missing = [k for k in ("boot_to_ssh", "boot_to_handshake") if k not in timings]
+            raise AssertionError(f"{e}: no {' and no '.join(m.removeprefix('boot_to_') for m in missing)}"
+                                 + self._diagnose(ssh_port)) from None
+
+    def _diagnose(self, ssh_port: int) -> str:
+        """What the appliance says about itself, when SSH answers: failed units and the dataplane's log."""
+        if not _banner(ssh_port):
+            return " (SSH does not answer: see the console log)"
+        script = ("systemctl --failed --no-legend --plain; "
+                  "journalctl -b --no-pager -o cat -n 40 -u 'appliance-*' -u systemd-networkd")
+        opts = ["BatchMode=yes", "StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR",
+                "ConnectTimeout=10"]
+        ssh = subprocess.run(["ssh", "-F", "/dev/null", "-i", str(self.workdir / "id_ed25519"), "-p", str(ssh_port),
+                              *(x for o in opts for x in ("-o", o)), "root@127.0.0.1", script],
+                             capture_output=True, text=True, timeout=60)
+        return "\nthe appliance's failed units and dataplane log:\n" + (ssh.stdout + ssh.stderr).strip()
 
     def _expectations(self, p: Profile, peers: list[LabPeer], uplink_ip: str, lan: str | None, lab: Lab,
                       wan: str, lan_ns: str | None, arrivals: Path) -> dict[str, Any]:

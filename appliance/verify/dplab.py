@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -114,6 +115,12 @@ def _start_userspace(lab: Lab, ns: str, root: Path, dp: dict[str, object], key_f
     (creds / "wireguard-private-key").write_bytes(key_file.read_bytes())
     (private / "rules.nft").write_bytes((root / "etc/appliance/userspace-nftables.conf").read_bytes())
     (private / "redsocks.conf").write_bytes((root / "etc/appliance/redsocks.conf").read_bytes())
+    # the image's launcher and the copy of the code shipped in the image, not this checkout
+    shipped = root / "usr/lib/appliance/python"
+    launcher = (root / "usr/sbin/appliance-dataplane").read_text()
+    launcher = launcher.replace("/usr/lib/appliance/python", str(private / "python"))
+    (private / "appliance-dataplane").write_text(launcher)
+    shutil.copytree(shipped, private / "python")
     # the image's udev makes /dev/net/tun 0666; a lab host may not: a node the uid owns, bound over it
     subprocess.run(["mknod", str(private / "tun"), "c", "10", "200"], check=True)
     for d in (lab.dir, lab.dir / "run"):  # traversable (not listable) for the unprivileged uid
@@ -124,8 +131,8 @@ def _start_userspace(lab: Lab, ns: str, root: Path, dp: dict[str, object], key_f
     proc = lab.spawn(
         ns, ["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", "--inh-caps=-all", "--",
              # Debian's python3 with python3-pyroute2, as in the image (a venv may sit under /root)
-             "env", f"CREDENTIALS_DIRECTORY={creds}", f"PYTHONPATH={REPO}", "/usr/bin/python3", "-m",
-             "appliance.dataplane", "--config", private / "dataplane.json", "userspace",
+             "env", "--chdir=/", f"CREDENTIALS_DIRECTORY={creds}", "/usr/bin/python3", private / "appliance-dataplane",
+             "--config", private / "dataplane.json", "userspace",
              "--ruleset", private / "rules.nft", "--relay-config", private / "redsocks.conf"],
         "dataplane", binds=[(private / "tun", "/dev/net/tun")])
     wait_for(lambda: "userspace dataplane up" in lab.log("dataplane") or proc.poll() is not None, 30)
