@@ -25,7 +25,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO / "bench/results/boot.json")
-    ap.add_argument("profiles", nargs="*", default=["profiles/exit-node.yaml", "profiles/subnet-router.yaml"])
+    ap.add_argument("profiles", nargs="*", default=["profiles/exit-node.yaml", "profiles/subnet-router.yaml",
+                                                         "profiles/userspace-exit-node.yaml"])
     args = ap.parse_args()
     results = {}
     for path in args.profiles:

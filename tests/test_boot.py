@@ -26,12 +26,24 @@ def boot(name: str, sabotage=None) -> BootReport:  # type: ignore[no-untyped-def
     return report
 
 
-@pytest.mark.parametrize("name", ["exit-node", "subnet-router"])
-def test_example_passes(name: str) -> None:
+@pytest.mark.parametrize("name,checks", [("exit-node", 20), ("subnet-router", 20), ("userspace-exit-node", 15)])
+def test_example_passes(name: str, checks: int) -> None:
     report = boot(name)
     assert report.ok, report.output[-5000:] + "\n--- console ---\n" + report.console[-3000:]
-    assert report.passed >= 20
+    assert report.passed >= checks
     assert {"boot_to_ssh", "boot_to_handshake"} <= set(report.timings)
+
+
+def test_userspace_subnet_router_passes(tmp_path: Path) -> None:
+    """The rootless dataplane as a subnet router: the example router with `dataplane: userspace`.
+    The suite's traffic checks cover the LAN host, the ACL's allowed and denied ports, and a
+    destination the router does not advertise."""
+    profile = tmp_path / "userspace-router.yaml"
+    profile.write_text(f"extends: {PROFILES / 'subnet-router.yaml'}\nname: userspace-router\n"
+                       "dataplane: {mode: userspace}\n")
+    report = BootTest(load_profile(profile).profile, Cache(CACHE), step).run()
+    assert report.ok, report.output[-5000:] + "\n--- console ---\n" + report.console[-3000:]
+    assert report.passed >= 25
 
 
 def test_broken_image_is_caught_by_traffic() -> None:

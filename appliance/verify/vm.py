@@ -85,10 +85,11 @@ class VM:
                "-drive", f"if=none,id=disk,format=raw,file={self.image},snapshot=on,cache=unsafe",
                "-device", "virtio-blk-pci,drive=disk",
                "-netdev", f"user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
-               "-device", f"virtio-net-pci,netdev=mgmt,mac={MGMT_MAC}"]
+               # romfile=: no iPXE option ROM for OVMF to load (and run) for each NIC; the image boots from disk
+               "-device", f"virtio-net-pci,netdev=mgmt,mac={MGMT_MAC},romfile="]
         for i, nic in enumerate(self.nics):
             cmd += ["-netdev", f"tap,id=lab{i},ifname={nic.tap},script=no,downscript=no",
-                    "-device", f"virtio-net-pci,netdev=lab{i},mac={nic.mac}"]
+                    "-device", f"virtio-net-pci,netdev=lab{i},mac={nic.mac},romfile="]
         cmd += ["-object", "rng-random,id=rng,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng",
                 "-display", "none", "-monitor", "none", "-serial", f"file:{self.console}", "-no-reboot"]
         return cmd
