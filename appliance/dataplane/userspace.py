@@ -41,7 +41,6 @@ NFT_USERSPACE = Path("/etc/appliance/userspace-nftables.conf")
 RELAY_CONFIG = Path("/etc/appliance/redsocks.conf")
 
 
-
 def _wait(path: Path, timeout: float) -> None:
     t0 = time.monotonic()
     while not path.exists():

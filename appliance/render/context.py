@@ -92,8 +92,9 @@ class FilterRule:
 
     def nft_relay_tcp(self) -> str | None:
         """The same decision for TCP before routing (userspace mode hands allowed TCP to the relay),
-        or None when the rule admits no TCP."""
-        if self.proto not in ("tcp", "any"):
+        or None when the rule admits no TCP. IPv4 only: redsocks listens on IPv4; peers' IPv6 TCP keeps
+        the pasta path."""
+        if self.proto not in ("tcp", "any") or self.family != 4:
             return None
         match = self.nft(f'fib daddr oifname != "{WG_IFACE}"')
         return match if self.proto == "tcp" else f"{match} meta l4proto tcp"
