@@ -21,7 +21,7 @@ from appliance.profile import load_profile
 from appliance.render import render
 from appliance.secrets import SecretStore, generate_private_key, public_key
 from appliance.verify import probe
-from appliance.verify.netns import Lab, start_peer, start_wireguard_go, wait_for
+from appliance.verify.netns import Lab, protocol_counters, start_peer, start_wireguard_go, wait_for
 from conftest import REPO, require_tool
 
 pytestmark = pytest.mark.root
@@ -49,15 +49,6 @@ routing: {{snat: true, mss_clamp: true}}
 """
 
 
-COUNTERS = """table inet count {
-    chain pre {
-        type filter hook prerouting priority -300; policy accept;
-        iifname "u0" meta l4proto sctp counter
-        iifname "u0" meta l4proto gre counter
-        iifname "u0" icmp type echo-request ip saddr 198.18.20.1 counter
-    }
-}
-"""
 
 
 class Topology:
@@ -68,10 +59,6 @@ class Topology:
     def reconcile(self, command: str = "apply", check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.lab.run(self.appl, [sys.executable, "-m", "appliance.dataplane", "--config", self.config,
                                         command, "--json"], check=check)
-
-    def arrivals(self) -> list[dict[str, str]]:
-        log = self.lab.dir / "arrivals.jsonl"
-        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
     def ping(self, count: int = 2) -> bool:
         return self.lab.run(self.peer, ["ping", "-c", str(count), "-i", "0.2", "-W", "2", "198.18.20.2"],
@@ -111,7 +98,7 @@ def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         start_wireguard_go(lab, appl, "wg0", "wg-appl")
         t.reconcile()
         # the upstream server, with counters for what arrives from the appliance
-        lab.run(up, ["nft", "-f", "-"], input=COUNTERS)
+        lab.run(up, ["nft", "-f", "-"], input=protocol_counters("u0", echo_from="198.18.20.1"))
         lab.spawn(up, [sys.executable, PROBE, "serve", str(PORT), lab.dir / "arrivals.jsonl"], "probe-server")
         # the peer, from `appliance peer` output
         conf = subprocess.run([sys.executable, "-m", "appliance", "peer", str(profile), "client", "--endpoint",
@@ -131,9 +118,9 @@ def test_tcp_udp_ping_arrive_snatted(topo: Topology) -> None:
     lab.run(topo.peer, [sys.executable, PROBE, "tcp", "198.18.20.2", str(PORT)])
     lab.run(topo.peer, [sys.executable, PROBE, "udp", "198.18.20.2", str(PORT)])
     assert topo.ping(3)
-    seen = {(a["proto"], a["src"]) for a in topo.arrivals()}
+    seen = {(a["proto"], a["src"]) for a in topo.lab.arrivals()}
     assert ("tcp", "198.18.20.1") in seen and ("udp", "198.18.20.1") in seen
-    assert not any(a["src"].startswith("100.64.") for a in topo.arrivals()), "tunnel address leaked: no SNAT"
+    assert not any(a["src"].startswith("100.64.") for a in topo.lab.arrivals()), "tunnel address leaked: no SNAT"
     counters = lab.run(topo.up, ["nft", "list", "table", "inet", "count"]).stdout
     assert "echo-request ip saddr 198.18.20.1 counter packets 0" not in counters
 

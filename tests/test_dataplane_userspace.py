@@ -19,30 +19,18 @@ import pytest
 
 from appliance.verify import dplab, probe
 from appliance.verify.dplab import SERVER, UID, DataplaneLab
+from appliance.verify.netns import protocol_counters
 from conftest import require_tool
 
 pytestmark = pytest.mark.root
 
 PROBE = str(Path(probe.__file__))
-COUNTERS = """table inet count {
-    chain pre {
-        type filter hook prerouting priority -300; policy accept;
-        iifname "s0" meta l4proto sctp counter
-        iifname "s0" meta l4proto gre counter
-        iifname "s0" icmp type echo-request ip saddr 198.18.60.1 counter
-    }
-}
-"""
 
 
 class Rootless:
     def __init__(self, d: DataplaneLab):
         self.lab, self.dataplane = d.lab, d.dataplane
         self.peer, self.host, self.up = d.client, d.appliance, d.server
-
-    def arrivals(self) -> list[dict[str, object]]:
-        log = self.lab.dir / "arrivals.jsonl"
-        return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
 
     def ping(self) -> bool:
         return self.lab.run(self.peer, ["ping", "-c", "1", "-W", "2", SERVER], check=False).returncode == 0
@@ -59,7 +47,7 @@ def rootless() -> Iterator[Rootless]:
         t = Rootless(d)
         # no kernel forwarding on the host: everything crosses pasta
         assert d.lab.run(d.appliance, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "0"
-        d.lab.run(d.server, ["nft", "-f", "-"], input=COUNTERS)
+        d.lab.run(d.server, ["nft", "-f", "-"], input=protocol_counters("s0", echo_from="198.18.60.1"))
         d.lab.spawn(d.server, [sys.executable, PROBE, "serve", "7000", d.lab.dir / "arrivals.jsonl"], "upstream")
         time.sleep(0.3)
         yield t
@@ -74,9 +62,9 @@ def test_tcp_udp_ping_reoriginated_from_the_host(rootless: Rootless) -> None:
     assert rootless.ping()
     counters = lab.run(rootless.up, ["nft", "list", "table", "inet", "count"]).stdout
     assert "saddr 198.18.60.1 counter packets 0 " not in counters, "the echo request never reached upstream"
-    seen = {(a["proto"], a["src"]) for a in rootless.arrivals()}
+    seen = {(a["proto"], a["src"]) for a in rootless.lab.arrivals()}
     assert {("tcp", "198.18.60.1"), ("udp", "198.18.60.1")} <= seen, seen
-    assert not any(str(a["src"]).startswith("100.64.") for a in rootless.arrivals())
+    assert not any(str(a["src"]).startswith("100.64.") for a in rootless.lab.arrivals())
 
 
 def test_other_protocols_do_not_pass(rootless: Rootless) -> None:

@@ -35,7 +35,7 @@ from ..profile.acl import AclTarget
 from ..render import ConfigTree, image_spec, render
 from ..secrets import SecretStore, generate_private_key, public_key
 from . import probe
-from .netns import Lab, start_peer, wait_for
+from .netns import Lab, protocol_counters, start_peer, wait_for
 from .vm import MGMT_MAC, Nic, running
 
 UPLINK_MAC = "52:54:00:12:34:01"
@@ -229,25 +229,28 @@ class BootTest:
 
     def _run(self, report: BootReport) -> BootReport:
         key, ssh_pub = _ssh_keypair(self.workdir)
+        # for the suite (testinfra's paramiko) and for a look inside when the lab does not come up
+        (self.workdir / "ssh_config").write_text(
+            f"Host *\n  User root\n  IdentityFile {key}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
+            "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
         lab_profile, peers = lab_variant(self.profile, ssh_pub)
         with self.step("build the lab variant of the image"):
             image = self._build(lab_profile)
         p = lab_profile
         lab = Lab("b")
         try:
-            return self._boot(report, image, lab, p, peers, key)
+            return self._boot(report, image, lab, p, peers)
         finally:
             report.console = (self.workdir / "vm" / "console.log").read_text(errors="replace") \
                 if (self.workdir / "vm" / "console.log").exists() else ""
             lab.close()
 
-    def _boot(self, report: BootReport, image: Path, lab: Lab, p: Profile, peers: list[LabPeer],
-              key: Path) -> BootReport:
+    def _boot(self, report: BootReport, image: Path, lab: Lab, p: Profile, peers: list[LabPeer]) -> BootReport:
         wan = lab.ns("wan")
         lan_ns = lab.ns("lan") if p.interfaces.lan else None
         arrivals = lab.dir / "arrivals.jsonl"
         lab.run(wan, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        lab.run(wan, ["nft", "-f", "-"], input=_counters("tapu"))
+        lab.run(wan, ["nft", "-f", "-"], input=protocol_counters("tapu"))
         for i, peer in enumerate(peers):
             peer.ns = lab.ns(f"p{i}")
             lab.veth((wan, f"w{i}", f"198.18.{40 + i}.1/24"), (peer.ns, "p0", f"198.18.{40 + i}.2/24"))
@@ -268,7 +271,7 @@ class BootTest:
             expect = self._expectations(p, peers, uplink_ip, lan, lab, wan, lan_ns, arrivals)
             with self.step("testinfra suite and traffic through the tunnel"):
                 t0 = time.monotonic()
-                self._suite(report, vm.ssh_port, key, expect)
+                self._suite(report, vm.ssh_port, expect)
                 report.timings["suite"] = round(time.monotonic() - t0, 1)
         return report
 
@@ -278,7 +281,7 @@ class BootTest:
         assert lan_if is not None and not isinstance(lan_if.ipv4, str)
         lab.run(ns, ["ip", "addr", "add", f"{host}/{lan_if.ipv4.address.network.prefixlen}", "dev", "tapl"])
         lab.run(ns, ["ip", "route", "add", "default", "via", str(lan_if.ipv4.address.ip)])
-        lab.run(ns, ["nft", "-f", "-"], input=_counters("tapl"))
+        lab.run(ns, ["nft", "-f", "-"], input=protocol_counters("tapl"))
         lab.spawn(ns, [sys.executable, probe.__file__, "serve", ",".join(map(str, PORTS)), arrivals], "lan-server")
 
     def _uplink(self, lab: Lab, wan: str, p: Profile, arrivals: Path) -> str:
@@ -353,10 +356,8 @@ class BootTest:
             return " (SSH does not answer: see the console log)"
         script = ("systemctl --failed --no-legend --plain; "
                   "journalctl -b --no-pager -o cat -n 40 -u 'appliance-*' -u systemd-networkd")
-        opts = ["BatchMode=yes", "StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR",
-                "ConnectTimeout=10"]
-        ssh = subprocess.run(["ssh", "-F", "/dev/null", "-i", str(self.workdir / "id_ed25519"), "-p", str(ssh_port),
-                              *(x for o in opts for x in ("-o", o)), "root@127.0.0.1", script],
+        ssh = subprocess.run(["ssh", "-F", str(self.workdir / "ssh_config"), "-p", str(ssh_port), "-o", "BatchMode=yes",
+                              "-o", "ConnectTimeout=10", "127.0.0.1", script],
                              capture_output=True, text=True, timeout=60)
         return "\nthe appliance's failed units and dataplane log:\n" + (ssh.stdout + ssh.stderr).strip()
 
@@ -381,11 +382,8 @@ class BootTest:
             "cases": traffic_cases(p, peers, lan),
         }
 
-    def _suite(self, report: BootReport, port: int, key: Path, expect: dict[str, Any]) -> None:
+    def _suite(self, report: BootReport, port: int, expect: dict[str, Any]) -> None:
         (self.workdir / "expect.json").write_text(json.dumps(expect, indent=1))
-        (self.workdir / "ssh_config").write_text(
-            f"Host *\n  User root\n  IdentityFile {key}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
-            "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
         (self.workdir / "pytest.ini").write_text("[pytest]\n")
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", str(SUITE), "-q", "-rfE", "-p", "no:cacheprovider",
@@ -416,15 +414,3 @@ def _lan_ip(p: Profile) -> str:
     lan = p.interfaces.lan
     assert lan is not None and not isinstance(lan.ipv4, str)
     return str(lan.ipv4.address.ip)
-
-
-def _counters(ifname: str) -> str:
-    return f"""table inet count {{
-    chain pre {{
-        type filter hook prerouting priority -300; policy accept;
-        iifname "{ifname}" meta l4proto sctp counter
-        iifname "{ifname}" meta l4proto gre counter
-        iifname "{ifname}" meta l4proto icmp counter
-    }}
-}}
-"""

@@ -8,6 +8,7 @@ from 198.18.0.0/15 (RFC 2544, benchmarking) and exist only inside the lab."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 PRIVATE_RUN = 'mount --bind "$0" /run && exec "$@"'
 # with extra bind mounts: "$0" is /run's source, then pairs of (source, target) up to "--"
@@ -77,6 +79,11 @@ class Lab:
         self.procs.append((proc, log))
         return proc
 
+    def arrivals(self, name: str = "arrivals.jsonl") -> list[dict[str, Any]]:
+        """What a `probe.py serve` in this lab has logged as arriving (one JSON object per line)."""
+        log = self.dir / name
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
     def log(self, name: str) -> str:
         p = self.dir / f"{name}.log"
         return p.read_text(errors="replace") if p.exists() else ""
@@ -99,6 +106,21 @@ class Lab:
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def protocol_counters(ifname: str, echo_from: str | None = None) -> str:
+    """An nftables table counting what arrives on ifname of the protocols that only a layer-3
+    dataplane passes (SCTP, GRE) and ICMP (echo requests from echo_from, when given)."""
+    icmp = f"icmp type echo-request ip saddr {echo_from}" if echo_from else "meta l4proto icmp"
+    return f"""table inet count {{
+    chain pre {{
+        type filter hook prerouting priority -300; policy accept;
+        iifname "{ifname}" meta l4proto sctp counter
+        iifname "{ifname}" meta l4proto gre counter
+        iifname "{ifname}" {icmp} counter
+    }}
+}}
+"""
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> float:
