@@ -1,6 +1,7 @@
-"""Dataplane benchmark: one iperf3 TCP stream client -> server through the appliance, median of
---reps runs, for plain forwarding, kernel mode with wireguard-go 0.0.20231211 (TUN TSO/GRO), kernel
-mode with bookworm's wireguard-go 0.0.20220316 (no offloads), and the rootless userspace mode.
+"""Dataplane benchmark: one iperf3 TCP stream client -> server (a peer's upload) through the
+appliance, median of --reps runs, and the same stream server -> client (iperf3 -R, the download),
+for plain forwarding, kernel mode with wireguard-go 0.0.20231211 (TUN TSO/GRO), kernel mode with
+bookworm's wireguard-go 0.0.20220316 (no offloads), and the rootless userspace mode.
 
 usage: python bench/dataplane.py [--reps 3] [--seconds 5] [--out bench/results/dataplane.json]  (root)
 2 cores are shared by client, appliance, server and both wireguard-go: the figures are CPU-bound."""
@@ -8,20 +9,17 @@ usage: python bench/dataplane.py [--reps 3] [--seconds 5] [--out bench/results/d
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from appliance.render.context import USERSPACE_RMEM_DEFAULT  # noqa: E402
 from appliance.verify import dplab  # noqa: E402
 
 OLD = "0.0.20220316-1+b4"
@@ -43,35 +41,22 @@ def old_wireguard_go() -> str | None:
     return str(binary)
 
 
-def iperf(d: dplab.DataplaneLab, seconds: int) -> float:
-    out = d.lab.run(d.client, ["iperf3", "-c", dplab.SERVER, "-t", str(seconds), "-J"], timeout=seconds + 30).stdout
+def iperf(d: dplab.DataplaneLab, seconds: int, reverse: bool = False) -> float:
+    cmd = ["iperf3", "-c", dplab.SERVER, "-t", str(seconds), "-J", *(["-R"] if reverse else [])]
+    out = d.lab.run(d.client, cmd, timeout=seconds + 30).stdout
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-@contextlib.contextmanager
-def host_sysctl(key: str, value: str | None) -> Iterator[None]:
-    """A sysctl that only the initial network namespace has (the lab's "host" is a namespace), set as
-    the image sets it and restored afterwards."""
-    path = Path("/proc/sys") / key.replace(".", "/")
-    old = path.read_text().strip()
-    if value is not None:
-        path.write_text(value)
+def measure(mode: str, reps: int, seconds: int, wireguard_go: str = "wireguard-go"
+            ) -> tuple[list[float], list[float]]:
+    """(uploads, downloads) in Gbit/s."""
+    d = dplab.start(mode, wireguard_go=wireguard_go, tag="b")
     try:
-        yield
+        d.lab.spawn(d.server, ["iperf3", "-s"], "iperf-server")
+        time.sleep(0.5)
+        return [iperf(d, seconds) for _ in range(reps)], [iperf(d, seconds, True) for _ in range(reps)]
     finally:
-        path.write_text(old)
-
-
-def measure(mode: str, reps: int, seconds: int, wireguard_go: str = "wireguard-go") -> list[float]:
-    # the image's sysctl.d sets this for userspace mode (pasta's WireGuard socket takes the default)
-    with host_sysctl("net.core.rmem_default", USERSPACE_RMEM_DEFAULT if mode == "userspace" else None):
-        d = dplab.start(mode, wireguard_go=wireguard_go, tag="b")
-        try:
-            d.lab.spawn(d.server, ["iperf3", "-s"], "iperf-server")
-            time.sleep(0.5)
-            return [iperf(d, seconds) for _ in range(reps)]
-        finally:
-            d.close()
+        d.close()
 
 
 def main() -> None:
@@ -85,22 +70,27 @@ def main() -> None:
     old = old_wireguard_go()
     if old:
         configs.append((f"kernel mode, wireguard-go {OLD} (no offloads)", "kernel", old))
-    configs.append(("userspace mode (wireguard-go in a userns, redsocks, pasta)", "userspace", "wireguard-go"))
+    configs.append(("userspace mode (appliance-netstack: wireguard-go + gVisor)", "userspace", "wireguard-go"))
     results = []
     for label, mode, binary in configs:
-        runs = measure(mode, args.reps, args.seconds, binary)
-        results.append({"config": label, "gbps_runs": [round(r, 3) for r in runs],
-                        "gbps_median": round(statistics.median(runs), 3)})
+        up, down = measure(mode, args.reps, args.seconds, binary)
+        results.append({"config": label, "gbps_runs": [round(r, 3) for r in up],
+                        "gbps_median": round(statistics.median(up), 3),
+                        "download_gbps_runs": [round(r, 3) for r in down],
+                        "download_gbps_median": round(statistics.median(down), 3)})
     plain = results[0]["gbps_median"]
+    kernel = results[1]["gbps_median"]
     for r in results:
         r["ratio_to_plain"] = round(r["gbps_median"] / plain, 3) if plain else None
+        r["ratio_to_kernel_mode"] = round(r["gbps_median"] / kernel, 3) if kernel else None
     out = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "reps": args.reps, "seconds": args.seconds,
            "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"{'configuration':58} {'Gbit/s':>8} {'x plain':>8}  runs")
+    print(f"{'configuration':58} {'upload':>8} {'x plain':>8} {'x kernel':>8} {'download':>9}  upload runs")
     for r in results:
-        print(f"{r['config']:58} {r['gbps_median']:8.3f} {r['ratio_to_plain']:8.3f}  {r['gbps_runs']}")
+        print(f"{r['config']:58} {r['gbps_median']:8.3f} {r['ratio_to_plain']:8.3f} {r['ratio_to_kernel_mode']:8.3f} "
+              f"{r['download_gbps_median']:9.3f}  {r['gbps_runs']}")
 
 
 if __name__ == "__main__":

@@ -150,11 +150,30 @@ def test_userspace_has_no_kernel_forwarding(fixed_keys: ApplianceKeys) -> None:
     assert "User=appliance-dp" in unit and "ExecStart=/usr/sbin/appliance-dataplane userspace" in unit
     assert "LoadCredential=wireguard-private-key:/etc/credstore/network.wireguard.private.wg0" in unit
     assert "appliance-dp" in t.text("etc/sysusers.d/appliance.conf")
-    ns_rules = t.text("etc/appliance/userspace-nftables.conf")
-    assert "masquerade" in ns_rules and "tcp dport 1080 counter accept" in ns_rules
+    assert "tcp dport 1080" not in nft  # the SOCKS5 proxy listens on loopback only
     dp = json.loads(t.text(DATAPLANE_JSON))
     assert dp["mode"] == "userspace" and dp["socks5"] == "127.0.0.1:1080"
     assert dp["wireguard"]["implementation"] == "wireguard-go"
+    # an exit node without ACLs: peers reach everywhere, the userspace stack applies it
+    assert dp["filter"] == [{"sources": [], "destination": "0.0.0.0/0", "proto": "any", "ports": []},
+                            {"sources": [], "destination": "::/0", "proto": "any", "ports": []}]
+
+
+def test_userspace_filter_follows_the_acl(fixed_keys: ApplianceKeys, tmp_path: Path) -> None:
+    """The userspace stack gets the same rules as the kernel's forward_from_peers chain."""
+    profile = tmp_path / "us-router.yaml"
+    profile.write_text(f"extends: {Path(__file__).parent.parent / 'profiles/subnet-router.yaml'}\n"
+                       "dataplane: {mode: userspace, socks5: '192.168.10.1:1080'}\n"
+                       "firewall:\n  acl:\n"
+                       "    - {peers: [contractor], to: ['192.168.10.20/32:443,8000-8100'], proto: tcp}\n"
+                       "    - {peers: ['*'], to: ['192.168.10.53/32:53'], proto: udp}\n")
+    t = render(load_profile(profile).profile, fixed_keys)
+    rules = json.loads(t.text(DATAPLANE_JSON))["filter"]
+    assert rules == [{"sources": ["100.64.1.3/32"], "destination": "192.168.10.20/32", "proto": "tcp",
+                      "ports": [[443, 443], [8000, 8100]]},
+                     {"sources": [], "destination": "192.168.10.53/32", "proto": "udp", "ports": [[53, 53]]}]
+    # a SOCKS5 proxy for the LAN: the host's firewall lets it in
+    assert "tcp dport 1080 counter accept" in t.text("etc/nftables.conf")
 
 
 def test_dataplane_json(fixed_keys: ApplianceKeys) -> None:

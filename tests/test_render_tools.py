@@ -107,26 +107,3 @@ def test_systemd_analyze_verifies_units(path: Path, fixed_keys: ApplianceKeys, t
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert "appliance-offload" not in result.stderr, result.stderr
-
-
-def test_userspace_relay_follows_the_acl(fixed_keys: ApplianceKeys, tmp_path: Path) -> None:
-    """Userspace mode hands peers' TCP to the relay before routing: the same ACL must decide there,
-    and the namespace's ruleset must load (fib and redirect in an inet nat chain)."""
-    nft = require_tool("nft")
-    profile = tmp_path / "us-router.yaml"
-    profile.write_text(f"extends: {Path(__file__).parent.parent / 'profiles/subnet-router.yaml'}\n"
-                       "dataplane: {mode: userspace}\n"
-                       "firewall:\n  acl:\n"
-                       "    - {peers: [admin], to: ['192.168.10.0/24'], proto: any}\n"
-                       "    - {peers: [contractor], to: ['192.168.10.20/32:443,8000-8100'], proto: tcp}\n"
-                       "    - {peers: [contractor], to: ['192.168.10.53/32:53'], proto: udp}\n")
-    _rendered(profile, fixed_keys, tmp_path / "t")
-    conf = tmp_path / "t/etc/appliance/userspace-nftables.conf"
-    script = f"{nft} -f {conf} && {nft} list chain inet appliance relay_allowed"
-    result = subprocess.run(["unshare", "--net", "sh", "-c", script], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    relay = [line.strip() for line in result.stdout.splitlines() if "redirect" in line]
-    assert len(relay) == 2, relay  # admin (any protocol, as TCP) and contractor's TCP ports; not the UDP rule
-    assert any("192.168.10.0/24" in r and "l4proto tcp" in r for r in relay), relay
-    assert any("192.168.10.20" in r and "tcp dport { 443, 8000-8100 }" in r for r in relay), relay
-    assert not any("192.168.10.53" in r for r in relay), relay

@@ -11,13 +11,16 @@ import socket
 import sys
 import time
 from pathlib import Path
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.rtnl import RTMGRP_LINK
+from typing import TYPE_CHECKING
 
 from . import uapi, userspace
 from .config import DEFAULT_CONFIG, ConfigError, DataplaneConfig, load
-from .reconcile import Result, apply
+
+if TYPE_CHECKING:
+    from .reconcile import Result
+
+# pyroute2 is imported only by the commands that use netlink: importing it costs ~2.5 s in a VM
+# under TCG, time the userspace dataplane does not spend before its tunnel is up
 
 
 def _print(res: Result, as_json: bool, prefix: str = "") -> None:
@@ -48,6 +51,11 @@ def _notify(state: str) -> None:
 def watch(config: Path, interval: float, uapi_dir: Path) -> None:
     """Apply, then again whenever a link appears, disappears or changes state (wireguard-go
     restarted, a NIC re-plugged or flapped: offloads come back), and every `interval` seconds."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+    from .reconcile import apply
+
     cfg = load(config)
     endpoints: dict[bytes, str] = {}  # where peers were last seen, for a restarted wireguard-go
     _print(apply(cfg, uapi_dir=uapi_dir, known_endpoints=endpoints), False)
@@ -95,24 +103,20 @@ def main(argv: list[str] | None = None) -> None:
     p_status.add_argument("--json", action="store_true")
     p_watch = sub.add_parser("watch", help="apply, then keep applying on link events (the service)")
     p_watch.add_argument("--interval", type=float, default=30.0)
-    p_user = sub.add_parser("userspace", help="run the rootless dataplane (wireguard-go + pasta), unprivileged")
-    p_user.add_argument("--ruleset", type=Path, default=userspace.NFT_USERSPACE)
-    p_user.add_argument("--relay-config", type=Path, default=userspace.RELAY_CONFIG)
-    p_inner = sub.add_parser("userspace-inner", help=argparse.SUPPRESS)
-    p_inner.add_argument("--ready-fd", type=int, required=True)
-    p_inner.add_argument("--ruleset", type=Path, required=True)
-    p_inner.add_argument("--relay-config", type=Path, required=True)
+    p_user = sub.add_parser("userspace", help="run the rootless dataplane (wireguard-go + gVisor netstack), "
+                                              "unprivileged")
+    p_user.add_argument("--netstack", type=Path, default=userspace.NETSTACK, help="the appliance-netstack binary")
+    p_user.add_argument("--interval", type=float, default=30.0)
     args = ap.parse_args(argv)
     try:
         if args.command == "watch":
             watch(args.config, args.interval, args.uapi_dir)
             return
         if args.command == "userspace":
-            sys.exit(userspace.outer(_with_credentials(load(args.config)), args.config, args.ruleset,
-                                     args.relay_config))
-        if args.command == "userspace-inner":
-            sys.exit(userspace.inner(_with_credentials(load(args.config)), args.ruleset, args.relay_config,
-                                     args.ready_fd))
+            sys.exit(userspace.run(lambda: _with_credentials(load(args.config)), args.config, binary=args.netstack,
+                                   uapi_dir=args.uapi_dir, interval=args.interval, notify=_notify))
+        from .reconcile import apply
+
         res = apply(load(args.config), dry=args.command == "status", uapi_dir=args.uapi_dir)
     except ConfigError as e:
         sys.exit(f"appliance-dataplane: {e}")

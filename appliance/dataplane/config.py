@@ -10,10 +10,6 @@ from typing import Any
 
 DEFAULT_CONFIG = Path("/etc/appliance/dataplane.json")
 SCHEMA = 1
-# userspace mode's TCP relay: redsocks inside the namespace, and the host-side SOCKS5 proxy on
-# 127.0.0.1 that pasta splices the namespace's port of the same number to
-RELAY_PORT = 12345
-EGRESS_PORT = 12346
 
 
 class ConfigError(Exception):

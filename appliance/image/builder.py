@@ -22,6 +22,8 @@ from .assemble import ESP_SIZE, DiskIds, build_esp, build_root_fs, build_uki, ke
 from .cache import Cache, content_key
 from .debian import Archive
 from .lock import Lock
+from .netstack import IMAGE_PATH as NETSTACK_PATH
+from .netstack import build_netstack
 from .outputs import allocated, bmap, compress, sha256, write_manifest
 from .rootfs import BaseTree, build_base, newest_base
 from .run import BuildLog, ImageError, require_root
@@ -120,6 +122,10 @@ def _build(spec: ImageSpec, config: ConfigTree, profile_info: dict[str, Any], op
         tools = build_tools(opts.cache, archive, log, rebuild=opts.no_cache)
     with timed_step("root tree (Debian trixie, mmdebstrap)", "base"):
         base = _base(opts, tools, archive, spec, lock, sde, log)
+    if spec.netstack:
+        with timed_step("userspace dataplane (go build)", "netstack"):
+            binary = build_netstack(opts.cache, archive, log)
+        config.file(NETSTACK_PATH, binary.read_bytes(), mode=0o755)
 
     work = opts.cache.root.resolve() / "work" / f"{name}-{os.getpid()}"
     paths = output_paths(out_dir, name)

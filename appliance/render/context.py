@@ -8,7 +8,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..profile.acl import AclTarget
+from ..profile.acl import AclTarget, PortRange
 from ..profile.model import NetInterface, Profile, StaticIPv4, StaticIPv6
 from ..profile.types import IPNetwork
 
@@ -70,10 +70,9 @@ class FilterRule:
     destination: IPNetwork
     proto: str  # tcp, udp, icmp, any
     ports: str  # nft port set, or "" for all ports
+    port_ranges: tuple[PortRange, ...] = ()  # the same ports as (first, last) pairs
 
-    def nft(self, out_of_tunnel: str = f'oifname != "{WG_IFACE}"') -> str:
-        """out_of_tunnel: how "not to another peer" is matched; before routing (a prerouting hook)
-        there is no output interface yet, only the route lookup `fib daddr oifname`."""
+    def nft(self) -> str:
         ip = "ip" if self.family == 4 else "ip6"
         parts = []
         if self.sources:
@@ -87,17 +86,13 @@ class FilterRule:
         if not self.sources and not self.destination.prefixlen:
             parts.insert(0, f"meta nfproto ipv{self.family}")
         if not self.destination.prefixlen:
-            parts.append(out_of_tunnel)  # "everywhere" means out of the tunnel, not to other peers
+            parts.append(f'oifname != "{WG_IFACE}"')  # "everywhere" means out of the tunnel, not to other peers
         return " ".join(parts)
 
-    def nft_relay_tcp(self) -> str | None:
-        """The same decision for TCP before routing (userspace mode hands allowed TCP to the relay),
-        or None when the rule admits no TCP. IPv4 only: redsocks listens on IPv4; peers' IPv6 TCP keeps
-        the pasta path."""
-        if self.proto not in ("tcp", "any") or self.family != 4:
-            return None
-        match = self.nft(f'fib daddr oifname != "{WG_IFACE}"')
-        return match if self.proto == "tcp" else f"{match} meta l4proto tcp"
+    def as_json(self) -> dict[str, Any]:
+        """The rule as the userspace dataplane reads it from dataplane.json (filter)."""
+        return {"sources": [str(s) for s in self.sources], "destination": str(self.destination),
+                "proto": self.proto, "ports": [list(r) for r in self.port_ranges]}
 
 
 @dataclass(frozen=True)
@@ -156,11 +151,8 @@ def forward_rules(p: Profile) -> list[FilterRule]:
                 if not sources:
                     continue  # none of these peers has an address of this family
             ports = dest.nft_ports() if dest.ports else ""
-            rules.append(FilterRule(fam, sources, dest.network, acl.proto, ports))
+            rules.append(FilterRule(fam, sources, dest.network, acl.proto, ports, dest.ports))
     return rules
-
-
-USERSPACE_RMEM_DEFAULT = "4194304"
 
 
 def _sysctls(p: Profile, links: list[Link], ipv6: bool) -> dict[str, str]:
@@ -180,11 +172,8 @@ def _sysctls(p: Profile, links: list[Link], ipv6: bool) -> dict[str, str]:
         s["net.core.rmem_max"] = "7340032"
         s["net.core.wmem_max"] = "7340032"
     if p.dataplane.mode == "userspace":
-        s["net.ipv4.ping_group_range"] = "0 2147483647"  # pasta answers ICMP echo with unprivileged pings
-        # pasta does not size the socket it forwards WireGuard's port with: the default 208 KiB holds
-        # under 100 datagrams, a peer's wireguard-go sends bursts of 128, and every drop costs the
-        # tunnelled TCP a retransmission
-        s["net.core.rmem_default"] = USERSPACE_RMEM_DEFAULT
+        # peers' pings leave as the dataplane's own, from unprivileged ICMP sockets
+        s["net.ipv4.ping_group_range"] = "0 2147483647"
     return s
 
 

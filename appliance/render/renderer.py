@@ -9,7 +9,6 @@ from typing import Any
 import jinja2
 
 from .. import __version__
-from ..dataplane.config import EGRESS_PORT, RELAY_PORT
 from ..profile.model import Profile
 from ..secrets import ApplianceKeys
 from .context import CREDSTORE, PRIVATE_KEY_CREDENTIAL, WG_IFACE, Context, build_context, psk_credential
@@ -90,14 +89,8 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
         t.symlink(f"etc/systemd/system/multi-user.target.wants/{unit}", f"/etc/systemd/system/{unit}")
     t.file("etc/nftables.conf", tpl("nftables.conf.j2", dhcpv4=_any(ctx, "ipv4", "dhcp"),
                                      dhcpv6=_any(ctx, "ipv6", "ra"), forwarding=ctx.kernel_forwarding,
-                                     extra_tcp=[], tcp_relay=None), mode=0o755)
+                                     socks5_port=_socks5_port(p)), mode=0o755)
     if p.dataplane.mode == "userspace":
-        # inside the dataplane's own namespace the kernel forwards between wg0 and pasta's interface
-        socks = int(p.dataplane.socks5.rsplit(":", 1)[1])
-        t.file("etc/appliance/userspace-nftables.conf",
-               tpl("nftables.conf.j2", dhcpv4=False, dhcpv6=False, forwarding=True, extra_tcp=[socks],
-                   tcp_relay=RELAY_PORT))
-        t.file("etc/appliance/redsocks.conf", tpl("redsocks.conf.j2", relay_port=RELAY_PORT, egress_port=EGRESS_PORT))
         t.file("etc/systemd/system/appliance-userspace.service", tpl("userspace.service.j2", credstore=CREDSTORE))
         t.file("etc/sysusers.d/appliance.conf",
                'u appliance-dp - "appliance userspace dataplane" /nonexistent /usr/sbin/nologin\n')
@@ -107,6 +100,15 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
     t.file(DATAPLANE_JSON, json.dumps(dataplane_config(p, ctx), indent=2, sort_keys=True) + "\n")
     _secrets(t, p, keys)
     return t
+
+
+def _socks5_port(p: Profile) -> int | None:
+    """The userspace dataplane's SOCKS5 port when other hosts may use it (not bound to loopback)."""
+    if p.dataplane.mode != "userspace" or not p.dataplane.socks5:
+        return None
+    host, _, port = p.dataplane.socks5.rpartition(":")
+    host = host.strip("[]")
+    return None if host in ("127.0.0.1", "::1", "localhost") else int(port)
 
 
 def _any(ctx: Context, family: str, mode: str) -> bool:
@@ -181,4 +183,6 @@ def dataplane_config(p: Profile, ctx: Context) -> dict[str, Any]:
     }
     if dp.mode == "userspace":
         cfg["socks5"] = dp.socks5
+        # the kernel mode's forward_from_peers chain, for the userspace stack to apply itself
+        cfg["filter"] = [r.as_json() for r in ctx.forward_rules]
     return cfg

@@ -45,6 +45,7 @@ class ImageSpec:
     enable_units: tuple[str, ...]  # Debian's, enabled in the base tree
     disable_units: tuple[str, ...]
     appliance_units: tuple[str, ...] = ()  # the appliance's own, enabled by the rendered tree
+    netstack: bool = False  # the userspace dataplane's binary, compiled from Go and added to the tree
 
     def base_inputs(self) -> dict[str, Any]:
         """The parts that decide the base tree's content (the name does not)."""
@@ -52,6 +53,7 @@ class ImageSpec:
         d.pop("name")
         d.pop("extra_packages")
         d.pop("appliance_units")
+        d.pop("netstack")
         return d
 
 
@@ -60,10 +62,10 @@ def image_spec(p: Profile) -> ImageSpec:
     dp = p.dataplane
     if dp.mode == "kernel":
         packages.add("wireguard-tools")  # `wg`; the module ships with the kernel
-    if dp.mode == "userspace" or dp.wireguard == "wireguard-go":
-        packages |= {"wireguard-go", "wireguard-tools"}
+    if dp.mode == "kernel" and dp.wireguard == "wireguard-go":
+        packages.add("wireguard-go")
     if dp.mode == "userspace":
-        packages |= {"passt", "microsocks", "redsocks"}
+        packages.add("wireguard-tools")  # `wg show` reads the userspace dataplane's UAPI socket too
     kernel = f"linux-image-cloud-{p.system.arch}" if p.system.board == "qemu" else f"linux-image-{p.system.arch}"
     packages.add(kernel)
     packages |= set(p.system.packages)
@@ -77,7 +79,7 @@ def image_spec(p: Profile) -> ImageSpec:
         initrd_modules=tuple(VM_INITRD_MODULES) if p.system.board == "qemu" else (),
         modules_exclude=tuple(MODULES_EXCLUDE_ALL + (MODULES_EXCLUDE_VM if p.system.board == "qemu" else [])),
         enable_units=tuple(enabled_units(p)),
-        # Debian's redsocks.service would run a second relay as root with the example configuration
-        disable_units=tuple(DISABLED_UNITS + (["redsocks.service"] if dp.mode == "userspace" else [])),
+        disable_units=tuple(DISABLED_UNITS),
         appliance_units=tuple(appliance_units(p)),
+        netstack=dp.mode == "userspace",
     )

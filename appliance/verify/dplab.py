@@ -3,7 +3,7 @@ client (a WireGuard peer) <-> appliance <-> server, with the appliance's datapla
 
   plain:     the appliance only routes (no WireGuard): the ceiling
   kernel:    wireguard-go on the appliance, the rendered ruleset, the reconciler (kernel mode)
-  userspace: the rootless dataplane (wireguard-go in a user+net namespace, pasta) as an unprivileged uid
+  userspace: the rootless dataplane (appliance-netstack: wireguard-go + gVisor's stack) as an unprivileged uid
 
 Addresses: client-appliance 198.18.50.0/24, appliance-server 198.18.60.0/24, tunnel 100.64.9.0/24."""
 
@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..image.netstack import build_netstack
 from ..profile import load_profile
 from ..render import render
 from ..secrets import SecretStore, generate_private_key, public_key
@@ -39,7 +40,7 @@ wireguard:
   peers:
     - {{name: client, public_key: "{client}", allowed_ips: [100.64.9.2/32]}}
 dataplane: {dataplane}
-"""
+{extra}"""
 
 
 @dataclass
@@ -63,8 +64,10 @@ def _topology(lab: Lab) -> tuple[str, str, str]:
     return client, appl, server
 
 
-def start(mode: str, *, wireguard_go: str = "wireguard-go", mtu: int = 1420, tag: str = "d") -> DataplaneLab:
-    """A running lab; the caller closes it (also on failure: use try/finally)."""
+def start(mode: str, *, wireguard_go: str = "wireguard-go", mtu: int = 1420, tag: str = "d",
+          extra: str = "") -> DataplaneLab:
+    """A running lab; the caller closes it (also on failure: use try/finally). extra: more of the
+    profile's YAML (a firewall section, say)."""
     lab = Lab(tag)
     try:
         client, appl, server = _topology(lab)
@@ -78,7 +81,7 @@ def start(mode: str, *, wireguard_go: str = "wireguard-go", mtu: int = 1420, tag
         dataplane = "{mode: kernel, wireguard: wireguard-go}" if mode == "kernel" else \
             '{mode: userspace, socks5: "127.0.0.1:1080"}'
         profile = lab.dir / "dplab.yaml"
-        profile.write_text(PROFILE.format(mtu=mtu, client=public_key(client_key), dataplane=dataplane))
+        profile.write_text(PROFILE.format(mtu=mtu, client=public_key(client_key), dataplane=dataplane, extra=extra))
         p = load_profile(profile).profile
         store = SecretStore(lab.dir / "secrets")
         root = lab.dir / "root"
@@ -97,7 +100,9 @@ def start(mode: str, *, wireguard_go: str = "wireguard-go", mtu: int = 1420, tag
         else:
             d.dataplane = _start_userspace(lab, appl, root, dp, key_file)
         _client(lab, client, profile, client_key, wireguard_go)
-        wait_for(lambda: lab.run(client, ["ping", "-c", "1", "-W", "2", SERVER], check=False).returncode == 0, 30, 0.5)
+        if not extra:  # a firewall may refuse the ping
+            wait_for(lambda: lab.run(client, ["ping", "-c", "1", "-W", "2", SERVER], check=False).returncode == 0,
+                     30, 0.5)
         return d
     except BaseException:
         lab.close()
@@ -113,28 +118,24 @@ def _start_userspace(lab: Lab, ns: str, root: Path, dp: dict[str, object], key_f
     creds = private / "credentials"  # what LoadCredential= gives the service
     creds.mkdir()
     (creds / "wireguard-private-key").write_bytes(key_file.read_bytes())
-    (private / "rules.nft").write_bytes((root / "etc/appliance/userspace-nftables.conf").read_bytes())
-    (private / "redsocks.conf").write_bytes((root / "etc/appliance/redsocks.conf").read_bytes())
-    # the image's launcher and the copy of the code shipped in the image, not this checkout
+    # the image's launcher, the copy of the code shipped in the image (not this checkout) and the
+    # binary the image build compiles
     shipped = root / "usr/lib/appliance/python"
     launcher = (root / "usr/sbin/appliance-dataplane").read_text()
     launcher = launcher.replace("/usr/lib/appliance/python", str(private / "python"))
     (private / "appliance-dataplane").write_text(launcher)
     shutil.copytree(shipped, private / "python")
-    # the image's udev makes /dev/net/tun 0666; a lab host may not: a node the uid owns, bound over it
-    subprocess.run(["mknod", str(private / "tun"), "c", "10", "200"], check=True)
+    shutil.copy(build_netstack(), private / "appliance-netstack")
     for d in (lab.dir, lab.dir / "run"):  # traversable (not listable) for the unprivileged uid
         os.chmod(d, 0o711)
     for path in [private, *private.rglob("*"), lab.rundir(ns), lab.rundir(ns) / "wireguard"]:
         os.chown(path, UID, UID)
-    os.chmod(private / "tun", 0o600)
     proc = lab.spawn(
         ns, ["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", "--inh-caps=-all", "--",
-             # Debian's python3 with python3-pyroute2, as in the image (a venv may sit under /root)
+             # Debian's python3, as in the image (a venv may sit under /root)
              "env", "--chdir=/", f"CREDENTIALS_DIRECTORY={creds}", "/usr/bin/python3", private / "appliance-dataplane",
-             "--config", private / "dataplane.json", "userspace",
-             "--ruleset", private / "rules.nft", "--relay-config", private / "redsocks.conf"],
-        "dataplane", binds=[(private / "tun", "/dev/net/tun")])
+             "--config", private / "dataplane.json", "userspace", "--netstack", private / "appliance-netstack"],
+        "dataplane")
     wait_for(lambda: "userspace dataplane up" in lab.log("dataplane") or proc.poll() is not None, 30)
     if proc.poll() is not None:
         raise RuntimeError(f"the userspace dataplane exited:\n{lab.log('dataplane')}")

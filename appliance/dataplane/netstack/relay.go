@@ -1,0 +1,138 @@
+package main
+
+import (
+	"io"
+	"net"
+	"net/netip"
+	"strconv"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+const (
+	dialTimeout = 10 * time.Second
+	udpIdle     = 2 * time.Minute
+	copyBuffer  = 256 << 10
+)
+
+// relay ends peers' TCP and UDP flows in the userspace stack and opens the same flow from the
+// host's own sockets: the host's routing and source address apply (SNAT comes for free).
+type relay struct {
+	pol    *policy
+	dialer net.Dialer
+}
+
+// target is where a peer's flow to dst:port is re-originated, or false when the policy refuses it.
+// The appliance's own tunnel address stands for its own services, reached on loopback.
+func (r *relay) target(proto string, src, dst netip.Addr, port uint16) (string, bool) {
+	if r.pol.isOwn(dst) {
+		if r.pol.shieldsUp {
+			return "", false
+		}
+		loop := "127.0.0.1"
+		if dst.Is6() {
+			loop = "::1"
+		}
+		return net.JoinHostPort(loop, strconv.Itoa(int(port))), true
+	}
+	if !r.pol.forward(proto, src, dst, port) {
+		return "", false
+	}
+	return net.JoinHostPort(dst.String(), strconv.Itoa(int(port))), true
+}
+
+// tcp runs in its own goroutine per connection attempt: the peer's SYN is answered only once the
+// host-side connection is up, so a refused or unreachable destination refuses the peer too.
+func (r *relay) tcp(req *tcp.ForwarderRequest) {
+	id := req.ID()
+	to, ok := r.target("tcp", addr(id.RemoteAddress), addr(id.LocalAddress), id.LocalPort)
+	if !ok {
+		req.Complete(true)
+		return
+	}
+	out, err := r.dialer.Dial("tcp", to)
+	if err != nil {
+		req.Complete(true)
+		return
+	}
+	var wq waiter.Queue
+	ep, terr := req.CreateEndpoint(&wq)
+	if terr != nil {
+		req.Complete(true)
+		out.Close()
+		return
+	}
+	req.Complete(false)
+	in := gonet.NewTCPConn(&wq, ep)
+	go join(in, out.(*net.TCPConn))
+}
+
+type halfCloser interface {
+	net.Conn
+	CloseWrite() error
+}
+
+// join copies both ways, passing each side's end of stream on to the other.
+func join(a, b halfCloser) {
+	done := make(chan struct{}, 2)
+	pump := func(dst, src halfCloser) {
+		// plain Reader/Writer: the buffer is used as given, not a 32 KiB default
+		_, _ = io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, make([]byte, copyBuffer))
+		_ = dst.CloseWrite()
+		done <- struct{}{}
+	}
+	go pump(a, b)
+	go pump(b, a)
+	<-done
+	<-done
+	a.Close()
+	b.Close()
+}
+
+// udp is called for the first datagram of a flow; replies come back on the same flow until it has
+// been idle for udpIdle.
+func (r *relay) udp(req *udp.ForwarderRequest) {
+	id := req.ID()
+	to, ok := r.target("udp", addr(id.RemoteAddress), addr(id.LocalAddress), id.LocalPort)
+	if !ok {
+		return
+	}
+	out, err := net.Dial("udp", to)
+	if err != nil {
+		return
+	}
+	var wq waiter.Queue
+	ep, terr := req.CreateEndpoint(&wq)
+	if terr != nil {
+		out.Close()
+		return
+	}
+	in := gonet.NewUDPConn(&wq, ep)
+	go func() {
+		done := make(chan struct{}, 2)
+		pump := func(dst, src net.Conn) {
+			buf := make([]byte, 65536)
+			for {
+				_ = src.SetReadDeadline(time.Now().Add(udpIdle))
+				n, err := src.Read(buf)
+				if err != nil {
+					break
+				}
+				if _, err := dst.Write(buf[:n]); err != nil {
+					break
+				}
+			}
+			done <- struct{}{}
+		}
+		go pump(out, in)
+		go pump(in, out)
+		<-done
+		in.Close()
+		out.Close()
+		<-done
+	}()
+}
