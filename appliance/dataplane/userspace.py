@@ -73,8 +73,12 @@ def run(load: Callable[[], DataplaneConfig], config_path: Path, *, binary: Path 
                 return 1
             time.sleep(0.02)
         endpoints: dict[bytes, str] = {}
-        for line in converge(cfg, sock, endpoints):
-            print(line, flush=True)
+        try:
+            for line in converge(cfg, sock, endpoints):
+                print(line, flush=True)
+        except (ConfigError, uapi.UapiError) as e:
+            print(f"error: {binary.name} could not be configured: {e}", file=sys.stderr, flush=True)
+            return 1
         print(f"userspace dataplane up: {binary.name} pid {proc.pid}", flush=True)
         notify("READY=1")
         next_pass = time.monotonic() + interval

@@ -164,12 +164,14 @@ def traffic_cases(p: Profile, peers: list[LabPeer], lan: str | None) -> list[dic
                 allowed = label != "not advertised" and acl_allows(p, peer.name, proto, dst, port)
                 cases.append({"peer": peer.name, "target": label, "dst": dst, "proto": proto, "port": port,
                               "expect": "arrive" if allowed else "blocked"})
-            layer3 = p.dataplane.mode == "kernel" and label != "not advertised" and dst not in layer3_done
+            layer3 = label != "not advertised" and dst not in layer3_done
             if layer3 and acl_allows(p, peer.name, "any", dst, None):
                 layer3_done.add(dst)
+                # kernel mode routes every IP protocol; userspace mode carries only TCP, UDP and ping
+                expect = "arrive" if p.dataplane.mode == "kernel" else "blocked"
                 for proto in ("sctp", "gre"):
                     cases.append({"peer": peer.name, "target": label, "dst": dst, "proto": proto, "port": None,
-                                  "expect": "arrive"})
+                                  "expect": expect})
     return cases
 
 
