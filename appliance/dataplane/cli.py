@@ -51,7 +51,7 @@ def _notify(state: str) -> None:
 def watch(config: Path, interval: float, uapi_dir: Path) -> None:
     """Apply, then again whenever a link appears, disappears or changes state (wireguard-go
     restarted, a NIC re-plugged or flapped: offloads come back), and every `interval` seconds."""
-    from pyroute2 import IPRoute
+    from pyroute2.iproute.linux import IPRoute
     from pyroute2.netlink.rtnl import RTMGRP_LINK
 
     from .reconcile import apply

@@ -8,7 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 
 from .config import LinkConfig
 

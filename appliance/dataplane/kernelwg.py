@@ -10,9 +10,8 @@ import base64
 import socket
 from typing import Any
 
-from pyroute2 import WireGuard
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
-from pyroute2.netlink.generic.wireguard import WG_CMD_SET_DEVICE, WG_GENL_VERSION, wgmsg
+from pyroute2.netlink.generic.wireguard import WG_CMD_SET_DEVICE, WG_GENL_VERSION, WireGuard, wgmsg
 
 from .wgstate import Device, DeviceChange, Peer
 

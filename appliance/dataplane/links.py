@@ -9,7 +9,7 @@ import ipaddress
 import socket
 from typing import Any
 
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 
 RTPROT_APPLIANCE = 52  # marks our routes (unassigned in /etc/iproute2/rt_protos)
 FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}

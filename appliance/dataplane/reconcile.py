@@ -9,7 +9,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 
 from . import kernelwg, uapi
 from .config import DataplaneConfig

@@ -19,7 +19,7 @@ from .lock import Lock
 from .run import BuildLog, ImageError, run
 from .tools import ToolsTree
 
-BASE_RECIPE = 6  # bump when the hooks below change what a base tree contains
+BASE_RECIPE = 7  # bump when the hooks below change what a base tree contains
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,10 @@ def _customize_hooks(spec: ImageSpec) -> list[str]:
         'rm -f "$1/var/lib/dbus/machine-id" "$1"/etc/ssh/ssh_host_*',
         'mkdir -p "$1/etc/systemd/system/ssh.service.d"',
         # one Ed25519 host key (every SSH client of the last decade speaks it): an RSA key takes seconds
-        # to generate on a slow CPU, on the way to the first login
+        # to generate on a slow CPU, on the way to the first login; no `sshd -t` at every boot either
+        # (the tree checks run it when the image is built)
         "printf '[Service]\\nExecStartPre=\\nExecStartPre=/bin/sh -c \"test -e /etc/ssh/ssh_host_ed25519_key || "
-        "ssh-keygen -q -t ed25519 -N \\\"\\\" -f /etc/ssh/ssh_host_ed25519_key\"\\nExecStartPre=/usr/sbin/sshd -t\\n' "
+        "ssh-keygen -q -t ed25519 -N \\\"\\\" -f /etc/ssh/ssh_host_ed25519_key\"\\n' "
         '> "$1/etc/systemd/system/ssh.service.d/10-appliance-hostkeys.conf"',
         "printf '# the root file system is given on the kernel command line (root=PARTUUID=...)\\n' > \"$1/etc/fstab\"",
         f'systemctl --root="$1" enable {shlex.join(spec.enable_units)}',
@@ -94,6 +95,9 @@ def _customize_hooks(spec: ImageSpec) -> list[str]:
         # on a slow CPU: the linker cache and journal catalog are made at install, hwdb.bin is left
         # out on purpose (udev names devices without it)
         f'systemctl --root="$1" mask {shlex.join(MASKED_UNITS)}',
+        # generators run before the first unit starts, each a process of its own
+        'mkdir -p "$1/etc/systemd/system-generators"',
+        *(f'ln -sf /dev/null "$1/etc/systemd/system-generators/{g}"' for g in MASKED_GENERATORS),
         'ln -sf ../run/systemd/resolve/stub-resolv.conf "$1/etc/resolv.conf"',
         'rm -f "$1/etc/apt/preferences.d/appliance-lock"',
         # logs and caches of the install itself would only make trees differ
@@ -104,7 +108,20 @@ def _customize_hooks(spec: ImageSpec) -> list[str]:
 
 
 MASKED_UNITS = ["systemd-hwdb-update.service", "ldconfig.service", "systemd-journal-catalog-update.service",
-                "systemd-update-done.service"]
+                "systemd-update-done.service",
+                # file systems and modules of desktops and debugging: FUSE, hugepages, POSIX message
+                # queues, configfs, debugfs/tracefs, binfmt_misc, DRM, pstore; the kernel command
+                # line's ip= (networkd is configured); each costs a process or a mount at boot
+                "sys-fs-fuse-connections.mount", "modprobe@fuse.service", "dev-hugepages.mount", "dev-mqueue.mount",
+                "sys-kernel-config.mount", "modprobe@configfs.service", "sys-kernel-debug.mount",
+                "sys-kernel-tracing.mount", "proc-sys-fs-binfmt_misc.automount", "proc-sys-fs-binfmt_misc.mount",
+                "systemd-binfmt.service", "modprobe@drm.service", "modprobe@efi_pstore.service",
+                "systemd-pstore.service", "systemd-network-generator.service"]
+# root is on the command line and fstab is empty, there is no TPM, hibernation, SysV script, rc.local,
+# offline update or kernel-command-line unit, and SSH listens on the network, not on vsock
+MASKED_GENERATORS = ["systemd-gpt-auto-generator", "systemd-hibernate-resume-generator", "systemd-rc-local-generator",
+                     "systemd-ssh-generator", "systemd-system-update-generator", "systemd-sysv-generator",
+                     "systemd-tpm2-generator", "systemd-run-generator"]
 
 _MISSING = re.compile(r"Unable to locate package (\S+)|Package '?(\S+?)'? has no installation candidate")
 

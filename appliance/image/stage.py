@@ -23,8 +23,19 @@ def stage_tree(base: BaseTree, config: ConfigTree, dest: Path, sde: int, log: Bu
         for p in dest.glob(pattern):
             p.unlink()
     config.write_into(dest, include_secrets=True, mtime=sde)
+    _compile_python(dest, log)
     clamp_mtimes(dest, sde)  # directories we wrote into got a new mtime
     return dest
+
+
+def _compile_python(tree: Path, log: BuildLog) -> None:
+    """Bytecode for the shipped dataplane code, by the image's own python3: compiled at every boot
+    otherwise (a read-only or fresh root has no __pycache__), seconds under emulation. Hash-checked
+    pyc files hold no timestamps, and a fixed hash seed orders constant sets the same way each build."""
+    code = tree / "usr/lib/appliance/python"
+    if code.is_dir():
+        run(["chroot", tree, "python3", "-m", "compileall", "-q", "--invalidation-mode", "checked-hash",
+             "/usr/lib/appliance/python"], log=log, env={"PYTHONHASHSEED": "0"}, what="compileall (dataplane code)")
 
 
 def remove_tree(path: Path) -> None:

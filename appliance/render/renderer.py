@@ -94,12 +94,33 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
         t.file("etc/systemd/system/appliance-userspace.service", tpl("userspace.service.j2", credstore=CREDSTORE))
         t.file("etc/sysusers.d/appliance.conf",
                'u appliance-dp - "appliance userspace dataplane" /nonexistent /usr/sbin/nologin\n')
+    t.file("etc/modules-load.d/appliance.conf",
+           "# loaded in one pass at boot (systemd-modules-load), before the firewall and the dataplane:\n"
+           "# on demand, the kernel would start modprobe once per module\n"
+           + "".join(f"{m}\n" for m in boot_modules(p)))
+    t.file("etc/systemd/system/nftables.service.d/10-appliance.conf",
+           "[Unit]\n# the ruleset's modules are loaded by then (modules-load.d/appliance.conf)\n"
+           "After=systemd-modules-load.service\n")
+    t.file("etc/systemd/system/systemd-networkd.service.d/10-appliance.conf",
+           "[Service]\n# the uplink's address is on the tunnel's way up: networkd comes first when the CPU is short\n"
+           "CPUWeight=1000\nNice=-10\n")
     t.file("etc/sysctl.d/90-appliance.conf", tpl("sysctl.conf.j2"))
     t.file("etc/ssh/sshd_config.d/10-appliance.conf", tpl("sshd.conf.j2"))
     t.file("etc/systemd/system-preset/10-appliance.preset", tpl("preset.j2", units=enabled_units(p)))
     t.file(DATAPLANE_JSON, json.dumps(dataplane_config(p, ctx), indent=2, sort_keys=True) + "\n")
     _secrets(t, p, keys)
     return t
+
+
+def boot_modules(p: Profile) -> list[str]:
+    """Kernel modules the rendered ruleset and the dataplane need at every boot (counters, sets,
+    payload matches and `tcp option maxseg`/`rt mtu` are built into nf_tables)."""
+    modules = ["nf_tables", "nft_ct"]
+    if p.dataplane.mode == "kernel" and p.routing.snat:
+        modules += ["nft_chain_nat", "nft_masq"]
+    if p.dataplane.mode == "kernel" and p.dataplane.wireguard == "kernel":
+        modules.append("wireguard")
+    return modules
 
 
 def _socks5_port(p: Profile) -> int | None:

@@ -22,10 +22,13 @@ VM_INITRD_MODULES = ["virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net", "n
 MODULES_EXCLUDE_ALL = [
     "drivers/infiniband", "drivers/comedi", "drivers/target", "fs/bcachefs", "fs/ceph", "fs/ocfs2", "fs/gfs2",
     "fs/dlm", "fs/nfsd", "fs/orangefs", "fs/coda", "fs/afs", "net/ceph", "net/tipc", "net/smc", "net/rds",
+    # an appliance hosts no VMs and talks to no hypervisor over vsock; udev would load these at boot
+    "arch/x86/kvm", "drivers/misc/vmw_vmci", "net/vmw_vsock",
 ]
 MODULES_EXCLUDE_VM = [
     "drivers/md", "drivers/nvdimm", "drivers/media", "drivers/gpu", "fs/btrfs", "fs/xfs", "fs/smb", "fs/nfs",
     "fs/ntfs3", "fs/jfs", "fs/f2fs", "fs/nilfs2", "fs/reiserfs", "net/sunrpc", "sound",
+    "drivers/cdrom", "drivers/scsi/sr_mod.ko.xz",  # QEMU's q35 has a CD drive; the appliance boots from disk
 ]
 # Timers and units an appliance does not need; fewer units, faster boot.
 DISABLED_UNITS = ["apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "e2scrub_all.timer",

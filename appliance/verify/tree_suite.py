@@ -102,3 +102,22 @@ def test_ruleset_checks_with_image_nft(host: Any) -> None:
     """The image's own nft (trixie) accepts the ruleset; -c commits nothing."""
     result = host.run("nft -c -f /etc/nftables.conf")
     assert result.rc == 0, result.stderr
+
+
+def test_boot_modules_exist(host: Any) -> None:
+    """Every module modules-load.d names is in the tree: a missing one would fail the boot's
+    systemd-modules-load.service."""
+    names = [ln.strip() for ln in host.file("/etc/modules-load.d/appliance.conf").content_string.splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert names
+    version = host.check_output("ls /usr/lib/modules").split()[0]
+    missing = [n for n in names if host.run(f"modinfo -k {version} -F name {n}").rc != 0]
+    assert not missing, f"not in the tree: {missing}"
+
+
+def test_sshd_accepts_its_configuration(host: Any) -> None:
+    """sshd -t no longer runs at every boot (a whole sshd start on the way to the first login): it
+    runs here, with a throwaway host key outside the image's paths."""
+    result = host.run("d=$(mktemp -d) && ssh-keygen -q -t ed25519 -N '' -f $d/k && mkdir -p /run/sshd && "
+                      "sshd -t -h $d/k; rc=$?; rm -rf $d; rmdir /run/sshd; exit $rc")
+    assert result.rc == 0, result.stderr
