@@ -15,6 +15,9 @@ copied through pasta, 0.37 Gbit/s where kernel mode did 2.3 (docs/benchmarks.md)
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -24,11 +27,12 @@ from pathlib import Path
 
 from . import uapi
 from .config import ConfigError, DataplaneConfig
-from .device import poke, wanted_device
+from .device import wanted_device
 from .wgstate import diff
 
 NETSTACK = Path("/usr/lib/appliance/appliance-netstack")
 START_TIMEOUT = 10.0
+ENDPOINT_POLL = 5.0  # how often peers' endpoints are read back, to be remembered
 
 
 def converge(cfg: DataplaneConfig, sock: Path, known_endpoints: dict[bytes, str]) -> list[str]:
@@ -38,12 +42,40 @@ def converge(cfg: DataplaneConfig, sock: Path, known_endpoints: dict[bytes, str]
     change = diff(current, wanted_device(cfg, known_endpoints))
     if change.empty:
         return []
+    # a peer given back its last endpoint gets a handshake from appliance-netstack itself (a kernel
+    # socket's datagram, as the reconciler's poke sends, never enters the userspace stack)
     uapi.set_device(sock, change)
-    restored = [c.peer for c in change.peers if not c.remove and c.peer.endpoint
-                and c.peer.public_key not in current.peers]
-    if restored:
-        poke(restored)
     return [f"{cfg.wireguard.interface} {d}" for d in change.describe()]
+
+
+def _load_endpoints(path: Path | None) -> dict[bytes, str]:
+    """Where peers were last seen, kept across restarts (systemd's StateDirectory=): a restarted
+    dataplane starts the handshake itself instead of waiting ~15 s for the peer to notice."""
+    if path is None:
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        return {base64.b64decode(k): str(v) for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _remember_endpoints(sock: Path, endpoints: dict[bytes, str], path: Path | None) -> None:
+    seen = {k: p.endpoint for k, p in uapi.get(sock).peers.items() if p.endpoint}
+    if path is None or all(endpoints.get(k) == v for k, v in seen.items()):
+        return
+    endpoints.update(seen)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({base64.b64encode(k).decode(): v for k, v in endpoints.items()}))
+    os.replace(tmp, path)
+
+
+def _answers(sock: Path) -> bool:
+    try:
+        uapi.get(sock)
+    except uapi.UapiError:
+        return False
+    return True
 
 
 def run(load: Callable[[], DataplaneConfig], config_path: Path, *, binary: Path = NETSTACK,
@@ -53,6 +85,7 @@ def run(load: Callable[[], DataplaneConfig], config_path: Path, *, binary: Path 
     load() reads dataplane.json again on each pass, so a changed file converges without a restart."""
     cfg = load()
     sock = uapi.socket_path(cfg.wireguard.interface, uapi_dir)
+    state = Path(os.environ["STATE_DIRECTORY"]) / "endpoints.json" if os.environ.get("STATE_DIRECTORY") else None
     proc = subprocess.Popen([str(binary), "--config", str(config_path)])
     stop = False
 
@@ -64,7 +97,8 @@ def run(load: Callable[[], DataplaneConfig], config_path: Path, *, binary: Path 
     signal.signal(signal.SIGINT, on_term)
     try:
         t0 = time.monotonic()
-        while not sock.exists():
+        # answering, not only there: a socket left by a killed predecessor refuses connections
+        while not _answers(sock):
             if proc.poll() is not None or stop:
                 return 1 if not stop else 0
             if time.monotonic() - t0 > START_TIMEOUT:
@@ -72,7 +106,7 @@ def run(load: Callable[[], DataplaneConfig], config_path: Path, *, binary: Path 
                       flush=True)
                 return 1
             time.sleep(0.02)
-        endpoints: dict[bytes, str] = {}
+        endpoints = _load_endpoints(state)
         try:
             for line in converge(cfg, sock, endpoints):
                 print(line, flush=True)
@@ -82,14 +116,19 @@ def run(load: Callable[[], DataplaneConfig], config_path: Path, *, binary: Path 
         print(f"userspace dataplane up: {binary.name} pid {proc.pid}", flush=True)
         notify("READY=1")
         next_pass = time.monotonic() + interval
+        next_look = time.monotonic() + ENDPOINT_POLL
         while not stop and proc.poll() is None:
             time.sleep(0.2)
-            if time.monotonic() < next_pass:
-                continue
-            next_pass = time.monotonic() + interval
-            try:  # DNS names of peers' endpoints resolve once the network is up; a changed file applies
-                for line in converge(load(), sock, endpoints):
-                    print(line, flush=True)
+            now = time.monotonic()
+            try:
+                if now >= next_pass:
+                    next_pass = now + interval
+                    # DNS names of peers' endpoints resolve once the network is up; a changed file applies
+                    for line in converge(load(), sock, endpoints):
+                        print(line, flush=True)
+                elif now >= next_look:
+                    next_look = now + ENDPOINT_POLL
+                    _remember_endpoints(sock, endpoints, state)
             except (ConfigError, uapi.UapiError, OSError) as e:
                 print(f"error: {e}", file=sys.stderr, flush=True)
         if not stop:

@@ -120,6 +120,8 @@ def boot_modules(p: Profile) -> list[str]:
         modules += ["nft_chain_nat", "nft_masq"]
     if p.dataplane.mode == "kernel" and p.dataplane.wireguard == "kernel":
         modules.append("wireguard")
+    if p.dataplane.mode == "kernel" and p.dataplane.wireguard == "wireguard-go":
+        modules.append("tun")  # loading it makes /dev/net/tun, which wireguard-go opens at start
     return modules
 
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,8 @@ class DataplaneLab:
     appliance: str
     server: str
     dataplane: subprocess.Popen[bytes] | None = None
+    # userspace mode: start the dataplane again, as systemd's Restart= does; returns the new process
+    restart: Callable[[str], subprocess.Popen[bytes]] | None = None
 
     def close(self) -> None:
         self.lab.close()
@@ -98,7 +101,8 @@ def start(mode: str, *, wireguard_go: str = "wireguard-go", mtu: int = 1420, tag
             lab.run(appl, [sys.executable, "-m", "appliance.dataplane", "--config", lab.dir / "dataplane.json",
                            "apply"])
         else:
-            d.dataplane = _start_userspace(lab, appl, root, dp, key_file)
+            d.restart = _userspace_launcher(lab, appl, root, dp, key_file)
+            d.dataplane = d.restart("dataplane")
         _client(lab, client, profile, client_key, wireguard_go)
         if not extra:  # a firewall may refuse the ping
             wait_for(lambda: lab.run(client, ["ping", "-c", "1", "-W", "2", SERVER], check=False).returncode == 0,
@@ -109,14 +113,17 @@ def start(mode: str, *, wireguard_go: str = "wireguard-go", mtu: int = 1420, tag
         raise
 
 
-def _start_userspace(lab: Lab, ns: str, root: Path, dp: dict[str, object], key_file: Path
-                     ) -> subprocess.Popen[bytes]:
+def _userspace_launcher(lab: Lab, ns: str, root: Path, dp: dict[str, object], key_file: Path
+                        ) -> Callable[[str], subprocess.Popen[bytes]]:
+    """Install the dataplane as the image has it; the returned function starts it (log name) and
+    waits until it is up."""
     lab.run(ns, ["sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"])  # as the image's sysctl.d
     private = lab.dir / "dp"
     private.mkdir()
     (private / "dataplane.json").write_text(json.dumps(dp))
     creds = private / "credentials"  # what LoadCredential= gives the service
     creds.mkdir()
+    (private / "state").mkdir()  # StateDirectory=
     (creds / "wireguard-private-key").write_bytes(key_file.read_bytes())
     # the image's launcher, the copy of the code shipped in the image (not this checkout) and the
     # binary the image build compiles
@@ -130,16 +137,20 @@ def _start_userspace(lab: Lab, ns: str, root: Path, dp: dict[str, object], key_f
         os.chmod(d, 0o711)
     for path in [private, *private.rglob("*"), lab.rundir(ns), lab.rundir(ns) / "wireguard"]:
         os.chown(path, UID, UID)
-    proc = lab.spawn(
-        ns, ["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", "--inh-caps=-all", "--",
-             # Debian's python3, as in the image (a venv may sit under /root)
-             "env", "--chdir=/", f"CREDENTIALS_DIRECTORY={creds}", "/usr/bin/python3", private / "appliance-dataplane",
-             "--config", private / "dataplane.json", "userspace", "--netstack", private / "appliance-netstack"],
-        "dataplane")
-    wait_for(lambda: "userspace dataplane up" in lab.log("dataplane") or proc.poll() is not None, 30)
-    if proc.poll() is not None:
-        raise RuntimeError(f"the userspace dataplane exited:\n{lab.log('dataplane')}")
-    return proc
+    cmd: list[str | Path] = ["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", "--inh-caps=-all", "--",
+           # Debian's python3, as in the image (a venv may sit under /root)
+           "env", "--chdir=/", f"CREDENTIALS_DIRECTORY={creds}", f"STATE_DIRECTORY={private / 'state'}",
+           "/usr/bin/python3", private / "appliance-dataplane",
+           "--config", private / "dataplane.json", "userspace", "--netstack", private / "appliance-netstack"]
+
+    def launch(name: str) -> subprocess.Popen[bytes]:
+        proc = lab.spawn(ns, cmd, name)
+        wait_for(lambda: "userspace dataplane up" in lab.log(name) or proc.poll() is not None, 30)
+        if proc.poll() is not None:
+            raise RuntimeError(f"the userspace dataplane exited:\n{lab.log(name)}")
+        return proc
+
+    return launch
 
 
 def _client(lab: Lab, ns: str, profile: Path, key: str, wireguard_go: str) -> None:

@@ -125,6 +125,9 @@ func run(path string) error {
 		return fmt.Errorf("device up: %w", err)
 	}
 	fmt.Printf("netstack up: %s, mtu %d\n", c.iface, c.mtu)
+	stopGreeting := make(chan struct{})
+	defer close(stopGreeting)
+	go greetPeers(dev, stopGreeting)
 
 	term := make(chan os.Signal, 1)
 	signal.Notify(term, syscall.SIGTERM, syscall.SIGINT)
