@@ -35,7 +35,7 @@ def main() -> None:
         for _ in range(args.runs):
             report = BootTest(p, Cache(), step).run()
             if not report.ok:
-                sys.exit(f"{p.name}: the suite failed: {report.failures}")
+                sys.exit(f"{p.name}: the suite failed: {report.failures}\n{report.output[-3000:]}")
             runs.append(report.timings | {"accel": report.accel})
         results[p.name] = {
             "accel": runs[0]["accel"],

@@ -144,8 +144,12 @@ def test_traffic(case: dict[str, Any]) -> None:
         assert (result.returncode == 0) == arrive, result.stdout
     else:
         probe(ns, "raw", dst, "132" if proto == "sctp" else "47", "5")
-    time.sleep(0.3)
+    # under emulation the appliance may still be forwarding them: wait for the count, not a fixed time
+    deadline = time.monotonic() + (5 if arrive else 1)
     got = counter(far, counted) - before
+    while time.monotonic() < deadline and not (arrive and got >= 2):
+        time.sleep(0.2)
+        got = counter(far, counted) - before
     assert (got >= 2) if arrive else (got == 0), f"{got} {proto} packets arrived"
 
 

@@ -17,6 +17,7 @@ import selectors
 import socket
 import struct
 import sys
+import time
 
 
 def serve(ports: list[int], log: str) -> None:
@@ -106,7 +107,11 @@ def raw(host: str, proto: int, n: int) -> None:
         47: struct.pack("!HH", 0, 0x0800) + b"\x45" + b"\0" * 27,  # GRE carrying a stub IPv4 header
     }
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, proto) as s:
-        for _ in range(n):
+        for i in range(n):
+            if i:
+                # a pause between them: packets of one new flow decrypted on several CPUs at once
+                # race to create its conntrack entry, and for SCTP and GRE the losers are dropped
+                time.sleep(0.05)
             s.sendto(payloads[proto], (host, 0))
 
 
