@@ -96,7 +96,9 @@ def test_refuses_a_mounted_device(image: Path, loops: Loops, tmp_path: Path) -> 
     dev = loops.make(32 * MiB)
     subprocess.run(["mkfs.ext4", "-q", dev], check=True)
     (tmp_path / "mnt").mkdir()
-    subprocess.run(["mount", dev, str(tmp_path / "mnt")], check=True)
+    # read-only: a read-write ext4 mount writes to the device by itself (journal commits, lazy inode
+    # table init), which would look like the flash wrote to it
+    subprocess.run(["mount", "-o", "ro", dev, str(tmp_path / "mnt")], check=True)
     loops.mounts.append(str(tmp_path / "mnt"))
     before = digest(dev, 24 * MiB)
     result = appliance("flash", str(image), dev, "--yes", "--force")
