@@ -1,7 +1,7 @@
 """Assembly: a GPT disk image on a plain file, without loop devices or mounts.
 
   ESP (FAT32, mkfs.vfat --invariant, filled with mtools): the Unified Kernel Image as
-      EFI/BOOT/BOOTX64.EFI, i.e. kernel + initramfs + command line naming root=PARTUUID=...
+      EFI/BOOT/BOOTX64.EFI, i.e. kernel + initramfs + command line naming root=UUID=...
   root (ext4, mkfs.ext4 -d from the staged tree, fixed UUID and hash seed)
   GPT laid out by sfdisk with GUIDs derived from the appliance name.
 
@@ -48,7 +48,9 @@ def kernel_cmdline(ids: DiskIds) -> str:
     # serial last: it becomes /dev/console, which is what headless boxes and QEMU show.
     # quiet: the kernel's boot log goes to the journal, not byte by byte through a (slow) serial
     # port; systemd still shows failed and slow units on the console.
-    return f"root=PARTUUID={ids.root_part} rw rootwait panic=10 quiet console=tty0 console=ttyS0,115200"
+    # root=UUID=: the file system's UUID, which both initramfs implementations understand (tiny-initramfs
+    # has no PARTUUID=); it is fixed per appliance name, like the partition's.
+    return f"root=UUID={ids.root_fs} rw rootwait panic=10 quiet console=tty0 console=ttyS0,115200"
 
 
 @dataclass(frozen=True)

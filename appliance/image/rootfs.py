@@ -12,14 +12,14 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..render.spec import ImageSpec
+from ..render.spec import INITRAMFS_VM, ImageSpec
 from .cache import Cache, Entry, content_key, dir_size
 from .debian import DPKG_EXCLUDES, Archive, mmdebstrap_args
 from .lock import Lock
 from .run import BuildLog, ImageError, run
 from .tools import ToolsTree
 
-BASE_RECIPE = 7  # bump when the hooks below change what a base tree contains
+BASE_RECIPE = 9  # bump when the hooks below change what a base tree contains
 
 
 @dataclass(frozen=True)
@@ -55,29 +55,55 @@ def base_key(spec: ImageSpec, archive: Archive, snapshot: str | None, lock: Lock
     })
 
 
-def _essential_hooks() -> list[str]:
+def _generator(spec: ImageSpec) -> str:
+    """The program that writes the initramfs (the kernel's postinst runs it), by initramfs package."""
+    return "/usr/sbin/mktirfs" if spec.initramfs == INITRAMFS_VM else "/usr/sbin/update-initramfs"
+
+
+def _essential_hooks(spec: ImageSpec) -> list[str]:
     # build the initramfs once at the end instead of at every kernel/udev/... trigger
-    return ['chroot "$1" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs',
-            'ln -sf /bin/true "$1/usr/sbin/update-initramfs"']
+    gen = _generator(spec)
+    return [f'chroot "$1" dpkg-divert --quiet --local --rename --add {gen}', f'ln -sf /bin/true "$1{gen}"']
+
+
+def _initramfs_hooks(spec: ImageSpec) -> list[str]:
+    gen = _generator(spec)
+    hooks = [f'rm -f "$1{gen}"', f'chroot "$1" dpkg-divert --quiet --local --rename --remove {gen}']
+    if spec.initramfs == INITRAMFS_VM:
+        # AUTO_MODULES=no: detection would look at the build host's disks, not the device's
+        conf = f"AUTO_MODULES=no\\nINCLUDE_MODULES={','.join(spec.initrd_modules)}\\nMICROCODE=no\\nDEBUG=no\\n"
+        return hooks + [
+            'mkdir -p "$1/etc/tiny-initramfs"',
+            f"printf '{conf}' > \"$1/etc/tiny-initramfs/tiny-initramfs.conf\"",
+            'chroot "$1" update-tirfs',
+            # mktirfs stamps its files with the time of the build and gzips them: repacked with
+            # SOURCE_DATE_EPOCH, uncompressed (it is small; the kernel unpacks it without inflating)
+            'for f in "$1"/boot/initrd.img-*; do chroot "$1" sh -ec \'d=$(mktemp -d); cd "$d"; '
+            'zcat "/boot/$0" | cpio -id --quiet; find . -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +; '
+            'find . ! -name . -print0 | LC_ALL=C sort -z | cpio --null -o --quiet --reproducible -R 0:0 -H newc '
+            '> "/boot/$0"; cd /; rm -rf "$d"\' "${f##*/}"; done',
+        ]
+    modules = "list" if spec.initrd_modules else "most"
+    hooks.append(f'sed -i "s/^MODULES=.*/MODULES={modules}/; s/^#*COMPRESS=.*/COMPRESS=zstd/" '
+                 '"$1/etc/initramfs-tools/initramfs.conf"')
+    if spec.initrd_modules:
+        hooks.append(f"printf '%s\\n' {shlex.join(spec.initrd_modules)} > \"$1/etc/initramfs-tools/modules\"")
+    return hooks + ['chroot "$1" update-initramfs -c -k all']
 
 
 def _customize_hooks(spec: ImageSpec) -> list[str]:
-    modules = "list" if spec.initrd_modules else "most"
-    hooks = [
-        'rm -f "$1/usr/sbin/update-initramfs"',
-        'chroot "$1" dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs',
-        f'sed -i "s/^MODULES=.*/MODULES={modules}/; s/^#*COMPRESS=.*/COMPRESS=zstd/" '
-        '"$1/etc/initramfs-tools/initramfs.conf"',
-    ]
-    if spec.initrd_modules:
-        hooks.append(f"printf '%s\\n' {shlex.join(spec.initrd_modules)} > \"$1/etc/initramfs-tools/modules\"")
+    hooks: list[str] = []
     if spec.modules_exclude:
         dirs = " ".join(f'"$1"/usr/lib/modules/*/kernel/{shlex.quote(d)}' for d in spec.modules_exclude)
         hooks += [f"rm -rf {dirs}",
                   'for v in $(ls "$1/usr/lib/modules"); do chroot "$1" depmod -a "$v"; done']
+    if spec.modules_blacklist:
+        lines = "".join(f"blacklist {m}\\n" for m in spec.modules_blacklist)
+        hooks.append(f"printf '# appliance: never loaded by alias (see ImageSpec.modules_blacklist)\\n{lines}' "
+                     '> "$1/etc/modprobe.d/appliance-lean.conf"')
     hooks += [
         'rm -f "$1/usr/lib/udev/hwdb.bin"',  # before the initramfs, which would copy it
-        'chroot "$1" update-initramfs -c -k all',
+        *_initramfs_hooks(spec),
         # host identity is made at first boot, never baked into an image that many devices share
         ': > "$1/etc/machine-id"',
         'rm -f "$1/var/lib/dbus/machine-id" "$1"/etc/ssh/ssh_host_*',
@@ -88,13 +114,17 @@ def _customize_hooks(spec: ImageSpec) -> list[str]:
         "printf '[Service]\\nExecStartPre=\\nExecStartPre=/bin/sh -c \"test -e /etc/ssh/ssh_host_ed25519_key || "
         "ssh-keygen -q -t ed25519 -N \\\"\\\" -f /etc/ssh/ssh_host_ed25519_key\"\\n' "
         '> "$1/etc/systemd/system/ssh.service.d/10-appliance-hostkeys.conf"',
-        "printf '# the root file system is given on the kernel command line (root=PARTUUID=...)\\n' > \"$1/etc/fstab\"",
+        "printf '# the root file system is given on the kernel command line (root=UUID=...)\\n' > \"$1/etc/fstab\"",
         f'systemctl --root="$1" enable {shlex.join(spec.enable_units)}',
         f'systemctl --root="$1" disable {shlex.join(spec.disable_units)} 2>/dev/null || true',
         # first-boot catch-up jobs that have nothing to catch up on in a built image, but cost seconds
         # on a slow CPU: the linker cache and journal catalog are made at install, hwdb.bin is left
         # out on purpose (udev names devices without it)
         f'systemctl --root="$1" mask {shlex.join(MASKED_UNITS)}',
+        # the image is up to date with its /usr: ConditionNeedsUpdate= units (sysusers, ldconfig, hwdb,
+        # catalog) skip at boot, as on an installed system after its first boot; a package installed
+        # on the device makes /usr newer and they run once again
+        'for d in etc var; do printf "TIMESTAMP_NSEC=%s000000000\\n" "$SOURCE_DATE_EPOCH" > "$1/$d/.updated"; done',
         # generators run before the first unit starts, each a process of its own
         'mkdir -p "$1/etc/systemd/system-generators"',
         *(f'ln -sf /dev/null "$1/etc/systemd/system-generators/{g}"' for g in MASKED_GENERATORS),
@@ -116,7 +146,9 @@ MASKED_UNITS = ["systemd-hwdb-update.service", "ldconfig.service", "systemd-jour
                 "sys-kernel-config.mount", "modprobe@configfs.service", "sys-kernel-debug.mount",
                 "sys-kernel-tracing.mount", "proc-sys-fs-binfmt_misc.automount", "proc-sys-fs-binfmt_misc.mount",
                 "systemd-binfmt.service", "modprobe@drm.service", "modprobe@efi_pstore.service",
-                "systemd-pstore.service", "systemd-network-generator.service"]
+                "systemd-pstore.service", "systemd-network-generator.service",
+                # udev rules from credentials: the appliance passes none
+                "systemd-udev-load-credentials.service"]
 # root is on the command line and fstab is empty, there is no TPM, hibernation, SysV script, rc.local,
 # offline update or kernel-command-line unit, and SSH listens on the network, not on vsock
 MASKED_GENERATORS = ["systemd-gpt-auto-generator", "systemd-hibernate-resume-generator", "systemd-rc-local-generator",
@@ -144,7 +176,7 @@ def build_base(cache: Cache, tools: ToolsTree, archive: Archive, spec: ImageSpec
             prefs.write_text(lock.apt_preferences())
             args.append(f'--setup-hook=mkdir -p "$1/etc/apt/preferences.d" && '
                         f'cp {shlex.quote(str(prefs))} "$1/etc/apt/preferences.d/appliance-lock"')
-        args += [f"--essential-hook={h}" for h in _essential_hooks()]
+        args += [f"--essential-hook={h}" for h in _essential_hooks(spec)]
         args += [f"--customize-hook={h}" for h in _customize_hooks(spec)]
         try:
             run([*args, archive.suite, tree, *archive.sources()], log=log, what="mmdebstrap (root tree)",

@@ -23,6 +23,9 @@ def stage_tree(base: BaseTree, config: ConfigTree, dest: Path, sde: int, log: Bu
         for p in dest.glob(pattern):
             p.unlink()
     config.write_into(dest, include_secrets=True, mtime=sde)
+    # the profile's system users (sysusers.d) exist in the image: systemd-sysusers does not run at
+    # boot on an up-to-date /usr (ConditionNeedsUpdate=); it writes new files, the base keeps its own
+    run(["chroot", dest, "systemd-sysusers"], log=log, env={"SOURCE_DATE_EPOCH": str(sde)}, what="systemd-sysusers")
     _compile_python(dest, log)
     clamp_mtimes(dest, sde)  # directories we wrote into got a new mtime
     return dest

@@ -104,6 +104,9 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
     t.file("etc/systemd/system/systemd-networkd.service.d/10-appliance.conf",
            "[Service]\n# the uplink's address is on the tunnel's way up: networkd comes first when the CPU is short\n"
            "CPUWeight=1000\nNice=-10\n")
+    t.file("etc/systemd/system/systemd-udevd.service.d/10-appliance.conf",
+           "[Service]\n# udev names the uplink before networkd may configure it: first when the CPU is short\n"
+           "CPUWeight=1000\nNice=-10\n")
     t.file("etc/sysctl.d/90-appliance.conf", tpl("sysctl.conf.j2"))
     t.file("etc/ssh/sshd_config.d/10-appliance.conf", tpl("sshd.conf.j2"))
     t.file("etc/systemd/system-preset/10-appliance.preset", tpl("preset.j2", units=enabled_units(p)))

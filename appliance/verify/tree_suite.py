@@ -113,6 +113,10 @@ def test_boot_modules_exist(host: Any) -> None:
     version = host.check_output("ls /usr/lib/modules").split()[0]
     missing = [n for n in names if host.run(f"modinfo -k {version} -F name {n}").rc != 0]
     assert not missing, f"not in the tree: {missing}"
+    # systemd-modules-load honours blacklist: a module listed there and blacklisted would not load
+    blacklisted = set(host.run("cat /etc/modprobe.d/*.conf 2>/dev/null | awk '$1 == \"blacklist\" {print $2}'")
+                      .stdout.split())
+    assert not blacklisted & set(names), f"blacklisted but needed at boot: {sorted(blacklisted & set(names))}"
 
 
 def test_sshd_accepts_its_configuration(host: Any) -> None:
