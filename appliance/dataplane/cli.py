@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import uapi, userspace
+from . import uapi
 from .config import DEFAULT_CONFIG, ConfigError, DataplaneConfig, load
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     p_watch.add_argument("--interval", type=float, default=30.0)
     p_user = sub.add_parser("userspace", help="run the rootless dataplane (wireguard-go + gVisor netstack), "
                                               "unprivileged")
-    p_user.add_argument("--netstack", type=Path, default=userspace.NETSTACK, help="the appliance-netstack binary")
+    p_user.add_argument("--netstack", type=Path, help="the appliance-netstack binary")
     p_user.add_argument("--interval", type=float, default=30.0)
     args = ap.parse_args(argv)
     try:
@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> None:
             watch(args.config, args.interval, args.uapi_dir)
             return
         if args.command == "userspace":
-            sys.exit(userspace.run(lambda: _with_credentials(load(args.config)), args.config, binary=args.netstack,
+            from . import userspace  # not on the kernel dataplane's way up
+
+            sys.exit(userspace.run(lambda: _with_credentials(load(args.config)), args.config,
+                                   binary=args.netstack or userspace.NETSTACK,
                                    uapi_dir=args.uapi_dir, interval=args.interval, notify=_notify))
         from .reconcile import apply
 

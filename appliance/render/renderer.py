@@ -100,7 +100,9 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
            + "".join(f"{m}\n" for m in boot_modules(p)))
     t.file("etc/systemd/system/nftables.service.d/10-appliance.conf",
            "[Unit]\n# the ruleset's modules are loaded by then (modules-load.d/appliance.conf)\n"
-           "After=systemd-modules-load.service\n")
+           "After=systemd-modules-load.service\n"
+           "[Service]\n# the tunnel and the uplink wait for the firewall: it comes first when the CPU is short\n"
+           "CPUWeight=1000\nNice=-10\n")
     t.file("etc/systemd/system/systemd-networkd.service.d/10-appliance.conf",
            "[Service]\n# the uplink's address is on the tunnel's way up: networkd comes first when the CPU is short\n"
            "CPUWeight=1000\nNice=-10\n")

@@ -36,7 +36,7 @@ from ..profile.acl import AclTarget
 from ..render import ConfigTree, image_spec, render
 from ..secrets import SecretStore, generate_private_key, public_key
 from . import probe
-from .netns import Lab, protocol_counters, start_peer, wait_for
+from .netns import Lab, protocol_counters, split_wg_quick, start_peer, wait_for
 from .vm import MGMT_MAC, Nic, running
 
 UPLINK_MAC = "52:54:00:12:34:01"
@@ -75,6 +75,7 @@ class LabPeer:
     private_key: str
     ns: str = ""
     tunnel_ip: str = ""
+    setconf: str = ""  # its `wg setconf` text: set again, it starts a fresh handshake
 
     @property
     def public(self) -> str:
@@ -342,6 +343,7 @@ class BootTest:
         entry = next(x for x in p.wireguard.peers if x.name == peer.name)
         conf = client_config(p, entry, public_key(store.private_key(p.name)), psk, peer.private_key,
                              f"{uplink_ip}:{p.wireguard.listen_port}")
+        peer.setconf = split_wg_quick(conf)[0]
         # a larger MTU than the appliance's tunnel: only MSS clamping keeps TCP segments fitting
         start_peer(lab, peer.ns, "wgp", conf, mtu=1500)
         lab.run(peer.ns, ["ip", "route", "add", f"{uplink_ip}/32", "via", _gateway(lab, peer.ns)])
@@ -354,11 +356,20 @@ class BootTest:
     def _wait_up(self, lab: Lab, p: Profile, peers: list[LabPeer], ssh_port: int, clock: Callable[[], float],
                  timings: dict[str, float]) -> None:
         """Until SSH answers and a peer has completed a handshake; each time is taken when it happens.
-        A ping to the appliance's tunnel address gives the peers something to send."""
+        A ping to the appliance's tunnel address gives the peers something to send. A WireGuard peer
+        whose initiation went unanswered (the tunnel was not up yet) tries again only after 5 s
+        (REKEY_TIMEOUT): the lab's peers are set anew each second instead, so the time is when the
+        appliance first answers, to the second."""
         target = str(p.wireguard.addresses[0].ip)
+        rearmed = [clock()]
 
         def any_handshake() -> bool:
+            rearm = clock() - rearmed[0] >= 1.0
+            if rearm:
+                rearmed[0] = clock()
             for peer in peers:
+                if rearm:
+                    lab.run(peer.ns, ["wg", "setconf", "wgp", "/dev/stdin"], input=peer.setconf)
                 lab.run(peer.ns, ["ping", "-c", "1", "-W", "1", target], check=False)
                 out = lab.run(peer.ns, ["wg", "show", "wgp", "latest-handshakes"], check=False).stdout
                 if any(int(x.split()[-1]) > 0 for x in out.splitlines() if x.strip()):
