@@ -49,7 +49,8 @@ class Ssh(Strict):
 
 class System(Strict):
     board: Literal["generic", "qemu"] = Field(
-        "generic", description="generic: real hardware (full kernel); qemu: virtual machines (cloud kernel)")
+        "generic", description="generic: real hardware (full kernel, initramfs-tools); qemu: virtual machines "
+                              "booting from a virtio-blk or NVMe disk (cloud kernel, tiny-initramfs)")
     arch: Literal["amd64", "arm64"] = Field("amd64", description="Debian architecture of the image")
     timezone: str = Field("UTC", description="IANA time zone, e.g. Europe/Amsterdam")
     ssh: Ssh = Field(default_factory=Ssh, description="management SSH")
