@@ -101,20 +101,23 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
     t.file("etc/systemd/system/nftables.service.d/10-appliance.conf",
            "[Unit]\n# the ruleset's modules are loaded by then (modules-load.d/appliance.conf)\n"
            "After=systemd-modules-load.service\n"
-           "[Service]\n# the tunnel and the uplink wait for the firewall: it comes first when the CPU is short\n"
-           "CPUWeight=1000\nNice=-10\n")
+           + _first_on_cpu("the tunnel and the uplink wait for the firewall"))
     t.file("etc/systemd/system/systemd-networkd.service.d/10-appliance.conf",
-           "[Service]\n# the uplink's address is on the tunnel's way up: networkd comes first when the CPU is short\n"
-           "CPUWeight=1000\nNice=-10\n")
+           _first_on_cpu("the uplink's address is on the tunnel's way up"))
     t.file("etc/systemd/system/systemd-udevd.service.d/10-appliance.conf",
-           "[Service]\n# udev names the uplink before networkd may configure it: first when the CPU is short\n"
-           "CPUWeight=1000\nNice=-10\n")
+           _first_on_cpu("udev names the uplink before networkd may configure it"))
     t.file("etc/sysctl.d/90-appliance.conf", tpl("sysctl.conf.j2"))
     t.file("etc/ssh/sshd_config.d/10-appliance.conf", tpl("sshd.conf.j2"))
     t.file("etc/systemd/system-preset/10-appliance.preset", tpl("preset.j2", units=enabled_units(p)))
     t.file(DATAPLANE_JSON, json.dumps(dataplane_config(p, ctx), indent=2, sort_keys=True) + "\n")
     _secrets(t, p, keys)
     return t
+
+
+def _first_on_cpu(why: str) -> str:
+    """A drop-in's [Service] lines for a Debian unit on the tunnel's way up at boot, when everything
+    starting at once shares a few (or emulated) CPUs. The appliance's own units say the same."""
+    return f"[Service]\n# {why}: it comes first when the CPU is short\nCPUWeight=1000\nNice=-10\n"
 
 
 def boot_modules(p: Profile) -> list[str]:
