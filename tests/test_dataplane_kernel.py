@@ -218,3 +218,29 @@ def test_restart_of_wireguard_go_is_healed_by_the_watcher(topo: Topology) -> Non
         assert watcher.poll() is None
     finally:
         Lab.stop(watcher)
+
+
+def test_watcher_brings_nothing_up_before_the_firewall(topo: Topology) -> None:
+    """The service starts with nftables.service, not after it: until the appliance's table is in the
+    kernel, no forwarding and no WireGuard key; then both, without a restart."""
+    lab = topo.lab
+    ns = lab.ns("early")
+    start_wireguard_go(lab, ns, "wg0", "wg-early")
+    lab.run(ns, ["sysctl", "-qw", "net.ipv4.ip_forward=0"])  # a new namespace starts with the host's
+    watcher = lab.spawn(ns, [sys.executable, "-m", "appliance.dataplane", "--config", topo.config, "watch"],
+                        "watcher-early")
+
+    def state() -> tuple[str, str]:
+        forward = lab.run(ns, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip()
+        return forward, lab.run(ns, ["wg", "show", "wg0", "private-key"]).stdout.strip()
+
+    try:
+        wait_for(lambda: "waiting for the firewall (table inet appliance)" in lab.log("watcher-early"), 15)
+        time.sleep(1)
+        assert state() == ("0", "(none)") and watcher.poll() is None
+        lab.run(ns, ["nft", "-f", topo.root / "etc/nftables.conf"])
+        wait_for(lambda: "watching links" in lab.log("watcher-early"), 15)
+        forward, key = state()
+        assert forward == "1" and key not in ("", "(none)")
+    finally:
+        Lab.stop(watcher)

@@ -11,7 +11,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import uapi
 from .config import DEFAULT_CONFIG, ConfigError, DataplaneConfig, load
@@ -48,28 +48,56 @@ def _notify(state: str) -> None:
         s.sendall(state.encode())
 
 
+def link_set_changed(msgs: list[Any], known: dict[int, str]) -> bool:
+    """Whether rtnetlink link messages add, remove or rename a link (wireguard-go restarted, a NIC
+    plugged, renamed into a profile's match, or gone); `known` (ifindex -> name) is updated. Other
+    link messages (up/down, carrier, MTU, statistics) change nothing the dataplane sets, and at boot,
+    when networkd brings every link up, there are dozens of them."""
+    changed = False
+    for m in msgs:
+        index, name = m["index"], m.get_attr("IFLA_IFNAME")
+        if m["event"] == "RTM_DELLINK":
+            changed |= known.pop(index, None) is not None
+        elif known.get(index) != name:
+            known[index] = name
+            changed = True
+    return changed
+
+
 def watch(config: Path, interval: float, uapi_dir: Path) -> None:
-    """Apply, then again whenever a link appears, disappears or changes state (wireguard-go
-    restarted, a NIC re-plugged or flapped: offloads come back), and every `interval` seconds."""
+    """Once the firewall is loaded (dataplane.json names its table), apply; then again whenever a
+    link appears, disappears or is renamed (wireguard-go restarted, a NIC re-plugged: its offloads
+    come back), and every `interval` seconds."""
     from pyroute2.iproute.linux import IPRoute
     from pyroute2.netlink.rtnl import RTMGRP_LINK
 
+    from .firewall import wait_for_table
     from .reconcile import apply
 
     cfg = load(config)
+    if cfg.firewall_table:
+        waited = wait_for_table(cfg.firewall_table, lambda m: print(m, flush=True))
+        if waited:
+            print(f"firewall loaded after {waited:.1f} s", flush=True)
     endpoints: dict[bytes, str] = {}  # where peers were last seen, for a restarted wireguard-go
-    _print(apply(cfg, uapi_dir=uapi_dir, known_endpoints=endpoints), False)
-    _notify("READY=1")
-    print("watching links", flush=True)
     with IPRoute() as ipr:
         ipr.bind(groups=RTMGRP_LINK)
+        with IPRoute() as dump:  # a socket of its own: the bound one also carries the events
+            known = {m["index"]: m.get_attr("IFLA_IFNAME") for m in dump.get_links()}
+        _print(apply(cfg, uapi_dir=uapi_dir, known_endpoints=endpoints), False)
+        _notify("READY=1")
+        print("watching links", flush=True)
+        due = time.monotonic() + interval
         while True:
-            ready, _, _ = select.select([ipr.fileno()], [], [], interval)
+            ready, _, _ = select.select([ipr.fileno()], [], [], max(0.0, due - time.monotonic()))
             if ready:
-                ipr.get()
+                msgs = list(ipr.get())
                 time.sleep(0.1)  # let a burst of link messages settle
                 while select.select([ipr.fileno()], [], [], 0)[0]:
-                    ipr.get()
+                    msgs += ipr.get()
+                if not link_set_changed(msgs, known) and time.monotonic() < due:
+                    continue
+            due = time.monotonic() + interval
             try:
                 res = apply(load(config), uapi_dir=uapi_dir, known_endpoints=endpoints)
             except (ConfigError, OSError) as e:

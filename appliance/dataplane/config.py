@@ -56,6 +56,7 @@ class DataplaneConfig:
     links: tuple[LinkConfig, ...]
     sysctl: dict[str, str] = field(default_factory=dict)
     socks5: str | None = None
+    firewall_table: str | None = None  # "inet appliance": `watch` brings nothing up before it is loaded
 
 
 def load(path: Path = DEFAULT_CONFIG) -> DataplaneConfig:
@@ -82,7 +83,7 @@ def parse(raw: dict[str, Any]) -> DataplaneConfig:
     routing = raw["routing"]
     return DataplaneConfig(raw["name"], raw["mode"], wireguard, int(routing["table"]), int(routing["rule_priority"]),
                            tuple(r["destination"] for r in routing["routes"]), links, dict(raw.get("sysctl", {})),
-                           raw.get("socks5"))
+                           raw.get("socks5"), raw.get("firewall", {}).get("table"))
 
 
 def read_key(path: str) -> bytes:

@@ -19,7 +19,7 @@ from .lock import Lock
 from .run import BuildLog, ImageError, run
 from .tools import ToolsTree
 
-BASE_RECIPE = 9  # bump when the hooks below change what a base tree contains
+BASE_RECIPE = 10  # bump when the hooks below change what a base tree contains
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,12 @@ def _customize_hooks(spec: ImageSpec) -> list[str]:
         # catalog) skip at boot, as on an installed system after its first boot; a package installed
         # on the device makes /usr newer and they run once again
         'for d in etc var; do printf "TIMESTAMP_NSEC=%s000000000\\n" "$SOURCE_DATE_EPOCH" > "$1/$d/.updated"; done',
+        # /dev's static nodes are made twice before udevd starts: gracefully (users sysusers has not
+        # made yet are skipped), then again; here sysusers ran at build, so the second pass repeats
+        # the first unless a package changed /usr (as sysusers itself)
+        'mkdir -p "$1/etc/systemd/system/systemd-tmpfiles-setup-dev.service.d"',
+        "printf '[Unit]\\nConditionNeedsUpdate=/etc\\n' "
+        '> "$1/etc/systemd/system/systemd-tmpfiles-setup-dev.service.d/10-appliance.conf"',
         # generators run before the first unit starts, each a process of its own
         'mkdir -p "$1/etc/systemd/system-generators"',
         *(f'ln -sf /dev/null "$1/etc/systemd/system-generators/{g}"' for g in MASKED_GENERATORS),

@@ -13,6 +13,8 @@ from ..profile.model import NetInterface, Profile, StaticIPv4, StaticIPv6
 from ..profile.types import IPNetwork
 
 WG_IFACE = "wg0"
+# the appliance's nftables table: `nft -f` replaces it in one transaction
+NFT_TABLE = "inet appliance"
 # Link groups let nftables match "the uplink" whatever name the NIC gets (networkd sets them).
 LINK_GROUPS = {"uplink": 1, "lan": 2}
 CREDSTORE = "etc/credstore"

@@ -11,11 +11,27 @@ import jinja2
 from .. import __version__
 from ..profile.model import Profile
 from ..secrets import ApplianceKeys
-from .context import CREDSTORE, PRIVATE_KEY_CREDENTIAL, WG_IFACE, Context, build_context, psk_credential
+from .context import CREDSTORE, NFT_TABLE, PRIVATE_KEY_CREDENTIAL, WG_IFACE, Context, build_context, psk_credential
 from .tree import ConfigTree
 
 DATAPLANE_JSON = "etc/appliance/dataplane.json"
+NFTABLES_DROPIN = "etc/systemd/system/nftables.service.d/10-appliance.conf"
+MODPROBE = "ExecStartPre=/usr/sbin/modprobe -a"
+# Not modules-load.d: systemd-sysctl waits for systemd-modules-load and networkd for systemd-sysctl,
+# so the uplink's DHCP would wait for these loads too (~2.5 s of CPU under emulation).
+_MODPROBE_WHY = ("# the ruleset's and the tunnel's kernel modules, in one pass (on demand the kernel starts\n"
+                 "# modprobe once per module); here rather than in modules-load.d, which systemd-sysctl and\n"
+                 "# so networkd wait for: the uplink's address need not wait for these\n")
 DATAPLANE_SCHEMA = 1
+# Coldplug in two passes, network devices first and settled. In one pass (Debian's: all devices, net
+# among the first) a NIC's rename queues its "move" event behind every other device's, and networkd
+# does not touch a link whose rename udev has not finished: the uplink waited for the whole
+# coldplug, ~2 s under emulation. A NIC whose driver the second pass loads appears as usual.
+_UDEV_TRIGGER = ("[Service]\n# net first, settled (renames done), then the rest: see appliance's renderer\n"
+                 "ExecStart=\n"
+                 "ExecStart=-udevadm trigger --type=devices --action=add --subsystem-match=net --settle\n"
+                 "ExecStart=-udevadm trigger --type=all --action=add --subsystem-nomatch=net "
+                 "--prioritized-subsystem=module,block,tpmrm,tty,input\n")
 
 
 def _env() -> jinja2.Environment:
@@ -64,6 +80,7 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
         "p": p,
         "ctx": ctx,
         "wg_iface": WG_IFACE,
+        "nft_table": NFT_TABLE,
         "private_key_credential": PRIVATE_KEY_CREDENTIAL,
         "psk_credential": psk_credential,
     }
@@ -94,18 +111,13 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
         t.file("etc/systemd/system/appliance-userspace.service", tpl("userspace.service.j2", credstore=CREDSTORE))
         t.file("etc/sysusers.d/appliance.conf",
                'u appliance-dp - "appliance userspace dataplane" /nonexistent /usr/sbin/nologin\n')
-    t.file("etc/modules-load.d/appliance.conf",
-           "# loaded in one pass at boot (systemd-modules-load), before the firewall and the dataplane:\n"
-           "# on demand, the kernel would start modprobe once per module\n"
-           + "".join(f"{m}\n" for m in boot_modules(p)))
-    t.file("etc/systemd/system/nftables.service.d/10-appliance.conf",
-           "[Unit]\n# the ruleset's modules are loaded by then (modules-load.d/appliance.conf)\n"
-           "After=systemd-modules-load.service\n"
-           + _first_on_cpu("the tunnel and the uplink wait for the firewall"))
+    t.file(NFTABLES_DROPIN, _first_on_cpu("the tunnel and the uplink wait for the firewall",
+                                          _MODPROBE_WHY + f"{MODPROBE} {' '.join(boot_modules(p))}\n"))
     t.file("etc/systemd/system/systemd-networkd.service.d/10-appliance.conf",
            _first_on_cpu("the uplink's address is on the tunnel's way up"))
     t.file("etc/systemd/system/systemd-udevd.service.d/10-appliance.conf",
            _first_on_cpu("udev names the uplink before networkd may configure it"))
+    t.file("etc/systemd/system/systemd-udev-trigger.service.d/10-appliance.conf", _UDEV_TRIGGER)
     t.file("etc/sysctl.d/90-appliance.conf", tpl("sysctl.conf.j2"))
     t.file("etc/ssh/sshd_config.d/10-appliance.conf", tpl("sshd.conf.j2"))
     t.file("etc/systemd/system-preset/10-appliance.preset", tpl("preset.j2", units=enabled_units(p)))
@@ -114,22 +126,22 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
     return t
 
 
-def _first_on_cpu(why: str) -> str:
-    """A drop-in's [Service] lines for a Debian unit on the tunnel's way up at boot, when everything
-    starting at once shares a few (or emulated) CPUs. The appliance's own units say the same."""
-    return f"[Service]\n# {why}: it comes first when the CPU is short\nCPUWeight=1000\nNice=-10\n"
+def _first_on_cpu(why: str, service: str = "") -> str:
+    """A drop-in for a Debian unit on the tunnel's way up at boot, when everything starting at once
+    shares a few (or emulated) CPUs: its [Service] section, with `service` lines first. The
+    appliance's own units say the same."""
+    return f"[Service]\n{service}# {why}: it comes first when the CPU is short\nCPUWeight=1000\nNice=-10\n"
 
 
 def boot_modules(p: Profile) -> list[str]:
-    """Kernel modules the rendered ruleset and the dataplane need at every boot (counters, sets,
-    payload matches and `tcp option maxseg`/`rt mtu` are built into nf_tables)."""
+    """Kernel modules the rendered ruleset and the kernel's WireGuard need at every boot (counters,
+    sets, payload matches and `tcp option maxseg`/`rt mtu` are built into nf_tables). wireguard-go's
+    tun is loaded by its own unit."""
     modules = ["nf_tables", "nft_ct"]
     if p.dataplane.mode == "kernel" and p.routing.snat:
         modules += ["nft_chain_nat", "nft_masq"]
     if p.dataplane.mode == "kernel" and p.dataplane.wireguard == "kernel":
         modules.append("wireguard")
-    if p.dataplane.mode == "kernel" and p.dataplane.wireguard == "wireguard-go":
-        modules.append("tun")  # loading it makes /dev/net/tun, which wireguard-go opens at start
     return modules
 
 
@@ -210,7 +222,8 @@ def dataplane_config(p: Profile, ctx: Context) -> dict[str, Any]:
             for link in ctx.links
         },
         "sysctl": dict(sorted(ctx.sysctls.items())),
-        "firewall": {"shields_up": p.firewall.shields_up},
+        # the kernel dataplane configures nothing before this table is in the kernel
+        "firewall": {"shields_up": p.firewall.shields_up, "table": NFT_TABLE},
     }
     if dp.mode == "userspace":
         cfg["socks5"] = dp.socks5

@@ -41,8 +41,8 @@ MODULES_EXCLUDE_VM = [
 # under emulation). systemd loads autofs4 and ip_tables itself: the appliance has no automount and
 # uses nftables. In a VM, udev would load the CPU's crypto accelerators (the kernel's own crypto
 # users here, WireGuard and module signatures, do not use them) and AHCI for QEMU's SATA/CD
-# controller (the root disk is virtio or NVMe). blacklist stops loading by alias (udev, systemd);
-# modules-load.d names none of them (the tree checks test that).
+# controller (the root disk is virtio or NVMe). blacklist stops loading by alias (udev, systemd), not
+# an explicit modprobe of a module or its dependencies.
 MODULES_BLACKLIST_ALL = ["autofs4", "ip_tables"]
 MODULES_BLACKLIST_VM = ["ahci", "sg", "serio_raw", "aesni_intel", "ghash_clmulni_intel", "polyval_clmulni",
                         "sha1_ssse3", "sha256_ssse3", "sha512_ssse3", "crc32_pclmul", "crct10dif_pclmul"]

@@ -105,18 +105,15 @@ def test_ruleset_checks_with_image_nft(host: Any) -> None:
 
 
 def test_boot_modules_exist(host: Any) -> None:
-    """Every module modules-load.d names is in the tree: a missing one would fail the boot's
-    systemd-modules-load.service."""
-    names = [ln.strip() for ln in host.file("/etc/modules-load.d/appliance.conf").content_string.splitlines()
-             if ln.strip() and not ln.startswith("#")]
-    assert names
+    """Every module the units modprobe at boot is in the tree: a missing one would fail the firewall
+    (or wireguard-go) at every boot."""
+    lines = host.check_output("cat /etc/systemd/system/*.service.d/*.conf /etc/systemd/system/*.service "
+                              "2>/dev/null | grep '^ExecStartPre=/usr/sbin/modprobe' || true").splitlines()
+    names = [w for ln in lines for w in ln.split()[1:] if not w.startswith("-")]
+    assert names, "no unit loads the firewall's kernel modules"
     version = host.check_output("ls /usr/lib/modules").split()[0]
     missing = [n for n in names if host.run(f"modinfo -k {version} -F name {n}").rc != 0]
     assert not missing, f"not in the tree: {missing}"
-    # systemd-modules-load honours blacklist: a module listed there and blacklisted would not load
-    blacklisted = set(host.run("cat /etc/modprobe.d/*.conf 2>/dev/null | awk '$1 == \"blacklist\" {print $2}'")
-                      .stdout.split())
-    assert not blacklisted & set(names), f"blacklisted but needed at boot: {sorted(blacklisted & set(names))}"
 
 
 def test_sshd_accepts_its_configuration(host: Any) -> None:
