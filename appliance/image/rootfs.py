@@ -19,7 +19,7 @@ from .lock import Lock
 from .run import BuildLog, ImageError, run
 from .tools import ToolsTree
 
-BASE_RECIPE = 10  # bump when the hooks below change what a base tree contains
+BASE_RECIPE = 11  # bump when the hooks below change what a base tree contains
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,10 @@ def _customize_hooks(spec: ImageSpec) -> list[str]:
         # host identity is made at first boot, never baked into an image that many devices share
         ': > "$1/etc/machine-id"',
         'rm -f "$1/var/lib/dbus/machine-id" "$1"/etc/ssh/ssh_host_*',
+        # Debian's /etc/modules (empty) is linked into modules-load.d, so systemd-modules-load runs at
+        # every boot to load nothing, and systemd-sysctl, then networkd, wait for it (~2 s under
+        # emulation). Without the link it is skipped, until a module is listed in modules-load.d.
+        'grep -qEv "^[[:space:]]*(#|$)" "$1/etc/modules" 2>/dev/null || rm -f "$1/etc/modules-load.d/modules.conf"',
         'mkdir -p "$1/etc/systemd/system/ssh.service.d"',
         # one Ed25519 host key (every SSH client of the last decade speaks it): an RSA key takes seconds
         # to generate on a slow CPU, on the way to the first login; no `sshd -t` at every boot either

@@ -34,6 +34,17 @@ _UDEV_TRIGGER = ("[Service]\n# net first, settled (renames done), then the rest:
                  "--prioritized-subsystem=module,block,tpmrm,tty,input\n")
 
 
+# Debian's units that networkd starts after, in order; each is short, but at boot everything starts
+# at once and a unit that waits for the CPU holds up the ones after it.
+_UPLINK_PATH = {
+    "kmod-static-nodes.service": "udevd starts after /dev's static nodes",
+    "systemd-tmpfiles-setup-dev-early.service": "udevd starts after /dev's static nodes",
+    "systemd-udevd.service": "udev names the uplink before networkd may configure it",
+    "systemd-sysctl.service": "networkd starts after the sysctls",
+    "systemd-networkd.service": "the uplink's address is on the tunnel's way up",
+}
+
+
 def _env() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.PackageLoader("appliance.render", "templates"),
@@ -113,10 +124,8 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
                'u appliance-dp - "appliance userspace dataplane" /nonexistent /usr/sbin/nologin\n')
     t.file(NFTABLES_DROPIN, _first_on_cpu("the tunnel and the uplink wait for the firewall",
                                           _MODPROBE_WHY + f"{MODPROBE} {' '.join(boot_modules(p))}\n"))
-    t.file("etc/systemd/system/systemd-networkd.service.d/10-appliance.conf",
-           _first_on_cpu("the uplink's address is on the tunnel's way up"))
-    t.file("etc/systemd/system/systemd-udevd.service.d/10-appliance.conf",
-           _first_on_cpu("udev names the uplink before networkd may configure it"))
+    for unit, why in _UPLINK_PATH.items():
+        t.file(f"etc/systemd/system/{unit}.d/10-appliance.conf", _first_on_cpu(why))
     t.file("etc/systemd/system/systemd-udev-trigger.service.d/10-appliance.conf", _UDEV_TRIGGER)
     t.file("etc/sysctl.d/90-appliance.conf", tpl("sysctl.conf.j2"))
     t.file("etc/ssh/sshd_config.d/10-appliance.conf", tpl("sshd.conf.j2"))

@@ -268,10 +268,16 @@ class BootTest:
         lab = Lab("b")
         try:
             return self._boot(report, image, lab, p, peers)
+        except AssertionError as e:  # the lab did not come up: the console is the first place to look
+            console = self._console()
+            raise AssertionError(f"{e}\n--- console, last 3000 characters ---\n{console[-3000:]}") from None
         finally:
-            report.console = (self.workdir / "vm" / "console.log").read_text(errors="replace") \
-                if (self.workdir / "vm" / "console.log").exists() else ""
+            report.console = self._console()
             lab.close()
+
+    def _console(self) -> str:
+        path = self.workdir / "vm" / "console.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def _boot(self, report: BootReport, image: Path, lab: Lab, p: Profile, peers: list[LabPeer]) -> BootReport:
         wan = lab.ns("wan")
@@ -289,7 +295,7 @@ class BootTest:
             report.accel = "kvm" if "kvm" in vm.accel else "tcg"
             with self.step(f"boot in QEMU ({report.accel}), lab network, peers"):
                 _attach(lab, wan, nics[0].tap, "tapu")
-                uplink_ip = self._uplink(lab, wan, p, arrivals)
+                uplink_ip = self._uplink(lab, wan, p, arrivals, vm.ssh_port)
                 lan = lan_host(p)
                 if lan_ns and lan:
                     self._lan(lab, lan_ns, nics[1].tap, p, lan, arrivals)
@@ -312,7 +318,7 @@ class BootTest:
         lab.run(ns, ["nft", "-f", "-"], input=protocol_counters("tapl"))
         lab.spawn(ns, [sys.executable, probe.__file__, "serve", ",".join(map(str, PORTS)), arrivals], "lan-server")
 
-    def _uplink(self, lab: Lab, wan: str, p: Profile, arrivals: Path) -> str:
+    def _uplink(self, lab: Lab, wan: str, p: Profile, arrivals: Path, ssh_port: int) -> str:
         uplink = p.interfaces.uplink
         assert uplink is not None
         lab.spawn(wan, [sys.executable, probe.__file__, "serve", ",".join(map(str, PORTS)), arrivals],
@@ -322,11 +328,21 @@ class BootTest:
             leases = lab.dir / "dnsmasq.leases"
             # --no-ping: no other host lives on this network, and dnsmasq's address-in-use check
             # would hold every first lease back by 3 s (PING_WAIT)
-            lab.spawn(wan, ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0", "--interface=tapu",
-                            "--bind-interfaces", "--dhcp-range=198.18.30.100,198.18.30.150,255.255.255.0,1h",
-                            f"--dhcp-option=option:router,{WAN_GATEWAY}", f"--dhcp-leasefile={leases}",
-                            "--dhcp-authoritative", "--no-ping"], "dnsmasq")
-            wait_for(lambda: _lease(leases, UPLINK_MAC) is not None, self.timeout, 0.2)
+            dnsmasq = lab.spawn(wan, ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0",
+                                      "--interface=tapu", "--bind-interfaces",
+                                      "--dhcp-range=198.18.30.100,198.18.30.150,255.255.255.0,1h",
+                                      f"--dhcp-option=option:router,{WAN_GATEWAY}", f"--dhcp-leasefile={leases}",
+                                      "--dhcp-authoritative", "--no-ping"], "dnsmasq")
+
+            def leased() -> bool:
+                return dnsmasq.poll() is not None or _lease(leases, UPLINK_MAC) is not None
+
+            try:
+                wait_for(leased, self.timeout, 0.2)
+            except AssertionError as e:
+                raise AssertionError(f"{e}: the uplink asked for no DHCP lease" + self._diagnose(ssh_port)) from None
+            if dnsmasq.poll() is not None and _lease(leases, UPLINK_MAC) is None:
+                raise AssertionError(f"the lab's DHCP server stopped: {lab.log('dnsmasq').strip()}")
             ip = _lease(leases, UPLINK_MAC)
             assert ip is not None
             return ip
@@ -389,15 +405,18 @@ class BootTest:
                                  + self._diagnose(ssh_port)) from None
 
     def _diagnose(self, ssh_port: int) -> str:
-        """What the appliance says about itself, when SSH answers: failed units and the dataplane's log."""
+        """What the appliance says about itself, when SSH answers: failed units, jobs still waiting
+        (a boot that hangs), the links and the dataplane's log."""
         if not _banner(ssh_port):
             return " (SSH does not answer: see the console log)"
-        script = ("systemctl --failed --no-legend --plain; "
-                  "journalctl -b --no-pager -o cat -n 40 -u 'appliance-*' -u systemd-networkd")
+        script = ("systemctl --failed --no-legend --plain; systemctl list-jobs --no-legend --plain; "
+                  "networkctl list --no-legend --no-pager; "
+                  "journalctl -b --no-pager -o short-monotonic -n 60 -u 'appliance-*' -u systemd-networkd "
+                  "-u systemd-udevd -u systemd-udev-trigger")
         ssh = subprocess.run(["ssh", "-F", str(self.workdir / "ssh_config"), "-p", str(ssh_port), "-o", "BatchMode=yes",
                               "-o", "ConnectTimeout=10", "127.0.0.1", script],
                              capture_output=True, text=True, timeout=60)
-        return "\nthe appliance's failed units and dataplane log:\n" + (ssh.stdout + ssh.stderr).strip()
+        return "\nthe appliance's failed units, waiting jobs, links and logs:\n" + (ssh.stdout + ssh.stderr).strip()
 
     def _expectations(self, p: Profile, peers: list[LabPeer], uplink_ip: str, lan: str | None, lab: Lab,
                       wan: str, lan_ns: str | None, arrivals: Path) -> dict[str, Any]:
