@@ -106,7 +106,7 @@ def test_esp_holds_the_uki(exit_node: dict[str, Any], tools: ToolsTree, tmp_path
              [img.parent, tmp_path])
     sections = in_tools(tools, ["ukify", "--json=short", "inspect", str(tmp_path / "BOOTX64.EFI")], [tmp_path])
     uki = json.loads(sections)
-    assert uki[".cmdline"]["text"].strip() == kernel_cmdline(DiskIds.for_name("exit-node"))
+    assert uki[".cmdline"]["text"].strip() == kernel_cmdline(DiskIds.for_name("exit-node"), vm=True)
     assert uki[".uname"]["text"].strip() == exit_node["manifest"]["kernel"]["version"]
     assert uki[".linux"]["size"] > 5 * 2**20
     # board: qemu boots with tiny-initramfs: its init, the disk and NIC drivers, nothing else

@@ -37,7 +37,7 @@ from ..render import ConfigTree, image_spec, render
 from ..secrets import SecretStore, generate_private_key, public_key
 from . import probe
 from .netns import Lab, protocol_counters, split_wg_quick, start_peer, wait_for
-from .vm import MGMT_MAC, Nic, running
+from .vm import MGMT_MAC, VM, Nic, running
 
 UPLINK_MAC = "52:54:00:12:34:01"
 LAN_MAC = "52:54:00:12:34:02"
@@ -295,13 +295,13 @@ class BootTest:
             report.accel = "kvm" if "kvm" in vm.accel else "tcg"
             with self.step(f"boot in QEMU ({report.accel}), lab network, peers"):
                 _attach(lab, wan, nics[0].tap, "tapu")
-                uplink_ip = self._uplink(lab, wan, p, arrivals, vm.ssh_port)
+                uplink_ip = self._uplink(lab, wan, p, arrivals, vm)
                 lan = lan_host(p)
                 if lan_ns and lan:
                     self._lan(lab, lan_ns, nics[1].tap, p, lan, arrivals)
                 for peer in peers:
                     self._peer(lab, p, peer, uplink_ip)
-                self._wait_up(lab, p, peers, vm.ssh_port, vm.seconds, report.timings)
+                self._wait_up(lab, p, peers, vm, report.timings)
             expect = self._expectations(p, peers, uplink_ip, lan, lab, wan, lan_ns, arrivals)
             with self.step("testinfra suite and traffic through the tunnel"):
                 t0 = time.monotonic()
@@ -318,7 +318,7 @@ class BootTest:
         lab.run(ns, ["nft", "-f", "-"], input=protocol_counters("tapl"))
         lab.spawn(ns, [sys.executable, probe.__file__, "serve", ",".join(map(str, PORTS)), arrivals], "lan-server")
 
-    def _uplink(self, lab: Lab, wan: str, p: Profile, arrivals: Path, ssh_port: int) -> str:
+    def _uplink(self, lab: Lab, wan: str, p: Profile, arrivals: Path, vm: VM) -> str:
         uplink = p.interfaces.uplink
         assert uplink is not None
         lab.spawn(wan, [sys.executable, probe.__file__, "serve", ",".join(map(str, PORTS)), arrivals],
@@ -334,13 +334,16 @@ class BootTest:
                                       f"--dhcp-option=option:router,{WAN_GATEWAY}", f"--dhcp-leasefile={leases}",
                                       "--dhcp-authoritative", "--no-ping"], "dnsmasq")
 
-            def leased() -> bool:
-                return dnsmasq.poll() is not None or _lease(leases, UPLINK_MAC) is not None
+            def leased() -> bool:  # or nothing more will come: the VM (a kernel panic) or dnsmasq ended
+                return (dnsmasq.poll() is not None or not vm.running()
+                        or _lease(leases, UPLINK_MAC) is not None)
 
             try:
                 wait_for(leased, self.timeout, 0.2)
             except AssertionError as e:
-                raise AssertionError(f"{e}: the uplink asked for no DHCP lease" + self._diagnose(ssh_port)) from None
+                raise AssertionError(f"{e}: the uplink asked for no DHCP lease" + self._diagnose(vm.ssh_port)) from None
+            if not vm.running():
+                raise AssertionError(f"the VM stopped after {vm.seconds():.0f} s, before its uplink had an address")
             if dnsmasq.poll() is not None and _lease(leases, UPLINK_MAC) is None:
                 raise AssertionError(f"the lab's DHCP server stopped: {lab.log('dnsmasq').strip()}")
             ip = _lease(leases, UPLINK_MAC)
@@ -369,14 +372,14 @@ class BootTest:
         if not p.is_exit_node:  # a peer that sends more than it was offered: the appliance must refuse
             lab.run(peer.ns, ["ip", "route", "add", f"{WAN_GATEWAY}/32", "dev", "wgp"])
 
-    def _wait_up(self, lab: Lab, p: Profile, peers: list[LabPeer], ssh_port: int, clock: Callable[[], float],
-                 timings: dict[str, float]) -> None:
+    def _wait_up(self, lab: Lab, p: Profile, peers: list[LabPeer], vm: VM, timings: dict[str, float]) -> None:
         """Until SSH answers and a peer has completed a handshake; each time is taken when it happens.
         A ping to the appliance's tunnel address gives the peers something to send. A WireGuard peer
         whose initiation went unanswered (the tunnel was not up yet) tries again only after 5 s
         (REKEY_TIMEOUT): the lab's peers are set anew each second instead, so the time is when the
         appliance first answers, to the second."""
         target = str(p.wireguard.addresses[0].ip)
+        clock = vm.seconds
         rearmed = [clock()]
 
         def any_handshake() -> bool:
@@ -393,6 +396,8 @@ class BootTest:
             return False
 
         def both() -> bool:  # SSH is watched apart (_SshWatch)
+            if not vm.running():
+                raise AssertionError(f"the VM stopped after {clock():.0f} s")
             if "boot_to_handshake" not in timings and any_handshake():
                 timings["boot_to_handshake"] = round(clock(), 1)
             return "boot_to_ssh" in timings and "boot_to_handshake" in timings
@@ -402,7 +407,7 @@ class BootTest:
         except AssertionError as e:
             missing = [k for k in ("boot_to_ssh", "boot_to_handshake") if k not in timings]
             raise AssertionError(f"{e}: no {' and no '.join(m.removeprefix('boot_to_') for m in missing)}"
-                                 + self._diagnose(ssh_port)) from None
+                                 + self._diagnose(vm.ssh_port)) from None
 
     def _diagnose(self, ssh_port: int) -> str:
         """What the appliance says about itself, when SSH answers: failed units, jobs still waiting

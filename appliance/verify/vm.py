@@ -124,6 +124,9 @@ class VM:
         if self.proc.poll() is not None:
             raise VMError(f"qemu exited at once: {(self.workdir / 'qemu.log').read_text()[-2000:]}")
 
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def seconds(self) -> float:
         return time.monotonic() - self.started
 
