@@ -326,7 +326,8 @@ def test_cmd(profile: Path, keep: bool, as_json: bool, cache_dir: Path | None) -
         die(f"{loaded.profile.name}: the lab did not come up: {tail}" + (f" (kept in {test.workdir})" if keep else ""))
     if as_json:
         echo_json({"name": report.name, "ok": report.ok, "passed": report.passed, "failed": report.failed,
-                   "failures": report.failures, "timings": report.timings, "accel": report.accel})
+                   "failures": report.failures, "timings": report.timings, "accel": report.accel,
+                   "emulator_faults": len(report.emulator_faults)})
     else:
         table = Table(title=f"appliance test {report.name} ({report.accel})")
         table.add_column("check")
@@ -336,6 +337,9 @@ def test_cmd(profile: Path, keep: bool, as_json: bool, cache_dir: Path | None) -
         table.add_row(f"{report.passed} checks", "[green]passed[/]")
         for k, v in report.timings.items():
             table.add_row(k.replace("_", " "), f"{v:.1f} s")
+        if report.emulator_faults:  # see verify.boot.emulator_fault
+            table.add_row("boots retried: the guest kernel died of TCG (Oops: int3)",
+                          str(len(report.emulator_faults)))
         out.print(table)
     if keep:
         err.print(f"work directory: {test.workdir}")

@@ -22,7 +22,8 @@ CACHE = Path(os.environ.get("APPLIANCE_TEST_CACHE") or Path.home() / ".cache" / 
 
 def boot(name: str, sabotage=None) -> BootReport:  # type: ignore[no-untyped-def]
     report = BootTest(load_profile(PROFILES / f"{name}.yaml").profile, Cache(CACHE), step, sabotage=sabotage).run()
-    print(f"\n{name}: {report.passed} passed, {report.failed} failed, {report.timings} ({report.accel})")
+    print(f"\n{name}: {report.passed} passed, {report.failed} failed, {report.timings} ({report.accel}, "
+          f"{len(report.emulator_faults)} boot(s) retried after an emulator fault)")
     return report
 
 

@@ -44,11 +44,12 @@ class DiskIds:
         return cls(u("disk"), u("esp"), u("root-partition"), u("root-fs"), u("esp-fs").replace("-", "")[:8])
 
 
-# Boards that run under QEMU, where TCG (no KVM) may be all there is. Enabling kernel-memory
-# accounting when systemd makes its first memory cgroup live-patches the slab allocator's fast
-# paths (a static key) while the other vCPU runs them; under multi-threaded TCG that panicked the
-# guest in kfree() in ~1 of 20 boots here (an int3 of the patch left in a stale translation). Without
-# kmem accounting the key never flips; memory limits still count user memory.
+# Boards that run under QEMU, where TCG (no KVM) may be all there is. The kernel live-patches its
+# own code with a temporary int3 when a static key flips, and multi-threaded TCG may still run the
+# breakpoint on the other vCPU: "Oops: int3", a panic (see verify.boot.emulator_fault). One such flip
+# comes late, among running services: kernel-memory accounting switched on when systemd enables its
+# first memory cgroup, in the slab allocator's fast paths (kfree). Without kmem accounting that key
+# never flips; memory limits still count user memory.
 _VM_CMDLINE = " cgroup.memory=nokmem"
 
 
