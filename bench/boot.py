@@ -42,7 +42,7 @@ def main() -> None:
                 continue
             if not report.ok:
                 sys.exit(f"{p.name}: the suite failed: {report.failures}\n{report.output[-3000:]}")
-            runs.append(report.timings | {"accel": report.accel})
+            runs.append(report.timings | {"accel": report.accel, "retried": len(report.emulator_faults)})
         if not runs:
             continue
         results[p.name] = {
