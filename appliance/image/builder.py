@@ -138,7 +138,7 @@ def _build(spec: ImageSpec, config: ConfigTree, profile_info: dict[str, Any], op
             with timed_step("verify root tree (testinfra, chroot)", "verify_tree"):
                 _verify(tree, config, spec, work, log)
         ids = DiskIds.for_name(name)
-        cmdline = kernel_cmdline(ids, vm=spec.board == "qemu")
+        cmdline = kernel_cmdline(ids, vm=spec.vm)
         with timed_step("ESP with unified kernel image", "esp"):
             esp = _esp(opts.cache, tools, base, ids, cmdline, sde, log)
         lay = layout_for(tree_bytes(tree))

@@ -22,6 +22,7 @@ BASE_PACKAGES = [
 # starts in the root, so its coldplug (which handles net first) names them before anything else.
 VM_INITRD_MODULES = ["virtio_blk", "virtio_net"]
 INITRAMFS_VM = "tiny-initramfs"
+VM_BOARD = "qemu"  # the board that boots in virtual machines: cloud kernel, tiny initramfs
 INITRAMFS_HARDWARE = "initramfs-tools"
 # Module subtrees an edge router never loads (paths under /usr/lib/modules/VERSION/kernel/), as mkosi's
 # KernelModulesExclude=: cluster and network file systems, RDMA, lab hardware. Kept: all of net/
@@ -68,6 +69,10 @@ class ImageSpec:
     appliance_units: tuple[str, ...] = ()  # the appliance's own, enabled by the rendered tree
     netstack: bool = False  # the userspace dataplane's binary, compiled from Go and added to the tree
 
+    @property
+    def vm(self) -> bool:
+        return self.board == VM_BOARD
+
     def base_inputs(self) -> dict[str, Any]:
         """The parts that decide the base tree's content (the name does not)."""
         d = asdict(self)
@@ -87,7 +92,7 @@ def image_spec(p: Profile) -> ImageSpec:
         packages.add("wireguard-go")
     if dp.mode == "userspace":
         packages.add("wireguard-tools")  # `wg show` reads the userspace dataplane's UAPI socket too
-    vm = p.system.board == "qemu"
+    vm = p.system.board == VM_BOARD
     kernel = f"linux-image-cloud-{p.system.arch}" if vm else f"linux-image-{p.system.arch}"
     packages.add(kernel)
     initramfs = INITRAMFS_VM if vm else INITRAMFS_HARDWARE
