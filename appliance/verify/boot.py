@@ -42,9 +42,11 @@ from .vm import MGMT_MAC, VM, Nic, running
 UPLINK_MAC = "52:54:00:12:34:01"
 LAN_MAC = "52:54:00:12:34:02"
 WAN_GATEWAY = "198.18.30.1"  # the "internet" side of the uplink; also the upstream server
+UPLINK_LEASE = "198.18.30.128"  # the lab's DHCP server reserves it for UPLINK_MAC
 WAN_NET = "198.18.30.0/24"
 PORTS = [22, 443, 7000, 8080]
 PROBE_PORT = 7000
+REARM_S = 1.0  # how often a lab peer whose handshake is unanswered starts a new one (WireGuard: 5 s)
 SUITE = Path(__file__).with_name("boot_suite.py")
 
 MGMT_NETWORK = f"""# lab only: QEMU's management NIC, for testinfra over SSH; no routes, no DNS
@@ -312,12 +314,14 @@ class BootTest:
             report.accel = "kvm" if "kvm" in vm.accel else "tcg"
             with self.step(f"boot in QEMU ({report.accel}), lab network, peers"):
                 _attach(lab, wan, nics[0].tap, "tapu")
-                uplink_ip = self._uplink(lab, wan, p, arrivals, vm)
+                # the whole lab is ready while the appliance boots: its first answer is timed, not the lab's start
+                uplink_ip, leased = self._uplink(lab, wan, p, arrivals, vm)
                 lan = lan_host(p)
                 if lan_ns and lan:
                     self._lan(lab, lan_ns, nics[1].tap, p, lan, arrivals)
                 for peer in peers:
                     self._peer(lab, p, peer, uplink_ip)
+                leased()
                 self._wait_up(lab, p, peers, vm, report.timings)
             expect = self._expectations(p, peers, uplink_ip, lan, lab, wan, lan_ns, arrivals)
             with self.step("testinfra suite and traffic through the tunnel"):
@@ -335,7 +339,10 @@ class BootTest:
         lab.run(ns, ["nft", "-f", "-"], input=protocol_counters("tapl"))
         lab.spawn(ns, [sys.executable, probe.__file__, "serve", ",".join(map(str, PORTS)), arrivals], "lan-server")
 
-    def _uplink(self, lab: Lab, wan: str, p: Profile, arrivals: Path, vm: VM) -> str:
+    def _uplink(self, lab: Lab, wan: str, p: Profile, arrivals: Path, vm: VM) -> tuple[str, Callable[[], None]]:
+        """The upstream side of the uplink: its server and, when the profile says DHCP, a DHCP server that
+        reserves UPLINK_LEASE for the appliance. Returns the uplink's address, known at once, and what
+        waits until the appliance has it."""
         uplink = p.interfaces.uplink
         assert uplink is not None
         lab.spawn(wan, [sys.executable, probe.__file__, "serve", ",".join(map(str, PORTS)), arrivals],
@@ -348,27 +355,32 @@ class BootTest:
             dnsmasq = lab.spawn(wan, ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0",
                                       "--interface=tapu", "--bind-interfaces",
                                       "--dhcp-range=198.18.30.100,198.18.30.150,255.255.255.0,1h",
+                                      f"--dhcp-host={UPLINK_MAC},{UPLINK_LEASE}",
                                       f"--dhcp-option=option:router,{WAN_GATEWAY}", f"--dhcp-leasefile={leases}",
                                       "--dhcp-authoritative", "--no-ping"], "dnsmasq")
 
-            def leased() -> bool:  # or nothing more will come: the VM (a kernel panic) or dnsmasq ended
+            def done() -> bool:  # or nothing more will come: the VM (a kernel panic) or dnsmasq ended
                 return (dnsmasq.poll() is not None or not vm.running()
                         or _lease(leases, UPLINK_MAC) is not None)
 
-            try:
-                wait_for(leased, self.timeout, 0.2)
-            except AssertionError as e:
-                raise AssertionError(f"{e}: the uplink asked for no DHCP lease" + self._diagnose(vm.ssh_port)) from None
-            if not vm.running():
-                raise AssertionError(f"the VM stopped after {vm.seconds():.0f} s, before its uplink had an address")
-            if dnsmasq.poll() is not None and _lease(leases, UPLINK_MAC) is None:
-                raise AssertionError(f"the lab's DHCP server stopped: {lab.log('dnsmasq').strip()}")
-            ip = _lease(leases, UPLINK_MAC)
-            assert ip is not None
-            return ip
+            def leased() -> None:
+                try:
+                    wait_for(done, self.timeout, 0.2)
+                except AssertionError as e:
+                    raise AssertionError(f"{e}: the uplink asked for no DHCP lease"
+                                         + self._diagnose(vm.ssh_port)) from None
+                if not vm.running():
+                    raise AssertionError(f"the VM stopped after {vm.seconds():.0f} s, before its uplink had an address")
+                ip = _lease(leases, UPLINK_MAC)
+                if dnsmasq.poll() is not None and ip is None:
+                    raise AssertionError(f"the lab's DHCP server stopped: {lab.log('dnsmasq').strip()}")
+                if ip != UPLINK_LEASE:
+                    raise AssertionError(f"the uplink leased {ip}, not the address reserved for it ({UPLINK_LEASE})")
+
+            return UPLINK_LEASE, leased
         gw = uplink.ipv4.gateway or next(h for h in uplink.ipv4.address.network.hosts() if h != uplink.ipv4.address.ip)
         lab.run(wan, ["ip", "addr", "add", f"{gw}/{uplink.ipv4.address.network.prefixlen}", "dev", "tapu"])
-        return str(uplink.ipv4.address.ip)
+        return str(uplink.ipv4.address.ip), lambda: None
 
     def _peer(self, lab: Lab, p: Profile, peer: LabPeer, uplink_ip: str) -> None:
         keyfile = self.workdir / f"{peer.name}.key"
@@ -393,20 +405,20 @@ class BootTest:
         """Until SSH answers and a peer has completed a handshake; each time is taken when it happens.
         A ping to the appliance's tunnel address gives the peers something to send. A WireGuard peer
         whose initiation went unanswered (the tunnel was not up yet) tries again only after 5 s
-        (REKEY_TIMEOUT): the lab's peers are set anew each second instead, so the time is when the
-        appliance first answers, to the second."""
+        (REKEY_TIMEOUT): each lab peer is set anew every REARM_S instead (which drops a handshake in
+        flight, so not more often), the peers in turn, so the time is when the appliance first
+        answers, to REARM_S / peers. The ping waits no longer than a poll: a handshake is what counts."""
         target = str(p.wireguard.addresses[0].ip)
         clock = vm.seconds
-        rearmed = [clock()]
+        start = clock()
+        rearmed = [start - REARM_S + i * REARM_S / len(peers) for i in range(len(peers))]
 
         def any_handshake() -> bool:
-            rearm = clock() - rearmed[0] >= 1.0
-            if rearm:
-                rearmed[0] = clock()
-            for peer in peers:
-                if rearm:
+            for i, peer in enumerate(peers):
+                if clock() - rearmed[i] >= REARM_S:
+                    rearmed[i] = clock()
                     lab.run(peer.ns, ["wg", "setconf", "wgp", "/dev/stdin"], input=peer.setconf)
-                lab.run(peer.ns, ["ping", "-c", "1", "-W", "1", target], check=False)
+                    lab.run(peer.ns, ["ping", "-c", "1", "-W", "0.2", target], check=False)
                 out = lab.run(peer.ns, ["wg", "show", "wgp", "latest-handshakes"], check=False).stdout
                 if any(int(x.split()[-1]) > 0 for x in out.splitlines() if x.strip()):
                     return True
