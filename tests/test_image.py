@@ -221,7 +221,9 @@ mount -t proc proc "$1/proc" && mount -t sysfs sysfs "$1/sys"
 chroot "$1" sh -c 'set -e; ip link set lo up
 udevadm verify --no-style /etc/udev/rules.d/90-appliance-offload.rules
 systemd-analyze verify --man=no /etc/systemd/system/appliance-*.service
-SYSTEMD_LOG_LEVEL=debug SYSTEMD_LOG_TARGET=console \\
+# the keys as PID1 hands them to networkd (ImportCredential=): readable by its user only
+mkdir -p /run/creds && cp /etc/credstore/network.* /run/creds/ && chown -R systemd-network /run/creds
+SYSTEMD_LOG_LEVEL=debug SYSTEMD_LOG_TARGET=console CREDENTIALS_DIRECTORY=/run/creds \\
   timeout 3 /usr/lib/systemd/systemd-networkd 2>&1 || true'
 """
 
@@ -245,7 +247,8 @@ def test_image_tools_accept_rendered_files(exit_node: dict[str, Any], tmp_path: 
     try:
         lines = networkd_in_tree(tree)
         loaded = {ln.split(":")[0] for ln in lines if ln.endswith("Successfully loaded.")}
-        assert loaded == {"/etc/systemd/network/10-uplink.network", "/etc/systemd/network/30-wg0.network"}, lines
+        assert loaded == {"/etc/systemd/network/10-uplink.network", "/etc/systemd/network/30-wg0.network",
+                          "/etc/systemd/network/30-wg0.netdev"}, lines
         complaints = [ln for ln in lines if not ln.endswith("Successfully loaded.")]
         assert complaints == []
         # the same check on a planted mistake: it must speak up

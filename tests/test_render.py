@@ -102,9 +102,21 @@ def test_exit_node_content(fixed_keys: ApplianceKeys) -> None:
     assert "meta nfproto ipv4 oifname != \"wg0\" counter accept" in nft
     assert "udp dport 51820 counter accept" in nft
     assert "policy drop" in nft and "shields up" not in nft
-    # wg0 belongs to the reconciler: networkd leaves it alone and keeps our routes and rule
-    assert "etc/systemd/network/30-wg0.netdev" not in t
-    assert "Unmanaged=yes" in t.text("etc/systemd/network/30-wg0.network")
+    # the kernel's WireGuard: networkd brings wg0 up at boot with the same state as dataplane.json,
+    # keys from the credential store (none in the file), routes with the reconciler's mark
+    netdev = t.text("etc/systemd/network/30-wg0.netdev")
+    assert "Kind=wireguard" in netdev and "PrivateKey=@network.wireguard.private.wg0" in netdev
+    assert fixed_keys.private_key not in netdev and "ListenPort=51820" in netdev
+    wg_net = t.text("etc/systemd/network/30-wg0.network")
+    assert "Unmanaged" not in wg_net and "Address=100.64.0.1/32" in wg_net
+    assert "Table=52\nPriority=5270\nFamily=both" in wg_net
+    assert "Destination=100.64.0.2/32\nTable=52\nProtocol=52\nScope=link" in wg_net
+    assert "Destination=fd7a:115c:a1e0::2/128\nTable=52\nProtocol=52\n" in wg_net
+    # no firewall, no network
+    assert "Requires=nftables.service" in t.text("etc/systemd/system/systemd-networkd.service.d/20-firewall-first.conf")
+    # the reconciler is off the tunnel's way up: it starts after networkd has configured wg0
+    unit = t.text("etc/systemd/system/appliance-dataplane.service")
+    assert "systemd-networkd-wait-online --interface=wg0" in unit and "CPUWeight" not in unit
     networkd = t.text("etc/systemd/networkd.conf.d/appliance.conf")
     assert "ManageForeignRoutingPolicyRules=no" in networkd and "ManageForeignRoutes=no" in networkd
     assert t["usr/sbin/appliance-dataplane"].mode == 0o755
@@ -135,6 +147,11 @@ def test_subnet_router_acl_and_shields_up(fixed_keys: ApplianceKeys) -> None:
     assert "ExecStart=/usr/bin/wireguard-go --foreground wg0" in t.text(
         "etc/systemd/system/appliance-wireguard-go.service")
     assert "etc/systemd/system/multi-user.target.wants/appliance-wireguard-go.service" in t
+    # ... and networkd leaves wg0 to it: the reconciler starts early, with the firewall
+    assert "etc/systemd/network/30-wg0.netdev" not in t
+    assert "Unmanaged=yes" in t.text("etc/systemd/network/30-wg0.network")
+    unit = t.text("etc/systemd/system/appliance-dataplane.service")
+    assert "Before=network.target" in unit and "CPUWeight=1000" in unit and "wait-online" not in unit
     assert "Address=192.168.10.1/24" in t.text("etc/systemd/network/10-lan.network")
     assert "net.core.rmem_max = 7340032" in t.text("etc/sysctl.d/90-appliance.conf")
 

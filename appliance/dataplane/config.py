@@ -10,6 +10,9 @@ from typing import Any
 
 DEFAULT_CONFIG = Path("/etc/appliance/dataplane.json")
 SCHEMA = 1
+# marks the tunnel's routes as the appliance's (unassigned in /etc/iproute2/rt_protos); networkd's
+# rendered routes for the kernel's WireGuard carry it too
+RTPROT_APPLIANCE = 52
 
 
 class ConfigError(Exception):

@@ -11,7 +11,8 @@ from typing import Any
 
 from pyroute2.iproute.linux import IPRoute
 
-RTPROT_APPLIANCE = 52  # marks our routes (unassigned in /etc/iproute2/rt_protos)
+from .config import RTPROT_APPLIANCE
+
 FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 

@@ -112,6 +112,14 @@ class Context:
     def kernel_forwarding(self) -> bool:
         return self.profile.dataplane.mode == "kernel"
 
+    @property
+    def networkd_tunnel(self) -> bool:
+        """The kernel's own WireGuard: networkd creates and configures wg0 at boot, with the uplink,
+        and the reconciler checks and repairs it. wireguard-go and the userspace stack are the
+        reconciler's alone (networkd cannot configure them)."""
+        dp = self.profile.dataplane
+        return dp.mode == "kernel" and dp.wireguard == "kernel"
+
 
 def _links(p: Profile) -> list[Link]:
     out = []

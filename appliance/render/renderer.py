@@ -9,6 +9,7 @@ from typing import Any
 import jinja2
 
 from .. import __version__
+from ..dataplane.config import RTPROT_APPLIANCE
 from ..profile.model import Profile
 from ..secrets import ApplianceKeys
 from .context import CREDSTORE, NFT_TABLE, PRIVATE_KEY_CREDENTIAL, WG_IFACE, Context, build_context, psk_credential
@@ -32,6 +33,12 @@ _UDEV_TRIGGER = ("[Service]\n# net first, settled (renames done), then the rest:
                  "ExecStart=-udevadm trigger --type=devices --action=add --subsystem-match=net --settle\n"
                  "ExecStart=-udevadm trigger --type=all --action=add --subsystem-nomatch=net "
                  "--prioritized-subsystem=module,block,tpmrm,tty,input\n")
+
+# Debian orders networkd after the firewall (network-pre.target) but starts it when the ruleset
+# failed to load. The appliance does not: networkd brings up the uplink and the kernel's WireGuard.
+_FIREWALL_FIRST = ("[Unit]\n# no firewall, no network: the uplink and the tunnel come up only with the appliance's\n"
+                   "# ruleset loaded (stopping nftables.service stops the network; its reload does not)\n"
+                   "Requires=nftables.service\nAfter=nftables.service\n")
 
 
 # Debian's units that networkd starts after, in order; each is short, but at boot everything starts
@@ -94,6 +101,7 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
         "nft_table": NFT_TABLE,
         "private_key_credential": PRIVATE_KEY_CREDENTIAL,
         "psk_credential": psk_credential,
+        "networkd_tunnel": ctx.networkd_tunnel,
     }
 
     def tpl(name: str, **extra: Any) -> str:
@@ -105,8 +113,11 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
         t.file(f"etc/systemd/network/10-{link.role}.network", tpl("link.network.j2", link=link))
         t.file(f"etc/systemd/system/appliance-offload-{link.role}@.service", tpl("offload.service.j2", link=link))
     t.file("etc/udev/rules.d/90-appliance-offload.rules", tpl("offload.rules.j2"))
+    if ctx.networkd_tunnel:
+        t.file(f"etc/systemd/network/30-{WG_IFACE}.netdev", tpl("wg.netdev.j2"))
     if ctx.kernel_forwarding:
-        t.file(f"etc/systemd/network/30-{WG_IFACE}.network", tpl("wg.network.j2"))
+        t.file(f"etc/systemd/network/30-{WG_IFACE}.network", tpl("wg.network.j2", rtprot=RTPROT_APPLIANCE,
+                                                                 rule_family=_rule_family(p, ctx)))
     t.file("etc/systemd/networkd.conf.d/appliance.conf", tpl("networkd.conf.j2"))
     _dataplane_code(t)
     t.file("usr/sbin/appliance-dataplane", tpl("dataplane-launcher.j2", version=__version__), mode=0o755)
@@ -126,6 +137,7 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
                                           _MODPROBE_WHY + f"{MODPROBE} {' '.join(boot_modules(p))}\n"))
     for unit, why in _UPLINK_PATH.items():
         t.file(f"etc/systemd/system/{unit}.d/10-appliance.conf", _first_on_cpu(why))
+    t.file("etc/systemd/system/systemd-networkd.service.d/20-firewall-first.conf", _FIREWALL_FIRST)
     t.file("etc/systemd/system/systemd-udev-trigger.service.d/10-appliance.conf", _UDEV_TRIGGER)
     t.file("etc/sysctl.d/90-appliance.conf", tpl("sysctl.conf.j2"))
     t.file("etc/ssh/sshd_config.d/10-appliance.conf", tpl("sshd.conf.j2"))
@@ -161,6 +173,12 @@ def _socks5_port(p: Profile) -> int | None:
     host, _, port = p.dataplane.socks5.rpartition(":")
     host = host.strip("[]")
     return None if host in ("127.0.0.1", "::1", "localhost") else int(port)
+
+
+def _rule_family(p: Profile, ctx: Context) -> str:
+    """networkd's Family= for the policy rule: the families the tunnel carries, as the reconciler's."""
+    versions = {n.version for n in ctx.peer_routes} | {a.version for a in p.wireguard.addresses}
+    return "both" if versions == {4, 6} else f"ipv{versions.pop()}"
 
 
 def _any(ctx: Context, family: str, mode: str) -> bool:

@@ -82,6 +82,14 @@ def test_policy_rule_and_table(host: Any) -> None:
     assert got == X["routes"] and all(r["dev"] == "wg0" for r in routes)
 
 
+@pytest.mark.skipif(not KERNEL, reason="userspace mode: the netstack holds the tunnel, no kernel state")
+def test_reconciler_finds_nothing_to_change(host: Any) -> None:
+    """Whoever brought the tunnel up at boot (networkd for the kernel's WireGuard, the reconciler for
+    wireguard-go), the state is dataplane.json's: the reconciler's dry run has nothing to change."""
+    status = host.run("appliance-dataplane status")
+    assert status.rc == 0, status.stdout + status.stderr
+
+
 def test_wireguard_peers(host: Any) -> None:
     # userspace mode: `wg` reads appliance-netstack's UAPI socket; there is no wg0 link at all
     peers = host.check_output("wg show wg0 peers").split()
