@@ -143,15 +143,20 @@ def test_subnet_router_acl_and_shields_up(fixed_keys: ApplianceKeys) -> None:
     assert 'counter drop comment "shields up' in nft
     assert 'counter drop comment "acl: not allowed"' in nft
     assert "meta nfproto ipv4 oifname" not in nft  # not an exit node: no route to everywhere
-    # wireguard-go runs as its own service; the reconciler configures the TUN it makes
-    assert "ExecStart=/usr/bin/wireguard-go --foreground wg0" in t.text(
-        "etc/systemd/system/appliance-wireguard-go.service")
+    # wireguard-go runs as its own service, with the firewall, and `wg set` gives it keys (read from
+    # the root-only credential store) and peers; networkd the TUN's addresses, routes and rule
+    wg_go = t.text("etc/systemd/system/appliance-wireguard-go.service")
+    assert "ExecStart=/usr/bin/wireguard-go wg0" in wg_go and "Type=forking" in wg_go
+    assert "Requires=nftables.service\nAfter=nftables.service" in wg_go
+    assert ("ExecStartPost=/usr/bin/wg set wg0 listen-port 51820 private-key "
+            "/etc/credstore/network.wireguard.private.wg0\n") in wg_go
+    assert "ExecStartPost=/usr/bin/wg set wg0 peer " in wg_go and " allowed-ips 100.64.1.3/32\n" in wg_go
+    assert fixed_keys.private_key not in wg_go
     assert "etc/systemd/system/multi-user.target.wants/appliance-wireguard-go.service" in t
-    # ... and networkd leaves wg0 to it: the reconciler starts early, with the firewall
     assert "etc/systemd/network/30-wg0.netdev" not in t
-    assert "Unmanaged=yes" in t.text("etc/systemd/network/30-wg0.network")
+    assert "Address=100.64.1.1/32" in t.text("etc/systemd/network/30-wg0.network")
     unit = t.text("etc/systemd/system/appliance-dataplane.service")
-    assert "Before=network.target" in unit and "CPUWeight=1000" in unit and "wait-online" not in unit
+    assert "systemd-networkd-wait-online --interface=wg0" in unit and "CPUWeight" not in unit
     assert "Address=192.168.10.1/24" in t.text("etc/systemd/network/10-lan.network")
     assert "net.core.rmem_max = 7340032" in t.text("etc/sysctl.d/90-appliance.conf")
 

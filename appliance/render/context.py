@@ -113,10 +113,9 @@ class Context:
         return self.profile.dataplane.mode == "kernel"
 
     @property
-    def networkd_tunnel(self) -> bool:
-        """The kernel's own WireGuard: networkd creates and configures wg0 at boot, with the uplink,
-        and the reconciler checks and repairs it. wireguard-go and the userspace stack are the
-        reconciler's alone (networkd cannot configure them)."""
+    def kernel_wireguard(self) -> bool:
+        """The kernel's own WireGuard, which networkd creates from a .netdev; wireguard-go makes its
+        TUN itself and takes its keys and peers from `wg set` (its unit)."""
         dp = self.profile.dataplane
         return dp.mode == "kernel" and dp.wireguard == "kernel"
 

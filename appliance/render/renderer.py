@@ -101,7 +101,7 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
         "nft_table": NFT_TABLE,
         "private_key_credential": PRIVATE_KEY_CREDENTIAL,
         "psk_credential": psk_credential,
-        "networkd_tunnel": ctx.networkd_tunnel,
+        "credstore": CREDSTORE,
     }
 
     def tpl(name: str, **extra: Any) -> str:
@@ -113,7 +113,7 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
         t.file(f"etc/systemd/network/10-{link.role}.network", tpl("link.network.j2", link=link))
         t.file(f"etc/systemd/system/appliance-offload-{link.role}@.service", tpl("offload.service.j2", link=link))
     t.file("etc/udev/rules.d/90-appliance-offload.rules", tpl("offload.rules.j2"))
-    if ctx.networkd_tunnel:
+    if ctx.kernel_wireguard:
         t.file(f"etc/systemd/network/30-{WG_IFACE}.netdev", tpl("wg.netdev.j2"))
     if ctx.kernel_forwarding:
         t.file(f"etc/systemd/network/30-{WG_IFACE}.network", tpl("wg.network.j2", rtprot=RTPROT_APPLIANCE,
@@ -130,7 +130,7 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
                                      dhcpv6=_any(ctx, "ipv6", "ra"), forwarding=ctx.kernel_forwarding,
                                      socks5_port=_socks5_port(p)), mode=0o755)
     if p.dataplane.mode == "userspace":
-        t.file("etc/systemd/system/appliance-userspace.service", tpl("userspace.service.j2", credstore=CREDSTORE))
+        t.file("etc/systemd/system/appliance-userspace.service", tpl("userspace.service.j2"))
         t.file("etc/sysusers.d/appliance.conf",
                'u appliance-dp - "appliance userspace dataplane" /nonexistent /usr/sbin/nologin\n')
     t.file(NFTABLES_DROPIN, _first_on_cpu("the tunnel and the uplink wait for the firewall",
