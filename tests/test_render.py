@@ -172,6 +172,9 @@ def test_userspace_has_no_kernel_forwarding(fixed_keys: ApplianceKeys) -> None:
     assert "User=appliance-dp" in unit and "ExecStart=/usr/sbin/appliance-dataplane userspace" in unit
     assert "LoadCredential=wireguard-private-key:/etc/credstore/network.wireguard.private.wg0" in unit
     assert "appliance-dp" in t.text("etc/sysusers.d/appliance.conf")
+    # the root reconciler (sysctls, offloads) is off the tunnel's way up; there is no wg0 to wait for
+    root_unit = t.text("etc/systemd/system/appliance-dataplane.service")
+    assert "After=systemd-networkd.service" in root_unit and "wait-online" not in root_unit
     assert "tcp dport 1080" not in nft  # the SOCKS5 proxy listens on loopback only
     dp = json.loads(t.text(DATAPLANE_JSON))
     assert dp["mode"] == "userspace" and dp["socks5"] == "127.0.0.1:1080"

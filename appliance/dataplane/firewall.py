@@ -1,7 +1,7 @@
-"""Whether the appliance's firewall is in the kernel. The dataplane service starts with the firewall
-rather than after it (its start, Python and pyroute2, takes as long as loading the ruleset on a
-slow CPU) and brings nothing up until the ruleset is there: `nft -f` replaces the appliance's table
-in one transaction, so once the table exists, the whole ruleset does."""
+"""Whether the appliance's firewall is in the kernel. The reconciler brings nothing up until the
+ruleset is there, however it was started (in the image it starts after networkd, which itself
+requires the firewall; by hand or in a test it may start first): `nft -f` replaces the appliance's
+table in one transaction, so once the table exists, the whole ruleset does."""
 
 from __future__ import annotations
 
