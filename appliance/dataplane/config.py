@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,12 @@ SCHEMA = 1
 # marks the tunnel's routes as the appliance's (unassigned in /etc/iproute2/rt_protos); networkd's
 # rendered routes for the kernel's WireGuard carry it too
 RTPROT_APPLIANCE = 52
+
+
+def rule_families(routes: Iterable[str], addresses: Iterable[str]) -> set[int]:
+    """The IP versions the policy rule is needed for: those of the peers' routes and the tunnel's
+    addresses (the reconciler's rules, and networkd's as the renderer writes them)."""
+    return {ipaddress.ip_network(r).version for r in routes} | {ipaddress.ip_interface(a).version for a in addresses}
 
 
 class ConfigError(Exception):

@@ -34,7 +34,7 @@ def _nf_tables_present() -> bool:
 
 @functools.cache
 def _nf_tables_builtin() -> bool:
-    """Read once: wait_for_table asks every 50 ms, at boot, when the CPU is shortest."""
+    """Read once: wait_for_table asks every 50 ms while it waits."""
     try:
         builtin = Path(f"/lib/modules/{os.uname().release}/modules.builtin").read_text()
     except OSError:

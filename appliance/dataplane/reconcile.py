@@ -5,14 +5,13 @@ only that, so a second pass reports no changes. With dry=True nothing is written
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyroute2.iproute.linux import IPRoute
 
 from . import kernelwg, uapi
-from .config import DataplaneConfig
+from .config import DataplaneConfig, rule_families
 from .device import poke, wanted_device
 from .hostcfg import ensure_offloads, ensure_sysctls, matching_links
 from .links import ensure_addresses, ensure_link, ensure_routes, ensure_rules
@@ -80,9 +79,7 @@ def _tunnel(ipr: IPRoute, cfg: DataplaneConfig, res: Result, dry: bool, uapi_dir
                 uapi.set_device(uapi.socket_path(wg.interface, uapi_dir), change)
     res.changes += ensure_addresses(ipr, idx, wg.interface, wg.addresses, dry)
     res.changes += ensure_routes(ipr, idx, cfg.table, cfg.routes, dry)
-    families: set[int] = {ipaddress.ip_network(r).version for r in cfg.routes} | {
-        ipaddress.ip_interface(a).version for a in wg.addresses}
-    res.changes += ensure_rules(ipr, cfg.table, cfg.rule_priority, families, dry)
+    res.changes += ensure_rules(ipr, cfg.table, cfg.rule_priority, rule_families(cfg.routes, wg.addresses), dry)
     restored = [c.peer for c in change.peers if not c.remove and c.peer.endpoint
                 and c.peer.public_key not in current.peers]
     if restored and not dry:

@@ -25,6 +25,11 @@ def psk_credential(peer: str) -> str:
     return f"network.wireguard.psk.{WG_IFACE}.{peer}"
 
 
+def credential_path(name: str) -> str:
+    """A key's file in the image: root-only, read by root units and handed to others as a credential."""
+    return f"/{CREDSTORE}/{name}"
+
+
 @dataclass(frozen=True)
 class Link:
     role: str

@@ -9,10 +9,19 @@ from typing import Any
 import jinja2
 
 from .. import __version__
-from ..dataplane.config import RTPROT_APPLIANCE
+from ..dataplane.config import RTPROT_APPLIANCE, rule_families
 from ..profile.model import Profile
 from ..secrets import ApplianceKeys
-from .context import CREDSTORE, NFT_TABLE, PRIVATE_KEY_CREDENTIAL, WG_IFACE, Context, build_context, psk_credential
+from .context import (
+    CREDSTORE,
+    NFT_TABLE,
+    PRIVATE_KEY_CREDENTIAL,
+    WG_IFACE,
+    Context,
+    build_context,
+    credential_path,
+    psk_credential,
+)
 from .tree import ConfigTree
 
 DATAPLANE_JSON = "etc/appliance/dataplane.json"
@@ -101,7 +110,7 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
         "nft_table": NFT_TABLE,
         "private_key_credential": PRIVATE_KEY_CREDENTIAL,
         "psk_credential": psk_credential,
-        "credstore": CREDSTORE,
+        "credential_path": credential_path,
     }
 
     def tpl(name: str, **extra: Any) -> str:
@@ -176,8 +185,8 @@ def _socks5_port(p: Profile) -> int | None:
 
 
 def _rule_family(p: Profile, ctx: Context) -> str:
-    """networkd's Family= for the policy rule: the families the tunnel carries, as the reconciler's."""
-    versions = {n.version for n in ctx.peer_routes} | {a.version for a in p.wireguard.addresses}
+    """networkd's Family= for the policy rule: the reconciler's families."""
+    versions = rule_families(map(str, ctx.peer_routes), map(str, p.wireguard.addresses))
     return "both" if versions == {4, 6} else f"ipv{versions.pop()}"
 
 
@@ -218,7 +227,7 @@ def dataplane_config(p: Profile, ctx: Context) -> dict[str, Any]:
             "listen_port": p.wireguard.listen_port,
             "mtu": p.wireguard.mtu,
             "addresses": [str(a) for a in p.wireguard.addresses],
-            "private_key_file": f"/{CREDSTORE}/{PRIVATE_KEY_CREDENTIAL}",
+            "private_key_file": credential_path(PRIVATE_KEY_CREDENTIAL),
             "peers": [
                 {
                     "name": peer.name,
@@ -226,7 +235,7 @@ def dataplane_config(p: Profile, ctx: Context) -> dict[str, Any]:
                     "allowed_ips": [str(n) for n in peer.allowed_ips],
                     "endpoint": peer.endpoint,
                     "persistent_keepalive": peer.persistent_keepalive,
-                    "preshared_key_file": f"/{CREDSTORE}/{psk_credential(peer.name)}" if peer.preshared_key
+                    "preshared_key_file": credential_path(psk_credential(peer.name)) if peer.preshared_key
                     else None,
                 }
                 for peer in p.wireguard.peers
