@@ -2,30 +2,42 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import click
 from rich.table import Table
 
 from . import __version__
 from .peer_config import client_config, find_peer, terminal_qr
-from .profile import LoadedProfile, ProfileError, json_schema_text, load_profile, reference_markdown
+from .profile import Issue, LoadedProfile, ProfileError, json_schema_text, load_profile, reference_markdown
+from .profile.types import check_name, parse_host_port
 from .render import ConfigTree, render
-from .secrets import ApplianceKeys, SecretStore, SecretStoreError, public_key
+from .secrets import (
+    ApplianceKeys,
+    SecretStore,
+    SecretStoreError,
+    appliance_keys,
+    default_store_path,
+    key_issues,
+    public_key,
+)
 from .ui import ApplianceError, die, echo_json, err, out, step
 
 EXIT_INVALID = 2
 
 secrets_option = click.option(
     "--secrets", "secrets_dir", type=click.Path(file_okay=False, path_type=Path), envvar="APPLIANCE_SECRETS",
-    default="secrets", show_default=True, show_envvar=True,
-    help="secret store holding the appliances' private and preshared keys (keep it out of git)")
+    show_envvar=True,
+    help="secret store holding the appliances' private and preshared keys [default: secrets/ at the top of the "
+         "profile's git repository, or beside the profile when it is in none]")
 profile_arg = click.argument("profile", type=click.Path(dir_okay=False, path_type=Path))
 
 
@@ -33,21 +45,33 @@ def _load(path: Path) -> LoadedProfile:
     try:
         return load_profile(path)
     except ProfileError as e:
-        for issue in e.issues:
-            err.print(f"[red]{issue}[/]", markup=True, highlight=False, soft_wrap=True)
-        err.print(f"[bold red]invalid profile[/]: {len(e.issues)} problem(s)")
-        raise SystemExit(EXIT_INVALID) from None
+        _fail_invalid(e.issues)
 
 
-def _keys(store_dir: Path, loaded: LoadedProfile) -> ApplianceKeys:
-    p = loaded.profile
+def _store(store_dir: Path | None, profile: Path | None) -> SecretStore:
+    """--secrets, else the store of the profile's repository (see secrets.store)."""
+    return SecretStore(store_dir if store_dir is not None else default_store_path(profile))
+
+
+def _keys(store_dir: Path | None, loaded: LoadedProfile) -> ApplianceKeys:
     try:
-        return SecretStore(store_dir).appliance_keys(p.name, [x.name for x in p.wireguard.peers if x.preshared_key])
+        keys = appliance_keys(_store(store_dir, loaded.path), loaded.profile)
     except SecretStoreError as e:
         die(str(e))
+    issues = key_issues(loaded, keys)
+    if issues:
+        _fail_invalid(issues)
+    return keys
 
 
-def _render(loaded: LoadedProfile, secrets_dir: Path) -> ConfigTree:
+def _fail_invalid(issues: list[Issue]) -> NoReturn:
+    for issue in issues:
+        err.print(f"[red]{issue}[/]", markup=True, highlight=False, soft_wrap=True)
+    err.print(f"[bold red]invalid profile[/]: {len(issues)} problem(s)")
+    raise SystemExit(EXIT_INVALID)
+
+
+def _render(loaded: LoadedProfile, secrets_dir: Path | None) -> ConfigTree:
     return render(loaded.profile, _keys(secrets_dir, loaded))
 
 
@@ -93,7 +117,7 @@ def validate(profiles: tuple[Path, ...], as_json: bool) -> None:
 @click.option("--include-secrets", is_flag=True,
               help="also write the private/preshared key files (0600); off by default")
 @secrets_option
-def render_cmd(profile: Path, output: Path, include_secrets: bool, secrets_dir: Path) -> None:
+def render_cmd(profile: Path, output: Path, include_secrets: bool, secrets_dir: Path | None) -> None:
     """Render PROFILE into the configuration tree the image will carry."""
     loaded = _load(profile)
     with step(f"render {loaded.profile.name}"):
@@ -123,20 +147,18 @@ def schema(output: Path | None, markdown: bool) -> None:
 @click.argument("target")
 @click.option("--json", "as_json", is_flag=True, help="print as JSON")
 @secrets_option
-def keys(target: str, as_json: bool, secrets_dir: Path) -> None:
+def keys(target: str, as_json: bool, secrets_dir: Path | None) -> None:
     """Show the public key of appliance TARGET (a name or a profile), creating its keys on first use.
 
     Private and preshared keys stay in the secret store and are never printed.
     """
-    store = SecretStore(secrets_dir)
-    psk_peers: list[str] = []
-    name = target
-    if target.endswith((".yaml", ".yml")) or os.sep in target:
-        lp = _load(Path(target))
-        name = lp.profile.name
-        psk_peers = [x.name for x in lp.profile.wireguard.peers if x.preshared_key]
+    name, store = _target(target, secrets_dir)
     try:
-        k = store.appliance_keys(name, psk_peers)
+        if isinstance(name, LoadedProfile):
+            k = _keys(secrets_dir, name)
+            name = name.profile.name
+        else:
+            k = store.appliance_keys(name, [])
     except SecretStoreError as e:
         die(str(e))
     if as_json:
@@ -148,6 +170,19 @@ def keys(target: str, as_json: bool, secrets_dir: Path) -> None:
             out.print(f"preshared keys for: {', '.join(sorted(k.preshared_keys))} (in {store.root / name})")
 
 
+def _target(target: str, secrets_dir: Path | None) -> tuple[LoadedProfile | str, SecretStore]:
+    """A profile (a .yaml path) or an appliance name, and its secret store. A name becomes a path in
+    the store: it must be a hostname label (no '..', no '/')."""
+    if target.endswith((".yaml", ".yml")) or os.sep in target:
+        lp = _load(Path(target))
+        return lp, _store(secrets_dir, lp.path)
+    try:
+        check_name(target)
+    except ValueError as e:
+        die(f"{target[:70]!r} is neither a profile (a .yaml file) nor an appliance name: {e}", EXIT_INVALID)
+    return target, _store(secrets_dir, None)
+
+
 @cli.command()
 @profile_arg
 @click.argument("peer_name", metavar="PEER")
@@ -157,15 +192,22 @@ def keys(target: str, as_json: bool, secrets_dir: Path) -> None:
 @click.option("--qr", is_flag=True, help="also show the config as a QR code for the mobile apps")
 @secrets_option
 def peer(profile: Path, peer_name: str, endpoint: str | None, private_key_file: TextIO | None,
-         qr: bool, secrets_dir: Path) -> None:
+         qr: bool, secrets_dir: Path | None) -> None:
     """Print a wg-quick config for PEER of the appliance in PROFILE."""
     loaded = _load(profile)
     p = loaded.profile
     entry = find_peer(p, peer_name)
     if entry is None:
         known = ", ".join(x.name for x in p.wireguard.peers) or "none"
-        die(f"{profile}: no peer named '{peer_name}' (peers: {known})", EXIT_INVALID)
+        die(f"{profile}: no peer named '{peer_name[:70]}' (peers: {known})", EXIT_INVALID)
+    if endpoint is not None:
+        try:
+            endpoint = parse_host_port(endpoint)
+        except ValueError as e:
+            die(f"--endpoint: {e}", EXIT_INVALID)
     k = _keys(secrets_dir, loaded)
+    if private_key_file is not None:
+        _warn_if_others_can_read(private_key_file)
     private = private_key_file.read().strip() if private_key_file else None
     if private is not None:
         try:
@@ -206,7 +248,7 @@ cache_option = click.option(
 @secrets_option
 def build(profile: Path, out_dir: Path, no_cache: bool, use_lock: bool, update_lock: bool, no_verify: bool,
           keep_tree: bool, render_only: bool, as_json: bool, boot_verify: bool, age_identity: Path | None,
-          cache_dir: Path | None, secrets_dir: Path) -> None:
+          cache_dir: Path | None, secrets_dir: Path | None) -> None:
     """Build the bootable disk image for PROFILE: OUT_DIR/NAME.img (GPT, UEFI) and friends."""
     from .image import BuildLog, BuildOptions, Cache, ImageError, build_image
     from .render import image_spec
@@ -368,13 +410,16 @@ def run_cmd(profile: Path, out_dir: Path, persist: bool) -> None:
 @click.argument("image", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.argument("device", type=click.Path(path_type=Path))
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
-@click.option("--force", is_flag=True, help="allow a device that is neither removable nor USB")
+@click.option("--force", is_flag=True, help="allow a whole disk that is neither removable nor USB")
+@click.option("--allow-loop", is_flag=True, help="allow a loop device (an image file attached with losetup)")
 @click.option("--verify-only", is_flag=True, help="only compare DEVICE with IMAGE (write nothing)")
-def flash_cmd(image: Path, device: Path, yes: bool, force: bool, verify_only: bool) -> None:
+def flash_cmd(image: Path, device: Path, yes: bool, force: bool, allow_loop: bool, verify_only: bool) -> None:
     """Write IMAGE to DEVICE (SD card, USB stick, disk) with bmaptool, then read it back and verify.
 
-    Refuses mounted devices, the running system's root or swap, devices smaller than the image, and
-    devices that are neither removable nor USB unless --force."""
+    Refuses anything but a whole disk (partitions, LVM, dm-crypt, RAID; loop devices unless
+    --allow-loop), devices in use (mounted, swap, a RAID/LVM/LUKS member), the running system's root
+    or swap, devices smaller than the image, and disks that are neither removable nor USB unless
+    --force."""
     from . import flash
 
     bmap = image.with_name(image.name + ".bmap")
@@ -382,7 +427,7 @@ def flash_cmd(image: Path, device: Path, yes: bool, force: bool, verify_only: bo
     try:
         target = flash.inspect_target(device)
         if not verify_only:
-            reasons = flash.refusals(target, image.stat().st_size, force)
+            reasons = flash.refusals(target, image.stat().st_size, force, allow_loop)
             if reasons:
                 die(f"refusing to write to {target.path}: " + "; ".join(reasons))
             out.print(target.describe())
@@ -463,7 +508,7 @@ def fleet_diff(rev1: str, rev2: str, directory: str, repo: Path, stat_only: bool
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default="images", show_default=True)
 @cache_option
 @secrets_option
-def fleet_build(directory: Path, out_dir: Path, cache_dir: Path | None, secrets_dir: Path) -> None:
+def fleet_build(directory: Path, out_dir: Path, cache_dir: Path | None, secrets_dir: Path | None) -> None:
     """Build every device profile under DIRECTORY (sharing cached root trees); a failure in one does
     not stop the others. Exit status 1 if any failed."""
     from . import fleet
@@ -477,10 +522,13 @@ def fleet_build(directory: Path, out_dir: Path, cache_dir: Path | None, secrets_
     for path in fleet.devices(directory)[0]:
         t0 = time.monotonic()
         try:
-            lp = load_profile(path)
+            lp = load_profile(path, fleet.fleet_root(directory))
             p = lp.profile
-            tree = render(p, SecretStore(secrets_dir).appliance_keys(
-                p.name, [x.name for x in p.wireguard.peers if x.preshared_key]))
+            keys = appliance_keys(_store(secrets_dir, lp.path), p)
+            issues = key_issues(lp, keys)
+            if issues:
+                raise ProfileError(issues)
+            tree = render(p, keys)
             res = build_image(image_spec(p), tree, {"path": str(path), "digest": lp.digest,
                                                      "files": [str(f) for f in lp.files]},
                               BuildOptions(out_dir=out_dir, cache=Cache(cache_dir)), step,
@@ -510,7 +558,7 @@ def secrets_group() -> None:
 @click.option("--remove-plaintext", is_flag=True, help="delete each key file once its .age file is written")
 @secrets_option
 def secrets_encrypt(target: str, recipient_list: tuple[str, ...], recipients_file: TextIO | None,
-                    remove_plaintext: bool, secrets_dir: Path) -> None:
+                    remove_plaintext: bool, secrets_dir: Path | None) -> None:
     """Write KEY.age beside every key of appliance TARGET (a name or a profile), for the recipients.
 
     The .age files can be committed; builds decrypt them in memory with --age-identity or
@@ -521,14 +569,15 @@ def secrets_encrypt(target: str, recipient_list: tuple[str, ...], recipients_fil
                                      and not ln.startswith("#")] if recipients_file else [])
     if not texts:
         die("give at least one --recipient age1... (or --recipients-file)")
-    name, psk_peers = target, []
-    if target.endswith((".yaml", ".yml")) or os.sep in target:
-        lp = _load(Path(target))
-        name, psk_peers = lp.profile.name, [x.name for x in lp.profile.wireguard.peers if x.preshared_key]
-    store = SecretStore(secrets_dir)
+    found, store = _target(target, secrets_dir)
     try:
         to = recipients(texts)
-        store.appliance_keys(name, psk_peers)
+        if isinstance(found, LoadedProfile):
+            name = found.profile.name
+            appliance_keys(store, found.profile)
+        else:
+            name = found
+            store.appliance_keys(name, [])
         written = [encrypt_file(f, to) for f in store.key_files(name)]
     except (AgeError, SecretStoreError) as e:
         die(str(e))
@@ -537,6 +586,17 @@ def secrets_encrypt(target: str, recipient_list: tuple[str, ...], recipients_fil
             f.unlink()
     for w in written:
         out.print(f"wrote {w}")
+
+
+def _warn_if_others_can_read(f: TextIO) -> None:
+    """As wg does for its key files: a private key others can read is no longer private."""
+    try:
+        mode = os.fstat(f.fileno()).st_mode
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return
+    if stat.S_ISREG(mode) and mode & 0o077:
+        err.print(f"[yellow]warning:[/] {getattr(f, 'name', 'the key file')} is accessible by others "
+                  f"(mode {stat.S_IMODE(mode):04o}): run chmod 600 on it")
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -1,12 +1,17 @@
 """`appliance flash`: write an image to an SD card, USB stick or disk, safely, and prove it arrived.
 
-Refused (nothing written): not a block device; any partition mounted; the running system's root or
-swap; smaller than the image; not removable and not USB unless forced. The write uses bmaptool and
-the image's .bmap (only mapped blocks), or a full copy when there is no bmap; then the device is
-synced, its page cache dropped, and every written range read back and compared with the image."""
+Refused (nothing written): not a block device; not a whole disk (a partition, an LVM, dm-crypt or
+RAID device; a loop device only with --allow-loop); any partition mounted; in use by the kernel (an
+exclusive open fails: an unmounted RAID, LVM or LUKS member, swap); the running system's root or
+swap; smaller than the image; not removable and not USB unless forced. The device is opened
+exclusively while it is written (as bmaptool does), so nothing mounts it meanwhile. The write uses
+bmaptool and the image's .bmap (only mapped blocks), or a full copy when there is no bmap; then the device is synced,
+its page cache dropped, and every written range read back and compared with the image (ranges the
+.bmap gives no checksum for are compared with the image's own bytes)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -15,7 +20,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from xml.etree import ElementTree
 
 from .ui import ApplianceError
@@ -37,6 +42,7 @@ class Target:
     serial: str
     mounted: tuple[str, ...]  # mount points of the device and its partitions
     devices: tuple[str, ...]  # the device and its partitions
+    kind: str = "disk"  # lsblk's TYPE: disk, loop, part, lvm, crypt, raid1, dm, rom, ...
 
     def describe(self) -> str:
         size = f"{self.size / 1e9:.1f} GB" if self.size >= 1e9 else f"{self.size / 2**20:.0f} MiB"
@@ -52,7 +58,7 @@ def inspect_target(device: Path) -> Target:
         raise FlashError(f"{device}: {e.strerror}") from None
     if not stat.S_ISBLK(mode):
         raise FlashError(f"{device} is not a block device (give the whole disk, e.g. /dev/sdb)")
-    out = subprocess.run(["lsblk", "-J", "-b", "-o", "NAME,PATH,SIZE,RM,TRAN,MODEL,SERIAL,TYPE,MOUNTPOINTS",
+    out = subprocess.run(["lsblk", "-J", "-b", "-o", "NAME,PATH,SIZE,RM,TRAN,MODEL,SERIAL,TYPE,MOUNTPOINTS", "--",
                           str(device)], capture_output=True, text=True)
     if out.returncode != 0:
         raise FlashError(f"lsblk {device}: {out.stderr.strip()}")
@@ -63,7 +69,7 @@ def inspect_target(device: Path) -> Target:
         transport=disk.get("tran") or "", model=(disk.get("model") or "").strip(),
         serial=(disk.get("serial") or "").strip(),
         mounted=tuple(m for n in nodes for m in (n.get("mountpoints") or []) if m),
-        devices=tuple(n["path"] for n in nodes))
+        devices=tuple(n["path"] for n in nodes), kind=str(disk.get("type") or ""))
 
 
 def _walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -84,8 +90,15 @@ def _system_devices() -> set[str]:
     return found
 
 
-def refusals(target: Target, image_size: int, force: bool) -> list[str]:
+def refusals(target: Target, image_size: int, force: bool, allow_loop: bool = False) -> list[str]:
     reasons = []
+    if target.kind == "loop" and not allow_loop:
+        reasons.append("it is a loop device (an image file attached with losetup): add --allow-loop if you mean it")
+    elif target.kind not in ("disk", "loop"):
+        reasons.append(f"it is not a whole disk but a {target.kind or 'device of unknown type'} (a partition, or a "
+                       "device-mapper, LVM or RAID device): give the disk itself, e.g. /dev/sdb")
+    if in_use(target.path):
+        reasons.append("it is in use by the kernel (mounted, swap, or a member of a RAID, LVM or encrypted volume)")
     if target.mounted:
         reasons.append(f"it is mounted ({', '.join(target.mounted)}): unmount every partition first")
     system = _system_devices() & {os.path.realpath(d) for d in target.devices}
@@ -116,6 +129,14 @@ class BlockMap:
         return bm
 
 
+def in_use(device: str) -> bool:
+    try:
+        os.close(os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+    except OSError as e:
+        return e.errno == errno.EBUSY
+    return False
+
+
 def write(image: Path, device: str, bmap: Path | None, log: Callable[[str], None]) -> None:
     if bmap is not None:
         proc = subprocess.Popen(["bmaptool", "copy", "--bmap", str(bmap), str(image), device],
@@ -132,7 +153,12 @@ def write(image: Path, device: str, bmap: Path | None, log: Callable[[str], None
     else:
         log("no .bmap beside the image: writing every block (slower)")
         size = image.stat().st_size
-        with open(image, "rb") as src, open(device, "r+b") as dst:
+        # O_EXCL, as bmaptool opens it: nothing mounts or claims the device while it is written
+        try:
+            fd = os.open(device, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+        except OSError as e:
+            raise FlashError(f"cannot open {device} exclusively: {e.strerror}") from None
+        with open(image, "rb") as src, os.fdopen(fd, "wb") as dst:
             done = 0
             while chunk := src.read(CHUNK):
                 dst.write(chunk)
@@ -155,33 +181,44 @@ def _sync_and_forget(device: str) -> None:
 
 
 def verify(image: Path, device: str, bmap: Path | None) -> int:
-    """Compare what the device holds with the image; returns the bytes compared. Raises on mismatch."""
+    """Compare what the device holds with the image; returns the bytes compared. Raises on mismatch.
+    A range the .bmap has no checksum for is compared with the image's bytes: verifying never passes
+    by checking nothing."""
     _sync_and_forget(device)
-    with open(device, "rb") as dev:
+    with open(device, "rb") as dev, open(image, "rb") as img:
         if bmap is not None:
             bm = BlockMap.read(bmap)
             compared = 0
             for first, last, digest in bm.ranges:
-                h = hashlib.sha256()
-                dev.seek(first * bm.block_size)
-                remaining = (last - first + 1) * bm.block_size
-                remaining = min(remaining, bm.image_size - first * bm.block_size)
-                while remaining > 0:
-                    data = dev.read(min(CHUNK, remaining))
-                    if not data:
-                        break
-                    h.update(data)
-                    remaining -= len(data)
-                    compared += len(data)
-                if digest and h.hexdigest() != digest:
+                start = first * bm.block_size
+                length = min((last - first + 1) * bm.block_size, bm.image_size - start)
+                if digest:
+                    got = _sha256_range(dev, start, length)
+                    if got != digest:
+                        raise FlashError(f"verification failed: blocks {first}-{last} on {device} differ from the "
+                                         "image")
+                elif _sha256_range(dev, start, length) != _sha256_range(img, start, length):
                     raise FlashError(f"verification failed: blocks {first}-{last} on {device} differ from the image")
+                compared += length
             return compared
         size = image.stat().st_size
-        with open(image, "rb") as img:
-            done = 0
-            while done < size:
-                a, b = img.read(CHUNK), dev.read(CHUNK)
-                if a != b[:len(a)]:
-                    raise FlashError(f"verification failed near byte {done} of {device}")
-                done += len(a)
+        done = 0
+        while done < size:
+            a, b = img.read(CHUNK), dev.read(CHUNK)
+            if a != b[:len(a)]:
+                raise FlashError(f"verification failed near byte {done} of {device}")
+            done += len(a)
         return size
+
+
+def _sha256_range(f: BinaryIO, start: int, length: int) -> str:
+    h = hashlib.sha256()
+    f.seek(start)
+    remaining = length
+    while remaining > 0:
+        data = f.read(min(CHUNK, remaining))
+        if not data:
+            break
+        h.update(data)
+        remaining -= len(data)
+    return h.hexdigest()

@@ -16,6 +16,8 @@ from ruamel.yaml import YAML
 
 from .profile import Issue, LoadedProfile, ProfileError, load_profile
 from .profile.errors import display_file
+from .profile.loader import profile_root
+from .profile.yamlsource import read_bounded
 from .render import ConfigTree, image_spec, render
 from .secrets import ApplianceKeys
 
@@ -25,13 +27,21 @@ _PLACEHOLDER = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 
 
 def profile_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*.y*ml") if p.suffix in (".yaml", ".yml") and ".git" not in p.parts)
+    """YAML files under root, outside hidden directories (.git, .github's workflows are not devices)."""
+    return sorted(p for p in root.rglob("*.y*ml") if p.suffix in (".yaml", ".yml")
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts[:-1]))
+
+
+def fleet_root(directory: Path) -> Path:
+    """What the fleet's profiles may draw files from: the git repository holding directory, else it."""
+    found = profile_root(directory / "profile.yaml")
+    return found if (found / ".git").exists() else directory
 
 
 def _extends(path: Path) -> Path | None:
     try:
-        data = YAML(typ="safe").load(path.read_text())
-    except Exception:  # a broken file is reported by validation, not here
+        data = YAML(typ="safe").load(read_bounded(path))
+    except Exception:  # a broken file (or a FIFO, a device) is reported by validation, not here
         return None
     ref = data.get("extends") if isinstance(data, dict) else None
     return (path.parent / ref).resolve() if isinstance(ref, str) else None
@@ -57,9 +67,10 @@ class FleetCheck:
 def check(root: Path) -> FleetCheck:
     result = FleetCheck()
     found, _ = devices(root)
+    confine = fleet_root(root)
     for path in found:
         try:
-            result.loaded.append(load_profile(path))
+            result.loaded.append(load_profile(path, confine))
         except ProfileError as e:
             result.issues += e.issues
     result.issues += _cross_checks(result.loaded)
@@ -115,7 +126,7 @@ def render_public(lp: LoadedProfile) -> ConfigTree:
 @dataclass
 class DeviceDiff:
     name: str
-    status: str  # added | removed | changed | unchanged
+    status: str  # added | removed | changed | unchanged | invalid
     diff: str
     image_changes: str  # "" | "configuration" | "packages and configuration"
 
@@ -133,31 +144,41 @@ def _texts(tree: ConfigTree) -> dict[str, str]:
 
 
 def _checkout(repo: Path, rev: str, dest: Path) -> None:
-    archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", rev], capture_output=True)
+    # --end-of-options: a revision is never read as an option (`--output=FILE` would write a file)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", "--end-of-options", rev],
+                             capture_output=True)
     if archive.returncode != 0:
         raise ProfileError([Issue(rev, 0, 0, "", f"git cannot read revision {rev}: "
                                   f"{archive.stderr.decode().strip()}")])
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
 
 
-def _render_all(root: Path) -> dict[str, tuple[ConfigTree, LoadedProfile]]:
-    out = {}
+def _render_all(root: Path, checkout: Path) -> tuple[dict[str, tuple[ConfigTree, LoadedProfile]], dict[str, Path]]:
+    """Rendered devices by name, and the files that are invalid (by their path below root)."""
+    out, invalid = {}, {}
     for path in devices(root)[0]:
         try:
-            lp = load_profile(path)
+            lp = load_profile(path, checkout)
         except ProfileError:
-            continue  # `fleet check` reports these
+            invalid[str(path.relative_to(root))] = path  # `fleet check` says why
+            continue
         out[lp.profile.name] = (render_public(lp), lp)
-    return out
+    return out, invalid
 
 
 def diff(repo: Path, rev1: str, rev2: str, subdir: str = ".") -> list[DeviceDiff]:
     with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
         _checkout(repo, rev1, Path(a))
         _checkout(repo, rev2, Path(b))
-        old, new = _render_all(Path(a) / subdir), _render_all(Path(b) / subdir)
+        (old, _), (new, broken) = _render_all(Path(a) / subdir, Path(a)), _render_all(Path(b) / subdir, Path(b))
     results = []
+    # a device whose profile became invalid is not "removed": its file is there, and broken
+    became_invalid = {name for name, (_, lp) in old.items()
+                      if name not in new and str(lp.path.relative_to(Path(a) / subdir)) in broken}
     for name in sorted(set(old) | set(new)):
+        if name in became_invalid:
+            results.append(DeviceDiff(name, "invalid", "", "none: the profile is invalid (see `fleet check`)"))
+            continue
         if name not in new:
             results.append(DeviceDiff(name, "removed", "", ""))
             continue

@@ -4,6 +4,7 @@ generated from each profile, with real traffic through the tunnel. A few minutes
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,9 @@ def test_userspace_subnet_router_passes(tmp_path: Path) -> None:
     """The rootless dataplane as a subnet router: the example router with `dataplane: userspace`.
     The suite's traffic checks cover the LAN host, the ACL's allowed and denied ports, and a
     destination the router does not advertise."""
+    shutil.copy(PROFILES / "subnet-router.yaml", tmp_path)  # a base beside the profile, as in a fleet
     profile = tmp_path / "userspace-router.yaml"
-    profile.write_text(f"extends: {PROFILES / 'subnet-router.yaml'}\nname: userspace-router\n"
+    profile.write_text("extends: subnet-router.yaml\nname: userspace-router\n"
                        "dataplane: {mode: userspace}\n")
     report = BootTest(load_profile(profile).profile, Cache(CACHE), step).run()
     assert report.ok, report.output[-5000:] + "\n--- console ---\n" + report.console[-3000:]

@@ -62,3 +62,20 @@ def test_cli_ls_and_clean(tmp_path: Path) -> None:
     assert [e.key for e in cache.entries()] == ["new"]
     CliRunner().invoke(cli, ["cache", "clean", "--cache", str(tmp_path)])
     assert cache.entries() == []
+
+
+def test_clean_removes_only_what_the_cache_made(tmp_path: Path) -> None:
+    """`cache clean --cache DIR` on a directory that holds other things (a home directory, say)
+    removes the cache's own entries and nothing else, whatever the names."""
+    cache = Cache(tmp_path)
+    cache.get_or_build("base", "0123456789abcdef0123", lambda d: {})
+    theirs = [tmp_path / "my-photos", tmp_path / "base-0123456789abcdef9999", tmp_path / ".config-tmp-1"]
+    for d in theirs:
+        d.mkdir()
+        (d / "keep.txt").write_text("mine")
+    (tmp_path / "notes-2024.txt").write_text("mine")
+    result = CliRunner().invoke(cli, ["cache", "clean", "--cache", str(tmp_path)])
+    assert result.exit_code == 0 and "removed 1 entries" in result.output, result.output
+    assert all((d / "keep.txt").read_text() == "mine" for d in theirs)
+    assert (tmp_path / "notes-2024.txt").exists()
+    assert not (tmp_path / "base-0123456789abcdef0123").exists()

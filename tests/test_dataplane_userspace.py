@@ -26,6 +26,8 @@ pytestmark = pytest.mark.root
 
 PROBE = str(Path(probe.__file__))
 TUNNEL_ADDRESS = "100.64.9.1"  # the appliance's, in dplab's profile
+UPLINK_ADDRESS = "198.18.60.1"  # the appliance's other address, on the uplink (the peer reaches it by the tunnel)
+SERVICE = 7200  # the labs' SSH port: the one service the appliance offers peers
 
 
 class Rootless:
@@ -41,10 +43,10 @@ class Rootless:
                             check=False).returncode == 0
 
 
-def _start(tag: str, extra: str = "") -> DataplaneLab:
+def _start(tag: str, extra: str = "", socks5: str = "127.0.0.1:1080") -> DataplaneLab:
     for tool in ("wireguard-go", "nft", "setpriv", "iperf3"):
         require_tool(tool)
-    d = dplab.start("userspace", tag=tag, extra=extra)
+    d = dplab.start("userspace", tag=tag, extra=extra, socks5=socks5, ssh_port=SERVICE)
     try:
         # no kernel forwarding on the host: every packet of a peer ends in the userspace stack
         assert d.lab.run(d.appliance, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "0"
@@ -131,13 +133,47 @@ def test_socks5_reaches_the_tunnel(rootless: Rootless) -> None:
 
 
 def test_peers_reach_the_appliances_own_services(rootless: Rootless) -> None:
-    """Shields down: the appliance's tunnel address stands for the appliance itself (its services
-    on loopback), as in kernel mode."""
+    """Shields down: the appliance's addresses stand for the appliance itself, as in kernel mode:
+    peers reach the service the profile offers them (SSH) there, on its tunnel address and on its
+    others."""
     lab = rootless.lab
-    lab.spawn(rootless.host, [sys.executable, PROBE, "serve", "7200", lab.dir / "host-arrivals.jsonl"], "host-server")
+    lab.spawn(rootless.host, [sys.executable, PROBE, "serve", str(SERVICE), lab.dir / "host-arrivals.jsonl"],
+              "host-server")
     time.sleep(0.5)
-    lab.run(rootless.peer, [sys.executable, PROBE, "tcp", TUNNEL_ADDRESS, "7200"])
-    assert '"proto": "tcp"' in (lab.dir / "host-arrivals.jsonl").read_text()
+    for address in (TUNNEL_ADDRESS, UPLINK_ADDRESS):
+        lab.run(rootless.peer, [sys.executable, PROBE, "tcp", address, str(SERVICE)])
+    assert (lab.dir / "host-arrivals.jsonl").read_text().count('"proto": "tcp"') == 2
+    assert rootless.ping(UPLINK_ADDRESS) and rootless.ping(TUNNEL_ADDRESS)
+
+
+def test_peers_reach_no_other_service_of_the_appliance(rootless: Rootless) -> None:
+    """Nothing but the offered service: not a loopback-only service, not another port of a service
+    that listens everywhere, and not the SOCKS5 proxy (the way to get around the ACL)."""
+    lab = rootless.lab
+    log = lab.dir / "loopback-arrivals.jsonl"
+    lab.spawn(rootless.host, [sys.executable, PROBE, "serve", "7300", log, "127.0.0.1"], "loopback-server")
+    lab.spawn(rootless.host, [sys.executable, PROBE, "serve", "7301", log], "other-server")
+    time.sleep(0.5)
+    for address in (TUNNEL_ADDRESS, UPLINK_ADDRESS):
+        for port in (7300, 7301, 1080):
+            assert not rootless.connects(address, port), f"a peer reached {address}:{port}"
+    assert not log.exists() or not log.read_text()
+    # control: the services are up, and reached from the appliance itself
+    lab.run(rootless.host, [sys.executable, PROBE, "tcp", "127.0.0.1", "7300"])
+    lab.run(rootless.host, [sys.executable, PROBE, "tcp", "127.0.0.1", "7301"])
+    assert log.read_text().count('"proto": "tcp"') == 2
+
+
+def test_socks5_leads_into_the_tunnel_only(rootless: Rootless) -> None:
+    """The proxy lets local programs reach peers, and nothing else: not upstream hosts, not the
+    appliance's own loopback services (test_socks5_reaches_the_tunnel is the control)."""
+    lab = rootless.lab
+    before = len(lab.arrivals())
+    for host, port in ((SERVER, 7000), ("127.0.0.1", SERVICE), (TUNNEL_ADDRESS, SERVICE)):
+        refused = lab.run(rootless.host, [sys.executable, PROBE, "socks", "127.0.0.1:1080", host, str(port)],
+                          check=False)
+        assert refused.returncode != 0, f"the proxy reached {host}:{port}"
+    assert len(lab.arrivals()) == before
 
 
 def test_bulk_upload(rootless: Rootless) -> None:
@@ -222,3 +258,61 @@ def test_acl_and_shields_up(guarded: Rootless) -> None:
     arrivals = guarded.lab.arrivals()
     assert {(a["proto"], a["port"]) for a in arrivals} == {("tcp", 7000)}, arrivals
     assert not (guarded.lab.dir / "host.jsonl").exists() or not (guarded.lab.dir / "host.jsonl").read_text()
+
+
+@pytest.fixture(scope="module")
+def shielded() -> Iterator[Rootless]:
+    """Shields up and no ACL: peers reach everything off the appliance, nothing on it."""
+    d = _start("s", "firewall: {shields_up: true}\n")
+    try:
+        yield Rootless(d)
+    finally:
+        d.close()
+
+
+def test_shields_up_covers_every_address_of_the_appliance(shielded: Rootless) -> None:
+    """Shields up keeps peers off the appliance by any of its addresses (the LAN's or the uplink's
+    as well as the tunnel's), as kernel mode's input chain does; forwarding still works."""
+    lab = shielded.lab
+    wait_for(lambda: shielded.connects(SERVER, 7000), 30, 0.5)  # control: the way through is open
+    assert shielded.ping(SERVER)
+    lab.spawn(shielded.host, [sys.executable, PROBE, "serve", str(SERVICE), lab.dir / "host.jsonl"], "hs")
+    time.sleep(0.5)
+    for address in (TUNNEL_ADDRESS, UPLINK_ADDRESS):
+        assert not shielded.connects(address, SERVICE), f"a peer reached the appliance at {address}"
+    for address in (TUNNEL_ADDRESS, UPLINK_ADDRESS):
+        assert not shielded.ping(address), f"the appliance answered a peer's ping at {address}"
+    assert not (lab.dir / "host.jsonl").exists() or not (lab.dir / "host.jsonl").read_text()
+
+
+@pytest.fixture(scope="module")
+def lan_proxy() -> Iterator[Rootless]:
+    """The SOCKS5 proxy on the appliance's uplink address (a static one), with a password."""
+    d = _start("p", socks5=f"{UPLINK_ADDRESS}:1080")
+    try:
+        yield Rootless(d)
+    finally:
+        d.close()
+
+
+def test_a_proxy_beyond_loopback_takes_a_password_and_leads_only_into_the_tunnel(lan_proxy: Rootless) -> None:
+    lab = lan_proxy.lab
+    password = (lab.dir / "secrets/dplab/socks5.password").read_text().strip()
+    assert len(password) >= 24
+    lab.spawn(lan_proxy.peer, [sys.executable, PROBE, "serve", "7100", lab.dir / "peer.jsonl"], "peer-server")
+    time.sleep(0.5)
+
+    def via_proxy(host: str, port: int, credentials: str = "") -> bool:
+        args = [sys.executable, PROBE, "socks", f"{UPLINK_ADDRESS}:1080", host, str(port)]
+        return lab.run(lan_proxy.up, args + ([credentials] if credentials else []), check=False).returncode == 0
+
+    # a host on the uplink's network: with the password into the tunnel, to a peer
+    assert via_proxy("100.64.9.2", 7100, f"appliance:{password}")
+    assert '"src": "100.64.9.1"' in (lab.dir / "peer.jsonl").read_text()
+    assert not via_proxy("100.64.9.2", 7100)  # no authentication: refused
+    assert not via_proxy("100.64.9.2", 7100, "appliance:wrong-password")
+    # with the password, still nowhere but the tunnel: not the LAN, not the appliance's loopback
+    assert not via_proxy(SERVER, 7000, f"appliance:{password}")
+    assert not via_proxy("127.0.0.1", SERVICE, f"appliance:{password}")
+    # and not a way in for peers: the proxy's port is not a service offered to them
+    assert not lan_proxy.connects(UPLINK_ADDRESS, 1080) and not lan_proxy.connects(TUNNEL_ADDRESS, 1080)

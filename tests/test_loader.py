@@ -76,6 +76,7 @@ def test_lists_replace_maps_merge(tmp_path: Path) -> None:
 
 
 def test_chain_of_three(tmp_path: Path) -> None:
+    (tmp_path / ".git").mkdir()  # a fleet's repository: bases may sit above the profile, inside it
     _write(tmp_path, "root.yaml", BASE)
     _write(tmp_path, "mid/base.yaml", "extends: ../root.yaml\nsystem: {timezone: UTC}\n")
     leaf = _write(tmp_path, "mid/leaf.yaml", CHILD)

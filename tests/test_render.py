@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -186,19 +188,31 @@ def test_userspace_has_no_kernel_forwarding(fixed_keys: ApplianceKeys) -> None:
 
 def test_userspace_filter_follows_the_acl(fixed_keys: ApplianceKeys, tmp_path: Path) -> None:
     """The userspace stack gets the same rules as the kernel's forward_from_peers chain."""
+    shutil.copy(Path(__file__).parent.parent / "profiles/subnet-router.yaml", tmp_path)
     profile = tmp_path / "us-router.yaml"
-    profile.write_text(f"extends: {Path(__file__).parent.parent / 'profiles/subnet-router.yaml'}\n"
+    profile.write_text("extends: subnet-router.yaml\n"
                        "dataplane: {mode: userspace, socks5: '192.168.10.1:1080'}\n"
                        "firewall:\n  acl:\n"
                        "    - {peers: [contractor], to: ['192.168.10.20/32:443,8000-8100'], proto: tcp}\n"
                        "    - {peers: ['*'], to: ['192.168.10.53/32:53'], proto: udp}\n")
-    t = render(load_profile(profile).profile, fixed_keys)
-    rules = json.loads(t.text(DATAPLANE_JSON))["filter"]
-    assert rules == [{"sources": ["100.64.1.3/32"], "destination": "192.168.10.20/32", "proto": "tcp",
-                      "ports": [[443, 443], [8000, 8100]]},
-                     {"sources": [], "destination": "192.168.10.53/32", "proto": "udp", "ports": [[53, 53]]}]
-    # a SOCKS5 proxy for the LAN: the host's firewall lets it in
-    assert "tcp dport 1080 counter accept" in t.text("etc/nftables.conf")
+    p = load_profile(profile).profile
+    with pytest.raises(ValueError, match="password"):  # a proxy for the LAN is never without one
+        render(p, fixed_keys)
+    t = render(p, dataclasses.replace(fixed_keys, socks5_password="pass-word"))
+    dp = json.loads(t.text(DATAPLANE_JSON))
+    assert dp["filter"] == [{"sources": ["100.64.1.3/32"], "destination": "192.168.10.20/32", "proto": "tcp",
+                             "ports": [[443, 443], [8000, 8100]]},
+                            {"sources": [], "destination": "192.168.10.53/32", "proto": "udp", "ports": [[53, 53]]}]
+    # a SOCKS5 proxy for the LAN: the host's firewall lets it in on the LAN (link group 2), to that
+    # address only; its password reaches the dataplane as a credential, never through dataplane.json
+    assert ("meta iifgroup 2 ip daddr 192.168.10.1 tcp dport 1080 counter accept"
+            in t.text("etc/nftables.conf"))
+    assert dp["socks5_auth"] == {"user": "appliance", "password_credential": "socks5-password"}
+    assert "pass-word" not in t.text(DATAPLANE_JSON)
+    password = t["etc/credstore/appliance.socks5.password"]
+    assert password.secret and password.mode == 0o600
+    assert ("LoadCredential=socks5-password:/etc/credstore/appliance.socks5.password"
+            in t.text("etc/systemd/system/appliance-userspace.service"))
 
 
 def test_dataplane_json(fixed_keys: ApplianceKeys) -> None:

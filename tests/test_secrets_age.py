@@ -33,7 +33,7 @@ def test_encrypt_then_build_without_plaintext(identity: tuple[Path, str], tmp_pa
                                       "--remove-plaintext", "--secrets", str(store)])
     assert result.exit_code == 0, result.output
     assert sorted(p.relative_to(store).as_posix() for p in store.rglob("*") if p.is_file()) == [
-        "exit-node/private.key.age", "exit-node/psk/phone.key.age"]
+        ".gitignore", "exit-node/private.key.age", "exit-node/psk/phone.key.age"]
     with pytest.raises(SecretStoreError, match="age identity"):
         SecretStore(store).private_key("exit-node")
     monkeypatch.setenv("APPLIANCE_AGE_IDENTITY", str(key))
@@ -83,6 +83,7 @@ def test_no_private_key_in_any_output(tmp_path: Path) -> None:
     store = tmp_path / "secrets"
     fleet = tmp_path / "fleet"
     shutil.copytree(PROFILES, fleet)
+    subprocess.run(["git", "init", "-q", str(fleet)], check=True)  # a fleet lives in git: bases above profiles
     outputs = []
     for profile in sorted(fleet.rglob("*.yaml")):
         if profile.name == "base.yaml":

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,9 @@ from typing import Any
 
 CACHE_ENV = "APPLIANCE_CACHE"
 COMPLETE = "complete.json"
+# an entry's directory, and a build's temporary one (see get_or_build)
+_ENTRY_RE = re.compile(r"(?P<kind>[a-z]+)-(?P<key>[0-9a-z]+)")
+_TMP_RE = re.compile(r"\.(?P<kind>[a-z]+)-(?P<key>[0-9a-z]+)\.tmp-(?P<pid>[0-9]+)")
 
 
 def default_cache_dir() -> Path:
@@ -93,13 +97,18 @@ class Cache:
         return entry
 
     def entries(self) -> list[Entry]:
+        """The entries this cache made: KIND-KEY directories whose completion marker names that kind
+        and key. Nothing else in the directory is taken for one (`cache clean --cache ~` must not
+        delete a directory merely because its name has a '-')."""
         if not self.root.is_dir():
             return []
         found = []
         for p in sorted(self.root.iterdir()):
-            if p.is_dir() and not p.name.startswith(".") and "-" in p.name:
-                kind, _, key = p.name.rpartition("-")
-                found.append(Entry(kind, key, p))
+            m = _ENTRY_RE.fullmatch(p.name)
+            if m and p.is_dir() and not p.is_symlink():
+                e = Entry(m["kind"], m["key"], p)
+                if _is_ours(e):
+                    found.append(e)
         return found
 
     def clean(self, keep: Callable[[Entry], bool] = lambda e: False) -> list[Entry]:
@@ -111,9 +120,29 @@ class Cache:
                     _remove(e.path)
                 removed.append(e)
         if self.root.is_dir():
-            for p in self.root.glob(".*.tmp-*"):
-                _remove(p)
+            for p in self.root.iterdir():
+                m = _TMP_RE.fullmatch(p.name)
+                if m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m["pid"])):
+                    _remove(p)
         return removed
+
+
+def _is_ours(e: Entry) -> bool:
+    try:
+        meta = e.meta()
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("kind") == e.kind and meta.get("key") == e.key
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != 0
 
 
 def _remove(path: Path) -> None:

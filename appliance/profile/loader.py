@@ -6,7 +6,8 @@ import difflib
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -19,6 +20,7 @@ from .model import Profile
 from .yamlsource import Located, Pos
 
 EXTENDS = "extends"
+MAX_EXTENDS = 16  # a fleet has a base or two; a deeper chain is a mistake (or an attack on the stack)
 _SECRET_HINTS = ("key",)  # never echo what was given for these fields: it may be a pasted private key
 
 
@@ -27,6 +29,13 @@ class LoadedProfile:
     profile: Profile
     path: FsPath
     files: tuple[FsPath, ...]  # the profile and every file it extends, child first
+    located: Located | None = field(default=None, repr=False, compare=False)  # positions, for later checks
+
+    def issue(self, path: Path, message: str) -> Issue:
+        """An issue about a field found after loading (e.g. against the secret store), at its line."""
+        if self.located is None:
+            return Issue(display_file(str(self.path)), 0, 0, format_path(path), message)
+        return _issue_at(self.located, path, message)
 
     @property
     def digest(self) -> str:
@@ -39,8 +48,21 @@ def profile_digest(profile: Profile) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def load_profile(path: str | FsPath) -> LoadedProfile:
-    located, files = _load_chain(FsPath(path), ())
+def profile_root(path: FsPath) -> FsPath:
+    """The tree a profile may draw files from: its git repository (the nearest directory above it with
+    a .git), else its own directory. `extends:` and symlinked profiles stay inside it, so a profile
+    cannot make the loader read (and echo in errors) a file from elsewhere on the machine."""
+    start = FsPath(os.path.abspath(path)).parent
+    for d in (start, *start.parents):
+        if (d / ".git").exists():
+            return d
+    return start
+
+
+def load_profile(path: str | FsPath, root: FsPath | None = None) -> LoadedProfile:
+    path = FsPath(path)
+    root = profile_root(path) if root is None else root
+    located, files = _load_chain(path, (), _real(root, path), None)
     try:
         profile = Profile.model_validate(located.data)
     except ValidationError as e:
@@ -48,28 +70,69 @@ def load_profile(path: str | FsPath) -> LoadedProfile:
     findings = cross_checks(profile)
     if findings:
         raise ProfileError([_issue_at(located, f.path, f.message) for f in findings])
-    return LoadedProfile(profile, FsPath(path), files)
+    return LoadedProfile(profile, path, files, located)
 
 
-def _load_chain(path: FsPath, stack: tuple[FsPath, ...]) -> tuple[Located, tuple[FsPath, ...]]:
-    real = path.resolve()
+def _real(p: FsPath, shown: FsPath) -> FsPath:
+    try:
+        return p.resolve(strict=False)
+    except (OSError, RuntimeError):  # a symlink loop: RuntimeError before Python 3.13
+        raise ProfileError([Issue(display_file(str(shown)), 0, 0, "", "a symlink loop: cannot be read")]) from None
+
+
+def _inside(real: FsPath, root: FsPath) -> bool:
+    return real == root or root in real.parents
+
+
+def _load_chain(path: FsPath, stack: tuple[FsPath, ...], root: FsPath,
+                at: Issue | None) -> tuple[Located, tuple[FsPath, ...]]:
+    """at: where the file was named (the `extends:` of the file before), for errors about it."""
+    shown = display_file(str(path))
+
+    def fail(message: str) -> ProfileError:
+        if at is not None:
+            return ProfileError([Issue(at.file, at.line, at.column, EXTENDS, message)])
+        return ProfileError([Issue(shown, 0, 0, "", message)])
+
+    real = _real(path, path)
     if real in stack:
         chain = " -> ".join(display_file(str(p)) for p in (*stack, real))
-        raise ProfileError([Issue(display_file(str(path)), 0, 0, EXTENDS, f"extends cycle: {chain}")])
+        raise fail(f"extends cycle: {chain}")
+    if len(stack) >= MAX_EXTENDS:
+        raise fail(f"extends chain deeper than {MAX_EXTENDS} files")
+    if not _inside(real, root):
+        what = "is a symlink to" if path.is_symlink() or at is None else "is"
+        raise fail(f"{shown} {what} a file outside {display_file(str(root))}: profiles and their bases must "
+                   "live inside the profile's git repository (or its directory, when it is in none)")
     located = yamlsource.read(path)
+    _require_profile_keys(located, shown)
     base_ref = located.data.pop(EXTENDS, None)
     if base_ref is None:
         return located, (path,)
     pos = located.values[(EXTENDS,)]
-    if not isinstance(base_ref, str) or not base_ref.strip():
+    here = Issue(pos.file, pos.line, pos.column, EXTENDS, "")
+    if not isinstance(base_ref, str) or not base_ref.strip() or "\0" in base_ref:
         raise ProfileError([Issue(pos.file, pos.line, pos.column, EXTENDS,
                                   "expected the relative path of a base profile, e.g. extends: base.yaml")])
     base_path = path.parent / base_ref
-    if not base_path.is_file():
+    try:
+        is_file = base_path.is_file()
+    except OSError:
+        is_file = False
+    if not is_file:
         raise ProfileError([Issue(pos.file, pos.line, pos.column, EXTENDS,
                                   f"base profile {display_file(str(base_path))} does not exist")])
-    base, base_files = _load_chain(base_path, (*stack, real))
+    base, base_files = _load_chain(base_path, (*stack, real), root, here)
     return _merge(base, located), (path, *base_files)
+
+
+def _require_profile_keys(located: Located, shown: str) -> None:
+    """A YAML map none of whose keys is a profile setting is some other file: say so, and echo none of
+    its keys or values (it may be a secret named by mistake)."""
+    known = set(Profile.model_fields) | {EXTENDS}
+    if not any(k in known for k in located.data):
+        raise ProfileError([Issue(shown, 0, 0, "", "not a profile: none of its top-level keys is a profile "
+                                  f"setting (expected some of {', '.join(sorted(known))})")])
 
 
 def _merge(base: Located, child: Located) -> Located:

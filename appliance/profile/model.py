@@ -7,33 +7,43 @@ Checks that span several fields live in checks.py so each error can point at the
 from __future__ import annotations
 
 import functools
+import ipaddress
 import zoneinfo
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PlainValidator, Tag, WithJsonSchema, field_validator
 
 from .acl import AclDestination
 from .types import (
     Address,
     HostPort,
     Interface,
+    InterfaceName,
+    IPAddress,
+    ListenAddress,
     MacAddress,
     Name,
     Network,
     PackageName,
     Port,
     SshPublicKey,
+    TimezoneName,
     WireGuardKey,
+    check_name,
+    split_host_port,
 )
 
 Role = Literal["exit-node", "subnet-router"]
+# The tunnel's interface on the device (fixed: nftables, networkd and the dataplane name it)
+TUNNEL_INTERFACE = "wg0"
 RESERVED_TABLES = {0: "unspec", 253: "default", 254: "main", 255: "local"}
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors: a typo must not silently drop a setting."""
+    """Unknown keys are errors: a typo must not silently drop a setting. Strict types: YAML's `true`
+    is not the port 1, "1420 " is not a number and `yes` is not a boolean."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 @functools.cache
@@ -52,7 +62,7 @@ class System(Strict):
         "generic", description="generic: real hardware (full kernel, initramfs-tools); qemu: virtual machines "
                               "booting from a virtio-blk or NVMe disk (cloud kernel, tiny-initramfs)")
     arch: Literal["amd64", "arm64"] = Field("amd64", description="Debian architecture of the image")
-    timezone: str = Field("UTC", description="IANA time zone, e.g. Europe/Amsterdam")
+    timezone: TimezoneName = Field("UTC", description="IANA time zone, e.g. Europe/Amsterdam")
     ssh: Ssh = Field(default_factory=Ssh, description="management SSH")
     packages: list[PackageName] = Field(
         default_factory=list, description="extra Debian packages to install into the image")
@@ -67,7 +77,7 @@ class System(Strict):
 
 
 class InterfaceMatch(Strict):
-    name: str | None = Field(None, description="interface name or glob, e.g. en* or enp1s0")
+    name: InterfaceName | None = Field(None, description="interface name or glob, e.g. en* or enp1s0")
     mac: MacAddress | None = Field(None, description="permanent MAC address, e.g. 52:54:00:12:34:56")
 
 
@@ -149,7 +159,16 @@ class UserspaceDataplane(Strict):
         description="rootless: TCP/UDP terminated and re-originated, ICMP echo answered; other protocols do not pass")
     wireguard: Literal["kernel", "wireguard-go"] = Field(
         "wireguard-go", description="always wireguard-go (unprivileged) in userspace mode")
-    socks5: HostPort = Field("127.0.0.1:1080", description="SOCKS5 proxy address for local programs")
+    @property
+    def socks5_address(self) -> tuple[IPAddress, int]:
+        host, port = split_host_port(self.socks5)
+        return ipaddress.ip_address(host), port
+
+    socks5: ListenAddress = Field(
+        "127.0.0.1:1080",
+        description="where the SOCKS5 proxy into the tunnel listens: loopback for the appliance's own programs, or "
+                    "a static address of the lan or uplink (then only with a password, from the secret store, "
+                    "and opened in the firewall on that interface only); it reaches peers, nothing else")
 
 
 Dataplane = Annotated[KernelDataplane | UserspaceDataplane, Field(discriminator="mode")]
@@ -171,14 +190,25 @@ class Routing(Strict):
         return value
 
 
+def _peer_or_any(value: Any) -> str:
+    return "*" if value == "*" else check_name(value)
+
+
+AclPeer = Annotated[str, PlainValidator(_peer_or_any), WithJsonSchema({"type": "string"})]
+
+
 class AclRule(Strict):
-    peers: list[str] = Field(min_length=1, description="peer names, or '*' for every peer")
+    peers: list[AclPeer] = Field(min_length=1, description="peer names, or '*' for every peer")
     to: list[AclDestination] = Field(min_length=1, description="destinations: CIDR[:ports]")
     proto: Literal["tcp", "udp", "icmp", "any"] = Field("any", description="protocol; ports need tcp or udp")
 
 
 class Firewall(Strict):
     shields_up: bool = Field(False, description="peers may not open connections to the appliance itself")
+    block_local_networks: bool = Field(
+        False, description="exit node: the way to everywhere leaves out private, CGNAT, link-local and ULA networks "
+                           "(the uplink's LAN, 169.254.169.254); advertised routes and ACL rules naming such a "
+                           "network still pass")
     acl: list[AclRule] = Field(
         default_factory=list,
         description="forwarding allowed from peers; empty: peers reach everything the roles offer")
@@ -201,3 +231,16 @@ class Profile(Strict):
     @property
     def is_subnet_router(self) -> bool:
         return "subnet-router" in self.roles
+
+    def links(self) -> list[tuple[str, NetInterface]]:
+        """The NICs the profile declares, by role, uplink first."""
+        return [(role, iface) for role, iface in (("uplink", self.interfaces.uplink), ("lan", self.interfaces.lan))
+                if iface is not None]
+
+    def link_with_address(self, ip: IPAddress) -> str | None:
+        """The role of the NIC whose static address ip is, if one is."""
+        for role, iface in self.links():
+            for cfg in (iface.ipv4, iface.ipv6):
+                if isinstance(cfg, StaticIPv4 | StaticIPv6) and cfg.address.ip == ip:
+                    return role
+        return None

@@ -12,15 +12,28 @@ import ipaddress
 import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, Field, PlainSerializer, PlainValidator, WithJsonSchema
+from pydantic import BeforeValidator, Field, PlainSerializer, PlainValidator, WithJsonSchema
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+# Every pattern is applied with fullmatch: `$` would also match before a trailing newline, which
+# would then land in the file the value is rendered into.
+_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+# A hostname (RFC 1123 labels) as WireGuard endpoints may name one.
+_HOSTNAME_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?", re.ASCII)
+_HOST_PORT_RE = re.compile(r"(\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\[\]:]+)):(?P<port>[0-9]{1,5})", re.ASCII)
+# Interface names as the kernel allows them (at most 15 bytes, no '/', whitespace, quotes or ':'),
+# narrowed to what networkd's Name=, udev's NAME== and sysctl.d read literally, plus the glob
+# characters * ? [ ] that networkd and udev both understand.
+IFNAME_MAX = 15
+_IFNAME_RE = re.compile(r"[A-Za-z0-9_*?\[][A-Za-z0-9_.*?\[\]-]{0,14}", re.ASCII)
+_TIMEZONE_RE = re.compile(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*", re.ASCII)
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]")
 _SSH_KEY_TYPES = (
     "ssh-ed25519",
     "ssh-rsa",
@@ -30,12 +43,23 @@ _SSH_KEY_TYPES = (
     "sk-ssh-ed25519@openssh.com",
     "sk-ecdsa-sha2-nistp256@openssh.com",
 )
+# Curve25519's field prime: a public key is a little-endian number below it (the top bit ignored)
+_P25519 = 2**255 - 19
 
 
 def _require_str(value: Any, what: str) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ValueError(f"expected {what}")
     return str(value).strip()
+
+
+def _require_text(value: Any, what: str) -> str:
+    """A YAML string, taken as written: no numbers, no surrounding whitespace, no control characters."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected {what}")
+    if _CONTROL_RE.search(value):
+        raise ValueError(f"expected {what}: control characters and line breaks are not allowed")
+    return value
 
 
 def parse_network(value: Any) -> IPNetwork:
@@ -82,7 +106,8 @@ def parse_address(value: Any) -> IPAddress:
 
 
 def check_wireguard_key(value: Any) -> str:
-    """A WireGuard (Curve25519) key: standard base64 of exactly 32 bytes, 44 characters."""
+    """A WireGuard (Curve25519) public key: standard base64 of exactly 32 bytes, 44 characters, that
+    names a point a handshake can use (canonical, not of small order)."""
     if not isinstance(value, str):
         raise ValueError("expected a WireGuard key: 44 characters of base64, as printed by `wg pubkey`")
     text = value.strip()
@@ -96,11 +121,29 @@ def check_wireguard_key(value: Any) -> str:
         raise ValueError(f"a WireGuard key decodes to 32 bytes, this one to {len(raw)}")
     if raw == bytes(32):
         raise ValueError("the all-zero key is not a usable Curve25519 public key")
+    if base64.b64encode(raw).decode() != text:
+        raise ValueError("not the canonical base64 of a key: copy it as `wg pubkey` prints it")
+    if int.from_bytes(raw, "little") & ~(1 << 255) >= _P25519:
+        raise ValueError("not a Curve25519 public key (a non-canonical encoding): `wg pubkey` never prints it")
+    if _small_order(raw):
+        raise ValueError("a point of small order, not a usable Curve25519 public key: no handshake can succeed")
     return text
 
 
-def check_name(value: str) -> str:
-    if not _NAME_RE.match(value):
+def _small_order(raw: bytes) -> bool:
+    """A low-order point gives an all-zero shared secret whatever the private key: cryptography refuses it."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+    try:
+        X25519PrivateKey.from_private_bytes(bytes([9] * 32)).exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        return True
+    return False
+
+
+def check_name(value: Any) -> str:
+    """A hostname label. Names become file names (secret store, images), so this is also their guard."""
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise ValueError(
             "expected a hostname label: lowercase letters, digits and '-', 1 to 63 characters, "
             "not starting or ending with '-'"
@@ -108,44 +151,137 @@ def check_name(value: str) -> str:
     return value
 
 
-def check_package(value: str) -> str:
-    if not _PACKAGE_RE.match(value):
+def check_package(value: Any) -> str:
+    if not isinstance(value, str) or not _PACKAGE_RE.fullmatch(value):
         raise ValueError("expected a Debian package name (lowercase letters, digits, '+', '-', '.')")
     return value
 
 
 def check_mac(value: Any) -> str:
     text = _require_str(value, "a MAC address such as 52:54:00:12:34:56").lower().replace("-", ":")
-    if not _MAC_RE.match(text):
+    if not _MAC_RE.fullmatch(text):
         raise ValueError("expected a MAC address such as 52:54:00:12:34:56")
     return text
 
 
-def check_ssh_public_key(value: str) -> str:
-    parts = value.split()
+def check_interface_name(value: Any) -> str:
+    """A NIC's name or a glob of names, as networkd's Name= and udev's NAME== read it."""
+    text = _require_text(value, "an interface name or glob such as enp1s0 or en*")
+    if len(text.encode()) > IFNAME_MAX:
+        raise ValueError(f"an interface name has at most {IFNAME_MAX} characters (the kernel's limit)")
+    if not _IFNAME_RE.fullmatch(text) or text in (".", ".."):
+        raise ValueError("expected an interface name or glob such as enp1s0, eth0.10 or en*: letters, digits, "
+                         "'_', '-', '.', and the glob characters * ? [ ]")
+    return text
+
+
+def check_timezone_name(value: Any) -> str:
+    text = _require_text(value, "an IANA time zone such as UTC or Europe/Amsterdam")
+    if not _TIMEZONE_RE.fullmatch(text):
+        raise ValueError("expected an IANA time zone such as UTC or Europe/Amsterdam")
+    return text
+
+
+def check_ssh_public_key(value: Any) -> str:
+    text = _require_text(value, "an OpenSSH public key line such as 'ssh-ed25519 AAAAC3... user@host'")
+    parts = text.split()
     if len(parts) < 2 or parts[0] not in _SSH_KEY_TYPES:
         raise ValueError(
             "expected an OpenSSH public key line such as 'ssh-ed25519 AAAAC3... user@host' "
             "(the contents of ~/.ssh/id_ed25519.pub)"
         )
     try:
-        base64.b64decode(parts[1], validate=True)
+        blob = base64.b64decode(parts[1], validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("the key part of this SSH public key is not valid base64") from None
+    problem = ssh_key_problem(parts[0], blob)
+    if problem:
+        raise ValueError(f"not a valid {parts[0]} key: {problem}")
     return " ".join(parts)
+
+
+def _ssh_strings(blob: bytes) -> list[bytes]:
+    """The length-prefixed fields of an SSH wire-format key (RFC 4253 6.6)."""
+    fields, pos = [], 0
+    while pos < len(blob):
+        if pos + 4 > len(blob):
+            raise ValueError("truncated")
+        n = int.from_bytes(blob[pos:pos + 4], "big")
+        if pos + 4 + n > len(blob):
+            raise ValueError("truncated")
+        fields.append(blob[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return fields
+
+
+def ssh_key_problem(kind: str, blob: bytes) -> str | None:
+    """What is wrong with an SSH public key's blob, or None: its fields must be a key of its type."""
+    try:
+        fields = _ssh_strings(blob)
+    except ValueError as e:
+        return str(e)
+    if not fields or fields[0] != kind.encode():
+        return "the encoded key is of another type than the line says"
+    if kind.startswith("sk-"):
+        # security keys: FIDO application string after the key; cryptography does not load these
+        if kind == "sk-ssh-ed25519@openssh.com":
+            ok = len(fields) == 3 and len(fields[1]) == 32
+        else:
+            ok = len(fields) == 4 and fields[1] == b"nistp256" and len(fields[2]) == 65 and fields[2][0] == 4
+        return None if ok and fields[-1].startswith(b"ssh:") else "not a security-key public key"
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    try:
+        load_ssh_public_key(f"{kind} {base64.b64encode(blob).decode()}".encode())
+    except (ValueError, TypeError) as e:
+        return str(e).rstrip(".") or "cannot be loaded"
+    except Exception:  # cryptography's unsupported-algorithm and backend errors
+        return "cannot be loaded"
+    return None
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' (already validated) -> (host without brackets, port)."""
+    host, _, port = text.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 def parse_host_port(value: Any) -> str:
     """host:port or [v6]:port, the form WireGuard endpoints and listen addresses use."""
     text = _require_str(value, "host:port such as vpn.example.net:51820 or [2001:db8::1]:51820")
-    m = re.match(r"^(\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>\d+)$", text)
+    m = _HOST_PORT_RE.fullmatch(text)
     if not m:
         raise ValueError("expected host:port such as vpn.example.net:51820 or [2001:db8::1]:51820")
     port = int(m.group("port"))
     if not 1 <= port <= 65535:
         raise ValueError(f"port {port} is out of range 1-65535")
     if m.group("v6"):
-        parse_address(m.group("v6"))
+        address = parse_address(m.group("v6"))
+        if address.version != 6:
+            raise ValueError("brackets are for IPv6 addresses: write an IPv4 address without them")
+    elif not _is_ipv4(m.group("host")) and not _HOSTNAME_RE.fullmatch(m.group("host")):
+        raise ValueError(f"'{m.group('host')[:40]}' is neither an IP address nor a host name "
+                         "(letters, digits, '-' and '.')")
+    return text
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_listen_address(value: Any) -> str:
+    """address:port or [v6]:port with an IP literal: what a socket binds to (no name to resolve)."""
+    text = parse_host_port(value)
+    host, _ = split_host_port(text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"expected an IP address to listen on, not the name '{host[:40]}': "
+                         "e.g. 127.0.0.1:1080 or [::1]:1080") from None
     return text
 
 
@@ -181,18 +317,29 @@ WireGuardKey = Annotated[
                    r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"),
 ]
 Name = Annotated[
-    str, AfterValidator(check_name),
+    str, PlainValidator(check_name),
     _string_schema("hostname label", "exit-ams-1", r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"),
 ]
-PackageName = Annotated[str, AfterValidator(check_package), _string_schema("Debian package name", "tcpdump")]
+PackageName = Annotated[str, PlainValidator(check_package), _string_schema("Debian package name", "tcpdump")]
 MacAddress = Annotated[
     str, BeforeValidator(check_mac), _string_schema("MAC address", "52:54:00:12:34:56")
 ]
 SshPublicKey = Annotated[
-    str, AfterValidator(check_ssh_public_key),
+    str, PlainValidator(check_ssh_public_key),
     _string_schema("OpenSSH public key line", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA... admin@laptop"),
 ]
 HostPort = Annotated[
     str, PlainValidator(parse_host_port), _string_schema("host:port", "vpn.example.net:51820")
 ]
 Port = Annotated[int, Field(ge=1, le=65535)]
+ListenAddress = Annotated[
+    str, PlainValidator(parse_listen_address), _string_schema("IP address:port to listen on", "127.0.0.1:1080")
+]
+InterfaceName = Annotated[
+    str, PlainValidator(check_interface_name),
+    _string_schema("interface name or glob (at most 15 characters)", "enp1s0",
+                   r"^[A-Za-z0-9_*?\[][A-Za-z0-9_.*?\[\]-]{0,14}$"),
+]
+TimezoneName = Annotated[
+    str, PlainValidator(check_timezone_name), _string_schema("IANA time zone", "Europe/Amsterdam")
+]

@@ -9,16 +9,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..profile.acl import AclTarget, PortRange
-from ..profile.model import NetInterface, Profile, StaticIPv4, StaticIPv6
+from ..profile.model import TUNNEL_INTERFACE, NetInterface, Profile, StaticIPv4, StaticIPv6
 from ..profile.types import IPNetwork
 
-WG_IFACE = "wg0"
+WG_IFACE = TUNNEL_INTERFACE
 # the appliance's nftables table: `nft -f` replaces it in one transaction
 NFT_TABLE = "inet appliance"
 # Link groups let nftables match "the uplink" whatever name the NIC gets (networkd sets them).
 LINK_GROUPS = {"uplink": 1, "lan": 2}
 CREDSTORE = "etc/credstore"
 PRIVATE_KEY_CREDENTIAL = f"network.wireguard.private.{WG_IFACE}"
+SOCKS5_PASSWORD_CREDENTIAL = "appliance.socks5.password"
+SOCKS5_USER = "appliance"
+# What `firewall.block_local_networks` keeps an exit node's peers from: networks that are someone's LAN
+# (private, CGNAT, link-local, ULA), the cloud's metadata service among them.
+LOCAL_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7", "fe80::/10"))
 
 
 def psk_credential(peer: str) -> str:
@@ -78,6 +84,7 @@ class FilterRule:
     proto: str  # tcp, udp, icmp, any
     ports: str  # nft port set, or "" for all ports
     port_ranges: tuple[PortRange, ...] = ()  # the same ports as (first, last) pairs
+    excluded: tuple[IPNetwork, ...] = ()  # destinations left out (block_local_networks)
 
     def nft(self) -> str:
         ip = "ip" if self.family == 4 else "ip6"
@@ -86,6 +93,8 @@ class FilterRule:
             parts.append(f"{ip} saddr {{ {', '.join(str(s) for s in self.sources)} }}")
         if self.destination.prefixlen:
             parts.append(f"{ip} daddr {self.destination}")
+        if self.excluded:
+            parts.append(f"{ip} daddr != {{ {', '.join(str(n) for n in self.excluded)} }}")
         if self.proto in ("tcp", "udp"):
             parts.append(f"{self.proto} dport {self.ports}" if self.ports else f"meta l4proto {self.proto}")
         elif self.proto == "icmp":
@@ -98,8 +107,11 @@ class FilterRule:
 
     def as_json(self) -> dict[str, Any]:
         """The rule as the userspace dataplane reads it from dataplane.json (filter)."""
-        return {"sources": [str(s) for s in self.sources], "destination": str(self.destination),
-                "proto": self.proto, "ports": [list(r) for r in self.port_ranges]}
+        rule: dict[str, Any] = {"sources": [str(s) for s in self.sources], "destination": str(self.destination),
+                                "proto": self.proto, "ports": [list(r) for r in self.port_ranges]}
+        if self.excluded:
+            rule["except"] = [str(n) for n in self.excluded]
+        return rule
 
 
 @dataclass(frozen=True)
@@ -147,12 +159,23 @@ def _offered(p: Profile) -> list[IPNetwork]:
     return list(p.routing.advertise_routes)
 
 
+def _excluded(p: Profile, destination: IPNetwork) -> tuple[IPNetwork, ...]:
+    """The way to everywhere leaves out local networks when the profile asks (advertised routes and
+    rules naming a network pass as they are)."""
+    if not p.firewall.block_local_networks or destination.prefixlen:
+        return ()
+    return tuple(n for n in LOCAL_NETWORKS if n.version == destination.version)
+
+
 def forward_rules(p: Profile) -> list[FilterRule]:
     peers = {peer.name: peer for peer in p.wireguard.peers}
     rules: list[FilterRule] = []
     if not p.firewall.acl:
-        for net in _offered(p):
-            rules.append(FilterRule(net.version, (), net, "any", ""))
+        offered = _offered(p)
+        if p.is_exit_node and p.firewall.block_local_networks:
+            offered += list(p.routing.advertise_routes)
+        for net in offered:
+            rules.append(FilterRule(net.version, (), net, "any", "", excluded=_excluded(p, net)))
         return rules
     for acl in p.firewall.acl:
         chosen = list(peers.values()) if "*" in acl.peers else [peers[n] for n in acl.peers if n in peers]
@@ -165,7 +188,8 @@ def forward_rules(p: Profile) -> list[FilterRule]:
                 if not sources:
                     continue  # none of these peers has an address of this family
             ports = dest.nft_ports() if dest.ports else ""
-            rules.append(FilterRule(fam, sources, dest.network, acl.proto, ports, dest.ports))
+            rules.append(FilterRule(fam, sources, dest.network, acl.proto, ports, dest.ports,
+                                    excluded=_excluded(p, dest.network)))
     return rules
 
 

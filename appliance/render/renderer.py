@@ -11,11 +11,13 @@ import jinja2
 from .. import __version__
 from ..dataplane.config import RTPROT_APPLIANCE, rule_families
 from ..profile.model import Profile
-from ..secrets import ApplianceKeys
+from ..secrets import ApplianceKeys, needs_socks5_password
 from .context import (
     CREDSTORE,
     NFT_TABLE,
     PRIVATE_KEY_CREDENTIAL,
+    SOCKS5_PASSWORD_CREDENTIAL,
+    SOCKS5_USER,
     WG_IFACE,
     Context,
     build_context,
@@ -33,6 +35,8 @@ _MODPROBE_WHY = ("# the ruleset's and the tunnel's kernel modules, in one pass (
                  "# modprobe once per module); here rather than in modules-load.d, which systemd-sysctl and\n"
                  "# so networkd wait for: the uplink's address need not wait for these\n")
 DATAPLANE_SCHEMA = 1
+# the SOCKS5 password's name in the userspace dataplane's $CREDENTIALS_DIRECTORY
+USERSPACE_SOCKS5_CREDENTIAL = "socks5-password"
 # Coldplug in two passes, network devices first and settled. In one pass (Debian's: all devices, net
 # among the first) a NIC's rename queues its "move" event behind every other device's, and networkd
 # does not touch a link whose rename udev has not finished: the uplink waited for the whole
@@ -111,6 +115,8 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
         "private_key_credential": PRIVATE_KEY_CREDENTIAL,
         "psk_credential": psk_credential,
         "credential_path": credential_path,
+        "socks5_password": needs_socks5_password(p) and f"{USERSPACE_SOCKS5_CREDENTIAL}:"
+                           f"{credential_path(SOCKS5_PASSWORD_CREDENTIAL)}",
     }
 
     def tpl(name: str, **extra: Any) -> str:
@@ -135,9 +141,10 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
         t.file("etc/systemd/system/appliance-wireguard-go.service", tpl("wireguard-go.service.j2"))
     for unit in appliance_units(p):  # what `systemctl enable` makes for WantedBy=multi-user.target
         t.symlink(f"etc/systemd/system/multi-user.target.wants/{unit}", f"/etc/systemd/system/{unit}")
-    t.file("etc/nftables.conf", tpl("nftables.conf.j2", dhcpv4=_any(ctx, "ipv4", "dhcp"),
-                                     dhcpv6=_any(ctx, "ipv6", "ra"), forwarding=ctx.kernel_forwarding,
-                                     socks5_port=_socks5_port(p)), mode=0o755)
+    # No rule for DHCPv4 replies: networkd's client reads them from a packet socket (before nftables)
+    # until it has a lease, and its unicast renewals' replies are conntrack's "established".
+    t.file("etc/nftables.conf", tpl("nftables.conf.j2", dhcpv6=_any(ctx, "ipv6", "ra"),
+                                     forwarding=ctx.kernel_forwarding, socks5=_socks5_opening(p, ctx)), mode=0o755)
     if p.dataplane.mode == "userspace":
         t.file("etc/systemd/system/appliance-userspace.service", tpl("userspace.service.j2"))
         t.file("etc/sysusers.d/appliance.conf",
@@ -175,13 +182,17 @@ def boot_modules(p: Profile) -> list[str]:
     return modules
 
 
-def _socks5_port(p: Profile) -> int | None:
-    """The userspace dataplane's SOCKS5 port when other hosts may use it (not bound to loopback)."""
-    if p.dataplane.mode != "userspace" or not p.dataplane.socks5:
+def _socks5_opening(p: Profile, ctx: Context) -> dict[str, Any] | None:
+    """Where the firewall lets other hosts reach the userspace dataplane's SOCKS5 proxy: its address,
+    on the interface that address belongs to, and nowhere else (none on loopback)."""
+    if p.dataplane.mode != "userspace":
         return None
-    host, _, port = p.dataplane.socks5.rpartition(":")
-    host = host.strip("[]")
-    return None if host in ("127.0.0.1", "::1", "localhost") else int(port)
+    ip, port = p.dataplane.socks5_address
+    role = p.link_with_address(ip)
+    if ip.is_loopback or role is None:
+        return None
+    group = next(link.group for link in ctx.links if link.role == role)
+    return {"group": group, "family": "ip" if ip.version == 4 else "ip6", "address": str(ip), "port": port}
 
 
 def _rule_family(p: Profile, ctx: Context) -> str:
@@ -207,6 +218,10 @@ def _system(t: ConfigTree, p: Profile) -> None:
 def _secrets(t: ConfigTree, p: Profile, keys: ApplianceKeys) -> None:
     t.dir(CREDSTORE, 0o700)
     t.file(f"{CREDSTORE}/{PRIVATE_KEY_CREDENTIAL}", keys.private_key + "\n", mode=0o600, secret=True)
+    if needs_socks5_password(p):
+        if not keys.socks5_password:
+            raise ValueError("the SOCKS5 proxy listens beyond loopback: its password must come from the secret store")
+        t.file(f"{CREDSTORE}/{SOCKS5_PASSWORD_CREDENTIAL}", keys.socks5_password + "\n", mode=0o600, secret=True)
     for peer in p.wireguard.peers:
         if peer.preshared_key:
             t.file(f"{CREDSTORE}/{psk_credential(peer.name)}", keys.preshared_keys[peer.name] + "\n",
@@ -263,6 +278,12 @@ def dataplane_config(p: Profile, ctx: Context) -> dict[str, Any]:
     }
     if dp.mode == "userspace":
         cfg["socks5"] = dp.socks5
+        if needs_socks5_password(p):
+            # RFC 1929: user "appliance", the password handed over as a credential (LoadCredential=)
+            cfg["socks5_auth"] = {"user": SOCKS5_USER, "password_credential": USERSPACE_SOCKS5_CREDENTIAL}
         # the kernel mode's forward_from_peers chain, for the userspace stack to apply itself
         cfg["filter"] = [r.as_json() for r in ctx.forward_rules]
+        # the appliance's own services peers may reach on its tunnel address (shields down); in
+        # kernel mode whatever listens on that address, here only these, relayed to loopback
+        cfg["services"] = [] if p.firewall.shields_up else [{"proto": "tcp", "port": p.system.ssh.port}]
     return cfg

@@ -98,9 +98,8 @@ class ConfigTree:
     def write(self, dest: Path, include_secrets: bool = False, mtime: int | None = None) -> None:
         """Write the tree to dest, replacing an earlier render there. The new tree is assembled in a
         temporary sibling directory and renamed into place, so dest is never half-written."""
-        dest = Path(dest)
-        if dest.exists() and any(dest.iterdir()) and not (dest / MANIFEST).exists():
-            raise FileExistsError(f"{dest} exists and is not an earlier render: refusing to replace it")
+        dest = Path(os.path.abspath(dest))
+        _require_replaceable(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
         try:
@@ -143,3 +142,26 @@ class ConfigTree:
                 os.chmod(target, e.mode)
             if mtime is not None:
                 os.utime(target, (mtime, mtime), follow_symlinks=False)
+
+
+def _require_replaceable(dest: Path) -> None:
+    """dest may be replaced only if it is absent, empty, or exactly an earlier render: its marker lists
+    every entry in it. Never the directory we are in (or one above it)."""
+    cwd = Path(os.path.abspath(os.getcwd()))
+    if dest == cwd or dest in cwd.parents:
+        raise FileExistsError(f"{dest} is the current directory (or holds it): render into another directory")
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise FileExistsError(f"{dest} exists and is not a directory: refusing to replace it")
+    if not dest.exists() or not any(dest.iterdir()):
+        return
+    try:
+        rows = json.loads((dest / MANIFEST).read_text())
+        listed = {str(r["path"]) for r in rows} | {MANIFEST}
+        listed |= {str(parent) for path in list(listed) for parent in PurePosixPath(path).parents}
+    except (OSError, ValueError, TypeError, KeyError):
+        raise FileExistsError(f"{dest} exists and is not an earlier render: refusing to replace it") from None
+    for dirpath, dirnames, filenames in os.walk(dest):
+        for name in [*dirnames, *filenames]:
+            rel = os.path.relpath(os.path.join(dirpath, name), dest)
+            if rel not in listed:
+                raise FileExistsError(f"{dest} holds {rel}, which no earlier render wrote: refusing to replace it")

@@ -1,31 +1,51 @@
 """The secret store: per-appliance key files outside git, created on first use.
 
-Layout: STORE/NAME/private.key (the appliance's WireGuard key) and STORE/NAME/psk/PEER.key.
-Directories are 0700 and files 0600; a file is written to a temporary name and renamed, so an
-interrupted run never leaves a half-written key. Values are never logged or printed by this module.
+Layout: STORE/NAME/private.key (the appliance's WireGuard key), STORE/NAME/psk/PEER.key and, for a
+SOCKS5 proxy that others may use, STORE/NAME/socks5.password. Directories are 0700 and files 0600
+from their first byte; a file is written to a temporary name and renamed, so an interrupted run never
+leaves a half-written key. The store carries its own .gitignore for plaintext secrets, so a `git add
+-A` stages none wherever the store is. Every name that becomes a path is a validated hostname label.
+Values are never logged or printed by this module.
+
+By default the store is `secrets/` at the top of the profile's git repository (or beside the profile
+when it is in none): where `appliance` is run from does not matter.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..profile.loader import profile_root
+from ..profile.types import check_name
 from .keys import generate_preshared_key, generate_private_key, public_key
 
-DEFAULT_STORE = Path("secrets")
+STORE_DIR = "secrets"
 STORE_ENV = "APPLIANCE_SECRETS"
+SECRET_SUFFIXES = (".key", ".password")
+# plaintext secrets stay out of git wherever the store is; their .age files may be committed
+GITIGNORE = "# appliance's secret store: plaintext keys never go into git (their .age files may)\n*.key\n*.password\n"
 
 
 class SecretStoreError(Exception):
     pass
 
 
-def default_store_path() -> Path:
-    return Path(os.environ.get(STORE_ENV) or DEFAULT_STORE)
+def default_store_path(profile: Path | None = None) -> Path:
+    """$APPLIANCE_SECRETS, else secrets/ at the top of the profile's git repository (or beside the
+    profile when it is in none); without a profile, of the current directory's repository."""
+    if os.environ.get(STORE_ENV):
+        return Path(os.environ[STORE_ENV])
+    return profile_root(profile if profile is not None else Path.cwd() / "profile.yaml") / STORE_DIR
+
+
+def generate_password() -> str:
+    return secrets.token_urlsafe(24)
 
 
 @dataclass(frozen=True)
@@ -34,13 +54,15 @@ class ApplianceKeys:
 
     private_key: str
     preshared_keys: dict[str, str]  # peer name -> key
+    socks5_password: str | None = None  # for a SOCKS5 proxy others may use (not on loopback)
 
     @property
     def public_key(self) -> str:
         return public_key(self.private_key)
 
     def __repr__(self) -> str:  # keep secrets out of tracebacks and debug logs
-        return f"ApplianceKeys(public_key={self.public_key!r}, preshared_keys=<{len(self.preshared_keys)} redacted>)"
+        return (f"ApplianceKeys(public_key={self.public_key!r}, preshared_keys=<{len(self.preshared_keys)} redacted>"
+                f"{', socks5_password=<redacted>' if self.socks5_password else ''})")
 
 
 class SecretStore:
@@ -50,9 +72,16 @@ class SecretStore:
         self.age_identity = age_identity
 
     def _dir(self, *parts: str) -> Path:
+        for part in parts:
+            _require_name(part)
         path = self.root.joinpath(*parts)
         if self.create:
-            for p in [self.root, *[self.root.joinpath(*parts[: i + 1]) for i in range(len(parts))]]:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _require_private_dir(self.root)
+            ignore = self.root / ".gitignore"
+            if not ignore.exists():
+                _write_file(ignore, GITIGNORE, 0o644)
+            for p in [self.root.joinpath(*parts[: i + 1]) for i in range(len(parts))]:
                 p.mkdir(mode=0o700, exist_ok=True)
                 _require_private_dir(p)
         return path
@@ -82,20 +111,41 @@ class SecretStore:
         return self._get_or_create(self._dir(name) / "private.key", generate_private_key)
 
     def preshared_key(self, name: str, peer: str) -> str:
+        _require_name(peer)
         return self._get_or_create(self._dir(name, "psk") / f"{peer}.key", generate_preshared_key)
 
-    def key_files(self, name: str) -> list[Path]:
-        base = self.root / name
-        return sorted(p for p in base.rglob("*.key")) if base.is_dir() else []
+    def socks5_password(self, name: str) -> str:
+        return self._get_or_create(self._dir(name) / "socks5.password", generate_password)
 
-    def appliance_keys(self, name: str, psk_peers: list[str]) -> ApplianceKeys:
-        return ApplianceKeys(self.private_key(name), {p: self.preshared_key(name, p) for p in sorted(psk_peers)})
+    def key_files(self, name: str) -> list[Path]:
+        """Every plaintext secret of appliance `name` (keys and passwords)."""
+        _require_name(name)
+        base = self.root / name
+        if not base.is_dir():
+            return []
+        return sorted(p for p in base.rglob("*") if p.suffix in SECRET_SUFFIXES and p.is_file() and not p.is_symlink())
+
+    def appliance_keys(self, name: str, psk_peers: list[str], socks5: bool = False) -> ApplianceKeys:
+        return ApplianceKeys(self.private_key(name), {p: self.preshared_key(name, p) for p in sorted(psk_peers)},
+                             self.socks5_password(name) if socks5 else None)
+
+
+def _require_name(name: str) -> None:
+    try:
+        check_name(name)
+    except ValueError:
+        raise SecretStoreError(f"{name[:70]!r} is not an appliance or peer name (a hostname label: lowercase "
+                               "letters, digits and '-'): it would become a path in the secret store") from None
 
 
 def _write_private(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _write_file(path, text, 0o600)
+
+
+def _write_file(path: Path, text: str, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600 from the start
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

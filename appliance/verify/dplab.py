@@ -21,7 +21,9 @@ from pathlib import Path
 from ..image.netstack import build_netstack
 from ..profile import load_profile
 from ..render import render
-from ..secrets import SecretStore, generate_private_key, public_key
+from ..render.context import SOCKS5_PASSWORD_CREDENTIAL, credential_path
+from ..render.renderer import USERSPACE_SOCKS5_CREDENTIAL
+from ..secrets import SecretStore, appliance_keys, generate_private_key, public_key
 from .netns import Lab, start_peer, start_wireguard_go, wait_for
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -68,9 +70,9 @@ def _topology(lab: Lab) -> tuple[str, str, str]:
 
 
 def start(mode: str, *, wireguard_go: str = "wireguard-go", mtu: int = 1420, tag: str = "d",
-          extra: str = "") -> DataplaneLab:
+          extra: str = "", socks5: str = "127.0.0.1:1080", ssh_port: int = 22) -> DataplaneLab:
     """A running lab; the caller closes it (also on failure: use try/finally). extra: more of the
-    profile's YAML (a firewall section, say)."""
+    profile's YAML (a firewall section, the SSH port say)."""
     lab = Lab(tag)
     try:
         client, appl, server = _topology(lab)
@@ -82,13 +84,15 @@ def start(mode: str, *, wireguard_go: str = "wireguard-go", mtu: int = 1420, tag
             return d
         client_key = generate_private_key()
         dataplane = "{mode: kernel, wireguard: wireguard-go}" if mode == "kernel" else \
-            '{mode: userspace, socks5: "127.0.0.1:1080"}'
+            f'{{mode: userspace, socks5: "{socks5}"}}'
         profile = lab.dir / "dplab.yaml"
-        profile.write_text(PROFILE.format(mtu=mtu, client=public_key(client_key), dataplane=dataplane, extra=extra))
+        system = f"system: {{ssh: {{port: {ssh_port}}}}}\n" if ssh_port != 22 else ""
+        profile.write_text(PROFILE.format(mtu=mtu, client=public_key(client_key), dataplane=dataplane,
+                                          extra=system + extra))
         p = load_profile(profile).profile
         store = SecretStore(lab.dir / "secrets")
         root = lab.dir / "root"
-        render(p, store.appliance_keys(p.name, [])).write(root, include_secrets=True)
+        render(p, appliance_keys(store, p)).write(root, include_secrets=True)
         dp = json.loads((root / "etc/appliance/dataplane.json").read_text())
         key_file = root / dp["wireguard"]["private_key_file"].lstrip("/")
         # host-wide buffer limits are read-only inside a lab namespace
@@ -125,6 +129,9 @@ def _userspace_launcher(lab: Lab, ns: str, root: Path, dp: dict[str, object], ke
     creds.mkdir()
     (private / "state").mkdir()  # StateDirectory=
     (creds / "wireguard-private-key").write_bytes(key_file.read_bytes())
+    password = root / credential_path(SOCKS5_PASSWORD_CREDENTIAL).lstrip("/")
+    if password.exists():  # a proxy beyond loopback: its password, as LoadCredential= hands it over
+        (creds / USERSPACE_SOCKS5_CREDENTIAL).write_bytes(password.read_bytes())
     # the image's launcher, the copy of the code shipped in the image (not this checkout) and the
     # binary the image build compiles
     shipped = root / "usr/lib/appliance/python"

@@ -1,9 +1,10 @@
 """Traffic probes for lab tests, run inside namespaces as `python3 probe.py ...`.
 
-  probe.py serve PORTS LOG  TCP and UDP echo on each of PORTS (comma-separated); appends
-                            {"proto", "src", "port"} per arrival to LOG
+  probe.py serve PORTS LOG [BIND]  TCP and UDP echo on each of PORTS (comma-separated), on BIND
+                            (default 0.0.0.0); appends {"proto", "src", "port"} per arrival to LOG
   probe.py tcp HOST PORT [TIMEOUT]  connect, send, expect the echo; prints the MSS; exit 0 on success
-  probe.py socks PROXY HOST PORT   through a SOCKS5 proxy (host:port) to the echo server at HOST:PORT
+  probe.py socks PROXY HOST PORT [USER:PASSWORD]  through a SOCKS5 proxy (host:port) to the echo
+                            server at HOST:PORT, with RFC 1929 authentication when given
   probe.py connect HOST PORT [TIMEOUT]  open a TCP connection to any server; exit 0 if it was accepted
   probe.py udp HOST PORT    send a datagram, expect the echo within 3 s
   probe.py raw HOST PROTO N send N raw IP packets of protocol PROTO (132 SCTP, 47 GRE)
@@ -20,15 +21,15 @@ import sys
 import time
 
 
-def serve(ports: list[int], log: str) -> None:
+def serve(ports: list[int], log: str, bind: str = "0.0.0.0") -> None:
     sel = selectors.DefaultSelector()
     for port in ports:
         tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        tcp.bind(("0.0.0.0", port))
+        tcp.bind((bind, port))
         tcp.listen(16)
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        udp.bind(("0.0.0.0", port))
+        udp.bind((bind, port))
         sel.register(tcp, selectors.EVENT_READ, ("tcp", port))
         sel.register(udp, selectors.EVENT_READ, ("udp", port))
     print("ready", flush=True)
@@ -59,12 +60,19 @@ def tcp(host: str, port: int, timeout: float = 5) -> None:
         assert s.recv(100) == b"appliance-probe"
 
 
-def socks(proxy: str, host: str, port: int) -> None:
-    """Through a SOCKS5 proxy (no auth) to an echo server at host:port."""
+def socks(proxy: str, host: str, port: int, credentials: str = "") -> None:
+    """Through a SOCKS5 proxy (no auth, or RFC 1929 user:password) to an echo server at host:port."""
     phost, pport = proxy.rsplit(":", 1)
     with socket.create_connection((phost, int(pport)), timeout=5) as s:
-        s.sendall(b"\x05\x01\x00")
-        assert s.recv(2) == b"\x05\x00", "proxy refused the greeting"
+        if credentials:
+            user, _, password = credentials.partition(":")
+            s.sendall(b"\x05\x01\x02")
+            assert s.recv(2) == b"\x05\x02", "proxy refused username/password authentication"
+            s.sendall(b"\x01" + bytes([len(user)]) + user.encode() + bytes([len(password)]) + password.encode())
+            assert s.recv(2) == b"\x01\x00", "proxy refused the credentials"
+        else:
+            s.sendall(b"\x05\x01\x00")
+            assert s.recv(2) == b"\x05\x00", "proxy refused the greeting"
         s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack("!H", port))
         reply = s.recv(10)
         assert reply[:2] == b"\x05\x00", f"proxy could not connect: {reply!r}"
@@ -118,11 +126,11 @@ def raw(host: str, proto: int, n: int) -> None:
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     if cmd == "serve":
-        serve([int(p) for p in args[0].split(",")], args[1])
+        serve([int(p) for p in args[0].split(",")], args[1], *args[2:3])
     elif cmd == "tcp":
         tcp(args[0], int(args[1]), *(float(a) for a in args[2:3]))
     elif cmd == "socks":
-        socks(args[0], args[1], int(args[2]))
+        socks(args[0], args[1], int(args[2]), *args[3:4])
     elif cmd == "connect":
         connect(args[0], int(args[1]), *(float(a) for a in args[2:3]))
     elif cmd == "udp":

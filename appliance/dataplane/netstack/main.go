@@ -18,6 +18,7 @@ import (
 	"syscall"
 
 	"github.com/armon/go-socks5"
+	xcontext "golang.org/x/net/context"
 	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/ipc"
@@ -141,22 +142,39 @@ func run(path string) error {
 	}
 }
 
-// serveSocks lets local programs reach peers (and, like any proxy, everything else) by SOCKS5.
+// intoTunnel is the SOCKS5 proxy's rule: CONNECT only, and only to a peer's address in the tunnel.
+// The proxy is a way into the tunnel, never a way from its clients to anything else (the LAN, the
+// internet, the appliance's loopback services).
+type intoTunnel struct{ pol *policy }
+
+func (t intoTunnel) Allow(ctx xcontext.Context, req *socks5.Request) (xcontext.Context, bool) {
+	if req.Command != socks5.ConnectCommand || req.DestAddr == nil {
+		return ctx, false
+	}
+	a, ok := netip.AddrFromSlice(req.DestAddr.IP)
+	return ctx, ok && t.pol.inTunnel(a.Unmap()) && !t.pol.isOwn(a.Unmap())
+}
+
+// serveSocks lets local programs (or, with a password, the LAN) reach peers by SOCKS5.
 func serveSocks(c *config, s *stack.Stack, failed chan<- error) error {
 	dial := func(ctx context.Context, network, address string) (net.Conn, error) {
 		ap, err := netip.ParseAddrPort(address)
-		if err == nil && c.policy.inTunnel(ap.Addr().Unmap()) {
-			a := ap.Addr().Unmap()
-			proto := ipv4.ProtocolNumber
-			if a.Is6() {
-				proto = ipv6.ProtocolNumber
-			}
-			return gonet.DialContextTCP(ctx, s, tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFromSlice(a.AsSlice()), Port: ap.Port()}, proto)
+		if err != nil || !c.policy.inTunnel(ap.Addr().Unmap()) || c.policy.isOwn(ap.Addr().Unmap()) {
+			return nil, fmt.Errorf("%s is not a peer's address in the tunnel", address)
 		}
-		var d net.Dialer
-		return d.DialContext(ctx, network, address)
+		a := ap.Addr().Unmap()
+		proto := ipv4.ProtocolNumber
+		if a.Is6() {
+			proto = ipv6.ProtocolNumber
+		}
+		return gonet.DialContextTCP(ctx, s, tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFromSlice(a.AsSlice()), Port: ap.Port()}, proto)
 	}
-	srv, err := socks5.New(&socks5.Config{Dial: dial})
+	conf := &socks5.Config{Dial: dial, Rules: intoTunnel{&c.policy}}
+	if c.socks5Pass != "" {
+		// RFC 1929 username/password: the only method offered, so a client without it is refused
+		conf.Credentials = socks5.StaticCredentials{c.socks5User: c.socks5Pass}
+	}
+	srv, err := socks5.New(conf)
 	if err != nil {
 		return fmt.Errorf("socks5: %w", err)
 	}

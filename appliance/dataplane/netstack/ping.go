@@ -49,7 +49,17 @@ func (pg *pinger) intercept(pkt []byte) bool {
 		src, dst = addr(ip.SourceAddress()), addr(ip.DestinationAddress())
 	}
 	if pg.pol.isOwn(dst) {
-		return false // the stack itself answers for the appliance's own addresses
+		// the stack itself answers for the appliance's tunnel addresses, unless shields are up
+		return pg.pol.shieldsUp
+	}
+	if pg.pol.isAppliance(dst) {
+		// another address of the appliance (LAN, uplink): its own answer, as in kernel mode, unless
+		// shields are up
+		if !pg.pol.shieldsUp {
+			req := append([]byte(nil), body...)
+			go pg.echo(src, dst, req)
+		}
+		return true
 	}
 	if pg.pol.forward("icmp", src, dst, 0) {
 		req := append([]byte(nil), body...)

@@ -3,8 +3,11 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
+	"sync"
+	"time"
 )
 
 // The parts of dataplane.json this program reads. Keys and peers reach it through the UAPI socket,
@@ -19,23 +22,36 @@ type dataplaneFile struct {
 			AllowedIPs []string `json:"allowed_ips"`
 		} `json:"peers"`
 	} `json:"wireguard"`
-	Socks5   string `json:"socks5"`
+	Socks5     string `json:"socks5"`
+	Socks5Auth *struct {
+		User               string `json:"user"`
+		PasswordCredential string `json:"password_credential"`
+	} `json:"socks5_auth"`
 	Firewall struct {
 		ShieldsUp bool `json:"shields_up"`
 	} `json:"firewall"`
 	Filter []struct {
 		Sources     []string `json:"sources"`
 		Destination string   `json:"destination"`
+		Except      []string `json:"except"`
 		Proto       string   `json:"proto"`
 		Ports       [][2]int `json:"ports"`
 	} `json:"filter"`
+	Services []service `json:"services"`
 }
 
 type rule struct {
 	sources []netip.Prefix // empty: any peer
 	dst     netip.Prefix
-	proto   string // tcp, udp, icmp, any
+	except  []netip.Prefix // destinations left out (block_local_networks)
+	proto   string         // tcp, udp, icmp, any
 	ports   [][2]int
+}
+
+// service is one of the appliance's own services that peers may reach on its tunnel address.
+type service struct {
+	Proto string `json:"proto"`
+	Port  uint16 `json:"port"`
 }
 
 // policy is the userspace counterpart of the kernel mode's forward_from_peers and
@@ -44,15 +60,19 @@ type policy struct {
 	own       []netip.Addr   // the appliance's tunnel addresses
 	tunnel    []netip.Prefix // peers' allowed IPs: flows there never leave through the host
 	rules     []rule
+	services  []service // own services peers reach (relayed to loopback); none with shields up
 	shieldsUp bool
+	local     localAddrs
 }
 
 type config struct {
-	iface  string
-	mtu    int
-	socks5 string
-	own    []netip.Prefix
-	policy policy
+	iface      string
+	mtu        int
+	socks5     string
+	socks5User string
+	socks5Pass string // empty: no authentication (a proxy on loopback)
+	own        []netip.Prefix
+	policy     policy
 }
 
 func loadConfig(path string) (*config, error) {
@@ -66,6 +86,16 @@ func loadConfig(path string) (*config, error) {
 	}
 	c := &config{iface: f.Wireguard.Interface, mtu: f.Wireguard.MTU, socks5: f.Socks5}
 	c.policy.shieldsUp = f.Firewall.ShieldsUp
+	if !c.policy.shieldsUp {
+		c.policy.services = f.Services
+	}
+	if f.Socks5Auth != nil {
+		pass, err := readCredential(f.Socks5Auth.PasswordCredential)
+		if err != nil {
+			return nil, fmt.Errorf("%s: socks5 password: %w", path, err)
+		}
+		c.socks5User, c.socks5Pass = f.Socks5Auth.User, pass
+	}
 	for _, a := range f.Wireguard.Addresses {
 		p, err := netip.ParsePrefix(a)
 		if err != nil {
@@ -89,6 +119,13 @@ func loadConfig(path string) (*config, error) {
 			return nil, fmt.Errorf("%s: filter destination %q: %w", path, r.Destination, err)
 		}
 		out := rule{dst: dst.Masked(), proto: r.Proto, ports: r.Ports}
+		for _, e := range r.Except {
+			p, err := netip.ParsePrefix(e)
+			if err != nil {
+				return nil, fmt.Errorf("%s: filter exception %q: %w", path, e, err)
+			}
+			out.except = append(out.except, p.Masked())
+		}
 		for _, s := range r.Sources {
 			p, err := netip.ParsePrefix(s)
 			if err != nil {
@@ -122,14 +159,82 @@ func (p *policy) inTunnel(a netip.Addr) bool {
 	return false
 }
 
+// readCredential reads a secret systemd handed over (LoadCredential=): never from dataplane.json.
+func readCredential(name string) (string, error) {
+	dir := os.Getenv("CREDENTIALS_DIRECTORY")
+	if dir == "" || name == "" {
+		return "", fmt.Errorf("no credential %q (CREDENTIALS_DIRECTORY is not set)", name)
+	}
+	raw, err := os.ReadFile(dir + "/" + name)
+	if err != nil {
+		return "", err
+	}
+	pass := string(trimSpace(raw))
+	if pass == "" {
+		return "", fmt.Errorf("credential %q is empty", name)
+	}
+	return pass, nil
+}
+
+func trimSpace(b []byte) []byte {
+	for len(b) > 0 && (b[len(b)-1] == '\n' || b[len(b)-1] == '\r' || b[len(b)-1] == ' ') {
+		b = b[:len(b)-1]
+	}
+	return b
+}
+
+// isAppliance says whether dst is the appliance itself: its tunnel addresses, any address of the
+// host's interfaces (the LAN's, the uplink's: with shields up, none of them is a way in), loopback
+// and the unspecified address (which reaches the host too).
+func (p *policy) isAppliance(dst netip.Addr) bool {
+	return p.isOwn(dst) || dst.IsLoopback() || dst.IsUnspecified() || p.local.has(dst)
+}
+
+// serves says whether peers may reach the appliance's own service proto/port.
+func (p *policy) serves(proto string, port uint16) bool {
+	for _, s := range p.services {
+		if s.Proto == proto && s.Port == port {
+			return true
+		}
+	}
+	return false
+}
+
+// localAddrs is the host's own addresses, read again when older than a second (a DHCP lease may
+// change the uplink's at any time).
+type localAddrs struct {
+	mu    sync.Mutex
+	read  time.Time
+	addrs map[netip.Addr]bool
+}
+
+func (l *localAddrs) has(a netip.Addr) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.addrs == nil || time.Since(l.read) > time.Second {
+		l.addrs = map[netip.Addr]bool{}
+		l.read = time.Now()
+		if found, err := net.InterfaceAddrs(); err == nil {
+			for _, f := range found {
+				if n, ok := f.(*net.IPNet); ok {
+					if ip, ok := netip.AddrFromSlice(n.IP); ok {
+						l.addrs[ip.Unmap()] = true
+					}
+				}
+			}
+		}
+	}
+	return l.addrs[a]
+}
+
 // forward says whether a peer (src) may reach dst off the appliance: the first rule that matches
 // admits, nothing else does.
 func (p *policy) forward(proto string, src, dst netip.Addr, port uint16) bool {
-	if p.inTunnel(dst) || p.isOwn(dst) {
+	if p.inTunnel(dst) || p.isAppliance(dst) {
 		return false
 	}
 	for _, r := range p.rules {
-		if !r.dst.Contains(dst) {
+		if !r.dst.Contains(dst) || containsAny(r.except, dst) {
 			continue
 		}
 		if len(r.sources) > 0 && !containsAny(r.sources, src) {

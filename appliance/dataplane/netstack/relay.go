@@ -27,10 +27,13 @@ type relay struct {
 }
 
 // target is where a peer's flow to dst:port is re-originated, or false when the policy refuses it.
-// The appliance's own tunnel address stands for its own services, reached on loopback.
+// The appliance itself (its tunnel address, or any other of its addresses) stands for its own
+// services: only those the profile offers peers, reached on loopback, and none with shields up.
+// Never any other loopback service: the SOCKS5 proxy, a local resolver or an admin port bound to
+// 127.0.0.1 stay out of the peers' reach, as in kernel mode.
 func (r *relay) target(proto string, src, dst netip.Addr, port uint16) (string, bool) {
-	if r.pol.isOwn(dst) {
-		if r.pol.shieldsUp {
+	if r.pol.isAppliance(dst) {
+		if r.pol.shieldsUp || !r.pol.serves(proto, port) {
 			return "", false
 		}
 		loop := "127.0.0.1"
@@ -45,6 +48,21 @@ func (r *relay) target(proto string, src, dst netip.Addr, port uint16) (string, 
 	return net.JoinHostPort(dst.String(), strconv.Itoa(int(port))), true
 }
 
+// looped says whether a connection the host opened for a peer ended on the host itself although
+// its destination was not the appliance when it was checked (an address that appeared since): the
+// kernel then picks the destination itself as the source.
+func (r *relay) looped(dst netip.Addr, c net.Conn) bool {
+	if r.pol.isAppliance(dst) {
+		return false // asked for, and allowed by target
+	}
+	local, ok1 := netip.ParseAddrPort(c.LocalAddr().String())
+	remote, ok2 := netip.ParseAddrPort(c.RemoteAddr().String())
+	if ok1 != nil || ok2 != nil {
+		return true
+	}
+	return local.Addr().Unmap() == remote.Addr().Unmap() || remote.Addr().IsLoopback()
+}
+
 // tcp runs in its own goroutine per connection attempt: the peer's SYN is answered only once the
 // host-side connection is up, so a refused or unreachable destination refuses the peer too.
 func (r *relay) tcp(req *tcp.ForwarderRequest) {
@@ -56,6 +74,11 @@ func (r *relay) tcp(req *tcp.ForwarderRequest) {
 	}
 	out, err := r.dialer.Dial("tcp", to)
 	if err != nil {
+		req.Complete(true)
+		return
+	}
+	if r.looped(addr(id.LocalAddress), out) {
+		out.Close()
 		req.Complete(true)
 		return
 	}
@@ -103,6 +126,10 @@ func (r *relay) udp(req *udp.ForwarderRequest) {
 	}
 	out, err := net.Dial("udp", to)
 	if err != nil {
+		return
+	}
+	if r.looped(addr(id.LocalAddress), out) {
+		out.Close()
 		return
 	}
 	var wq waiter.Queue
