@@ -6,12 +6,15 @@ builds the tools and root trees (about a minute), later builds reuse them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
@@ -150,8 +153,14 @@ def test_private_key_only_in_root_only_file(exit_node: dict[str, Any]) -> None:
 def test_rebuild_is_bit_identical_and_config_only_rebuild_is_quick(exit_node: dict[str, Any],
                                                                    tmp_path: Path) -> None:
     first = exit_node["manifest"]
-    again = json.loads(build(PROFILES / "exit-node.yaml", exit_node["images"], exit_node["secrets"], "--json").stdout)
+    with watch_modes(exit_node["images"]) as seen:
+        again = json.loads(build(PROFILES / "exit-node.yaml", exit_node["images"], exit_node["secrets"],
+                                 "--json").stdout)
     assert again["outputs"]["exit-node.img"]["sha256"] == first["outputs"]["exit-node.img"]["sha256"]
+    # the image and its .zst hold the private key: no one else could read them at any moment of the build
+    assert any(".exit-node.img.tmp-" in name for name in seen) and any(".img.zst.tmp-" in name for name in seen)
+    assert {name: mode for name, mode in seen.items() if ".img." in name and ".bmap" not in name
+            and mode & 0o077}.keys() == set(), seen
     # a configuration-only change (a new peer) reuses the base tree and gives a different image
     text = (PROFILES / "exit-node.yaml").read_text().replace(
         "dataplane:", "    - {name: tablet, public_key: K96DZC4rXOjZrtOcKzO5/XmhczSwYZHPDHk7snb5xkw=, "
@@ -164,6 +173,28 @@ def test_rebuild_is_bit_identical_and_config_only_rebuild_is_quick(exit_node: di
     stages = m["build"]["stages"]
     outside_assembly = sum(v for k, v in stages.items() if k not in ("esp", "root_fs", "disk", "outputs"))
     assert outside_assembly <= 5.0, stages
+
+
+@contextlib.contextmanager
+def watch_modes(directory: Path) -> Iterator[dict[str, int]]:
+    """The most permissive mode each file in directory had while the block ran (polled every 2 ms)."""
+    seen: dict[str, int] = {}
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            for entry in os.scandir(directory):
+                with contextlib.suppress(OSError):
+                    seen[entry.name] = seen.get(entry.name, 0) | entry.stat().st_mode & 0o777
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        watcher.join()
 
 
 def test_unknown_package_fails_cleanly(tmp_path: Path) -> None:
@@ -298,3 +329,25 @@ def test_tree_verification_catches_a_broken_tree(exit_node: dict[str, Any], tmp_
                 "test_units_enabled"} <= failed, result.output
     finally:
         subprocess.run(["rm", "-rf", str(tree.parent)], check=True)
+
+
+def test_image_tools_accept_edge_values(exit_node: dict[str, Any], tmp_path: Path) -> None:
+    """udevadm verify and networkd 257 from the image's root tree accept what the hostile-string
+    test's edge values render (test_hostile_strings.EDGE_VALUES)."""
+    from test_hostile_strings import edge_trees
+
+    from appliance.image.rootfs import newest_base
+    from appliance.profile import load_profile
+    from appliance.render import image_spec
+
+    base = newest_base(Cache(CACHE), image_spec(load_profile(PROFILES / "exit-node.yaml").profile))
+    assert base is not None and base.entry.key == exit_node["manifest"]["base_key"]
+    for what, root in edge_trees(tmp_path / "edge"):
+        tree = tmp_path / "tree"
+        subprocess.run(["cp", "-al", str(base.tree), str(tree)], check=True)
+        try:  # the rendered files replace (not overwrite) the cached base's hardlinks
+            subprocess.run(["cp", "-a", "--remove-destination", f"{root}/.", str(tree)], check=True)
+            messages = networkd_in_tree(tree)
+            assert not [m for m in messages if "error" in m.lower() or "Failed to parse" in m], (what, messages)
+        finally:
+            subprocess.run(["rm", "-rf", str(tree)], check=True)

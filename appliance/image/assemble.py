@@ -111,8 +111,9 @@ def build_root_fs(tools: ToolsTree, tree: Path, out: Path, ids: DiskIds, size: i
 
 
 def write_disk(tools: ToolsTree, out: Path, esp: Path, root: Path, lay: Layout, ids: DiskIds, log: BuildLog) -> None:
-    """Partition table on a sparse file, then the two file systems copied in at their offsets."""
-    with open(out, "wb") as f:
+    """Partition table on a sparse file, then the two file systems copied in at their offsets. The
+    file is 0600 from its first byte: it will hold the appliance's private key."""
+    with open(private_file(out), "wb") as f:
         f.truncate(lay.disk_size)
     table = (
         "label: gpt\n"
@@ -126,6 +127,13 @@ def write_disk(tools: ToolsTree, out: Path, esp: Path, root: Path, lay: Layout, 
               input=table)
     copy_sparse(esp, out, lay.esp_offset)
     copy_sparse(root, out, lay.root_offset)
+
+
+def private_file(path: Path) -> int:
+    """A new (or emptied) file that only its owner can read, from the moment it exists; an fd for open()."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # it may have existed with another mode
+    return fd
 
 
 def copy_sparse(src: Path, dst: Path, offset: int) -> None:

@@ -151,8 +151,6 @@ def _build(spec: ImageSpec, config: ConfigTree, profile_info: dict[str, Any], op
         with timed_step("zstd, bmap, checksums", "outputs"):
             compress(tmp["img"], tmp["zst"], log)
             bmap(tmp["img"], tmp["bmap"], log)
-            for k in ("img", "zst"):
-                os.chmod(tmp[k], 0o600)  # the image holds the appliance's private key
             outputs = _outputs(tmp, paths)
         manifest = _manifest(spec, config, profile_info, base, tools, archive, sde, cmdline, outputs,
                              lay.disk_size, t_start, timings)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .assemble import private_file
 from .run import BuildLog, run
 
 
@@ -24,7 +25,10 @@ def allocated(path: Path) -> int:
 
 
 def compress(img: Path, out: Path, log: BuildLog) -> None:
-    run(["zstd", "-q", "-f", "-T0", "-9", "--no-progress", img, "-o", out], log=log, what="zstd")
+    """The image, compressed into a file that is 0600 from its first byte (zstd would create it with
+    the usual mode and copy the image's only at the end)."""
+    with open(private_file(out), "wb") as f:
+        run(["zstd", "-q", "-c", "-T0", "-9", "--no-progress", img], log=log, what="zstd", stdout=f)
 
 
 def bmap(img: Path, out: Path, log: BuildLog) -> None:

@@ -6,6 +6,7 @@ profile's configuration is laid over a hardlinked copy of it at each build (stag
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -212,8 +213,9 @@ def build_base(cache: Cache, tools: ToolsTree, archive: Archive, spec: ImageSpec
 
 def newest_base(cache: Cache, spec: ImageSpec) -> BaseTree | None:
     """Offline fallback: the newest complete base built for this spec."""
+    wanted = json.loads(json.dumps(spec.base_inputs()))  # as stored: tuples are JSON lists
     found = [e for e in cache.entries()
-             if e.kind == "base" and e.complete and e.meta().get("spec") == spec.base_inputs()]
+             if e.kind == "base" and e.complete and e.meta().get("spec") == wanted]
     found.sort(key=lambda e: e.meta().get("created", 0))
     return BaseTree(found[-1]) if found else None
 

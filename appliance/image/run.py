@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 from ..ui import ApplianceError
 
@@ -38,14 +39,17 @@ NULL_LOG = BuildLog(None)
 
 def run(cmd: Sequence[str | os.PathLike[str]], *, log: BuildLog = NULL_LOG, env: Mapping[str, str] | None = None,
         input: str | None = None, cwd: Path | None = None, what: str | None = None,
-        check: bool = True) -> subprocess.CompletedProcess[str]:
+        check: bool = True, stdout: IO[bytes] | None = None) -> subprocess.CompletedProcess[str]:
+    """stdout: a file the command's output goes to (binary), instead of the log."""
     args = [str(c) for c in cmd]
     full_env = {**os.environ, **(env or {})}
     t0 = time.monotonic()
-    log.write(f"\n$ {shlex.join(args)}\n")
+    log.write(f"\n$ {shlex.join(args)}" + (" > FILE" if stdout is not None else "") + "\n")
     try:
-        proc = subprocess.run(args, env=full_env, input=input, cwd=cwd, capture_output=True, text=True,
-                              errors="replace")
+        proc = subprocess.run(args, env=full_env, input=input, cwd=cwd, text=True, errors="replace",
+                              stdout=stdout if stdout is not None else subprocess.PIPE, stderr=subprocess.PIPE)
+        if stdout is not None:
+            proc.stdout = ""
     except FileNotFoundError:
         raise ImageError(f"{args[0]} is not installed (run `make setup`)") from None
     log.write(proc.stdout + proc.stderr + f"[exit {proc.returncode} after {time.monotonic() - t0:.1f} s]\n")

@@ -204,7 +204,7 @@ def _sysctls(p: Profile, links: list[Link], ipv6: bool) -> dict[str, str]:
             for link in links:
                 # forwarding turns RA processing off unless accept_ra=2
                 if link.role == "uplink" and link.ipv6 == "ra" and link.match_name:
-                    s[f"net.ipv6.conf.{link.match_name}.accept_ra"] = "2"
+                    s[_sysctl_key("net", "ipv6", "conf", link.match_name, "accept_ra")] = "2"
     if p.dataplane.mode == "userspace" or p.dataplane.wireguard == "wireguard-go":
         # wireguard-go asks for 7 MiB socket buffers; the default caps drop tunnel packets under load
         s["net.core.rmem_max"] = "7340032"
@@ -213,6 +213,12 @@ def _sysctls(p: Profile, links: list[Link], ipv6: bool) -> dict[str, str]:
         # peers' pings leave as the dataplane's own, from unprivileged ICMP sockets
         s["net.ipv4.ping_group_range"] = "0 2147483647"
     return s
+
+
+def _sysctl_key(*parts: str) -> str:
+    """sysctl.d reads '.' as the separator: a key with a dotted interface name (a VLAN, eth0.10) is
+    written with '/' instead, which sysctl.d reads too."""
+    return "/".join(parts) if any("." in part for part in parts) else ".".join(parts)
 
 
 def build_context(p: Profile) -> Context:
