@@ -28,6 +28,7 @@ PROBE = str(Path(probe.__file__))
 TUNNEL_ADDRESS = "100.64.9.1"  # the appliance's, in dplab's profile
 UPLINK_ADDRESS = "198.18.60.1"  # the appliance's other address, on the uplink (the peer reaches it by the tunnel)
 SERVICE = 7200  # the labs' SSH port: the one service the appliance offers peers
+PRIVATE_HOST = "192.168.77.2"  # upstream, on a private network
 
 
 class Rootless:
@@ -51,6 +52,8 @@ def _start(tag: str, extra: str = "", socks5: str = "127.0.0.1:1080") -> Datapla
         # no kernel forwarding on the host: every packet of a peer ends in the userspace stack
         assert d.lab.run(d.appliance, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "0"
         d.lab.run(d.server, ["nft", "-f", "-"], input=protocol_counters("s0", echo_from="198.18.60.1"))
+        # a host on a private network, as the uplink's LAN or a cloud's metadata service would be
+        d.lab.run(d.server, ["ip", "addr", "add", f"{PRIVATE_HOST}/32", "dev", "s0"])
         d.lab.spawn(d.server, [sys.executable, PROBE, "serve", "7000,7001", d.lab.dir / "arrivals.jsonl"],
                     "upstream")
         time.sleep(0.3)
@@ -262,12 +265,21 @@ def test_acl_and_shields_up(guarded: Rootless) -> None:
 
 @pytest.fixture(scope="module")
 def shielded() -> Iterator[Rootless]:
-    """Shields up and no ACL: peers reach everything off the appliance, nothing on it."""
-    d = _start("s", "firewall: {shields_up: true}\n")
+    """Shields up and no ACL: peers reach everything off the appliance (but local networks), nothing
+    on it."""
+    d = _start("s", "firewall: {shields_up: true, block_local_networks: true}\n")
     try:
         yield Rootless(d)
     finally:
         d.close()
+
+
+def test_local_networks_are_left_out_of_the_way_to_everywhere(rootless: Rootless, shielded: Rootless) -> None:
+    """firewall.block_local_networks: an exit node's peers reach the internet, not private networks
+    off the appliance (the uplink's LAN, 169.254.169.254). Without it they do (the control)."""
+    wait_for(lambda: shielded.connects(SERVER, 7000), 30, 0.5)
+    assert not shielded.connects(PRIVATE_HOST, 7000)
+    assert rootless.connects(PRIVATE_HOST, 7000)
 
 
 def test_shields_up_covers_every_address_of_the_appliance(shielded: Rootless) -> None:

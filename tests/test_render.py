@@ -236,3 +236,18 @@ def test_authorized_keys_and_ssh(tmp_path: Path, fixed_keys: ApplianceKeys) -> N
     assert t["root/.ssh/authorized_keys"].mode == 0o600 and t["root/.ssh"].mode == 0o700
     assert "PasswordAuthentication no" in t.text("etc/ssh/sshd_config.d/10-appliance.conf")
     assert t["etc/localtime"].target == "/usr/share/zoneinfo/UTC"
+
+
+def test_block_local_networks_narrows_the_way_to_everywhere(fixed_keys: ApplianceKeys, tmp_path: Path) -> None:
+    """An exit node's "everywhere" leaves out local networks when the profile asks; advertised routes
+    and ACL rules naming such a network pass as before."""
+    shutil.copy(Path(__file__).parent.parent / "profiles/exit-node.yaml", tmp_path)
+    profile = tmp_path / "blocked.yaml"
+    profile.write_text("extends: exit-node.yaml\nfirewall: {block_local_networks: true}\n")
+    t = render(load_profile(profile).profile, fixed_keys)
+    nft = t.text("etc/nftables.conf")
+    assert ('meta nfproto ipv4 ip daddr != { 10.0.0.0/8, 100.64.0.0/10, 169.254.0.0/16, 172.16.0.0/12, '
+            '192.168.0.0/16 } oifname != "wg0" counter accept') in nft
+    assert 'ip6 daddr != { fc00::/7, fe80::/10 }' in nft
+    plain = render(load_profile(tmp_path / "exit-node.yaml").profile, fixed_keys).text("etc/nftables.conf")
+    assert "daddr !=" not in plain

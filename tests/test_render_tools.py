@@ -13,7 +13,7 @@ import pytest
 from appliance.profile import load_profile
 from appliance.render import ConfigTree, render
 from appliance.secrets import ApplianceKeys
-from conftest import EXAMPLES, require_tool
+from conftest import EXAMPLES, PROFILES, require_tool
 
 pytestmark = pytest.mark.root
 
@@ -112,3 +112,18 @@ def test_systemd_analyze_verifies_units(path: Path, fixed_keys: ApplianceKeys, t
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert "appliance-offload" not in result.stderr, result.stderr
+
+
+def test_nft_accepts_the_narrowed_ways(fixed_keys: ApplianceKeys, tmp_path: Path) -> None:
+    """block_local_networks (set exclusions) and a SOCKS5 proxy on the LAN (an input rule by link
+    group and address): rulesets the examples do not have."""
+    shutil.copy(PROFILES / "exit-node.yaml", tmp_path)
+    shutil.copy(PROFILES / "subnet-router.yaml", tmp_path)
+    (tmp_path / "a.yaml").write_text("extends: exit-node.yaml\nfirewall: {block_local_networks: true}\n")
+    (tmp_path / "b.yaml").write_text("extends: subnet-router.yaml\n"
+                                     "dataplane: {mode: userspace, socks5: '192.168.10.1:1080'}\n")
+    keys = ApplianceKeys(fixed_keys.private_key, fixed_keys.preshared_keys, "pass-word")
+    for name in ("a", "b"):
+        render(load_profile(tmp_path / f"{name}.yaml").profile, keys).write(tmp_path / name)
+        result = nft_check(tmp_path / name / "etc/nftables.conf")
+        assert result.returncode == 0, f"{name}: {result.stderr}"
