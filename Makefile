@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: setup example test test-fast lint docs clean bench
+.PHONY: setup example test test-fast lint docs golden clean bench
 
 setup:
 	@scripts/setup
@@ -18,12 +18,17 @@ test-fast: setup
 	$(BIN)/pytest -m "not root and not slow and not vm"
 
 lint: setup
-	$(BIN)/ruff check appliance tests
-	$(BIN)/mypy appliance
+	$(BIN)/ruff check appliance tests bench
+	$(BIN)/mypy appliance tests bench
+	$(BIN)/lint-imports
 
 docs: setup
 	$(BIN)/appliance schema -o schema/profile.schema.json
 	$(BIN)/python -m appliance.profile.readme README.md
+
+golden: setup
+	APPLIANCE_REFRESH_GOLDEN=1 $(BIN)/pytest -q tests/test_golden.py
+	git diff --stat tests/golden
 
 clean:
 	rm -rf build images/*.config .pytest_cache .hypothesis

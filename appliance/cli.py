@@ -16,8 +16,9 @@ import click
 from rich.table import Table
 
 from . import __version__
+from .errors import EXIT_INVALID, ApplianceError, InputError, LabError
 from .peer_config import client_config, find_peer, terminal_qr
-from .profile import Issue, LoadedProfile, ProfileError, json_schema_text, load_profile, reference_markdown
+from .profile import LoadedProfile, ProfileError, json_schema_text, load_profile, reference_markdown
 from .profile.types import check_name, parse_host_port
 from .render import ConfigTree, render
 from .secrets import (
@@ -26,12 +27,30 @@ from .secrets import (
     SecretStoreError,
     appliance_keys,
     default_store_path,
-    key_issues,
+    keys_for,
     public_key,
 )
-from .ui import ApplianceError, die, echo_json, err, out, step
+from .ui import die, echo_json, err, out, step
 
-EXIT_INVALID = 2
+
+class _Cli(click.Group):
+    """One exit path for every command: an ApplianceError (a ProfileError with all its issues) is
+    printed without a traceback and ends the run with its exit status (2: bad input; 1: failed)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ApplianceError as e:
+            _report(e)
+
+
+def _report(e: ApplianceError) -> NoReturn:
+    if isinstance(e, ProfileError):
+        for issue in e.issues:
+            err.print(f"[red]{issue}[/]", markup=True, highlight=False, soft_wrap=True)
+        err.print(f"[bold red]invalid profile[/]: {len(e.issues)} problem(s)")
+        raise SystemExit(e.exit_code)
+    die(str(e), e.exit_code)
 
 secrets_option = click.option(
     "--secrets", "secrets_dir", type=click.Path(file_okay=False, path_type=Path), envvar="APPLIANCE_SECRETS",
@@ -42,10 +61,7 @@ profile_arg = click.argument("profile", type=click.Path(dir_okay=False, path_typ
 
 
 def _load(path: Path) -> LoadedProfile:
-    try:
-        return load_profile(path)
-    except ProfileError as e:
-        _fail_invalid(e.issues)
+    return load_profile(path)
 
 
 def _store(store_dir: Path | None, profile: Path | None) -> SecretStore:
@@ -54,28 +70,14 @@ def _store(store_dir: Path | None, profile: Path | None) -> SecretStore:
 
 
 def _keys(store_dir: Path | None, loaded: LoadedProfile) -> ApplianceKeys:
-    try:
-        keys = appliance_keys(_store(store_dir, loaded.path), loaded.profile)
-    except SecretStoreError as e:
-        die(str(e))
-    issues = key_issues(loaded, keys)
-    if issues:
-        _fail_invalid(issues)
-    return keys
-
-
-def _fail_invalid(issues: list[Issue]) -> NoReturn:
-    for issue in issues:
-        err.print(f"[red]{issue}[/]", markup=True, highlight=False, soft_wrap=True)
-    err.print(f"[bold red]invalid profile[/]: {len(issues)} problem(s)")
-    raise SystemExit(EXIT_INVALID)
+    return keys_for(loaded, store_dir)
 
 
 def _render(loaded: LoadedProfile, secrets_dir: Path | None) -> ConfigTree:
     return render(loaded.profile, _keys(secrets_dir, loaded))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="appliance")
 def cli() -> None:
     """Declarative image builder for WireGuard edge appliances.
@@ -124,8 +126,8 @@ def render_cmd(profile: Path, output: Path, include_secrets: bool, secrets_dir: 
         tree = _render(loaded, secrets_dir)
         try:
             tree.write(output, include_secrets=include_secrets)
-        except (OSError, FileExistsError) as e:
-            die(str(e))
+        except OSError as e:  # FileExistsError: a directory that is no earlier render
+            raise ApplianceError(str(e)) from None
     count = sum(1 for e in tree if e.kind == "file" and (include_secrets or not e.secret))
     out.print(f"{count} files in {output}")
 
@@ -153,14 +155,11 @@ def keys(target: str, as_json: bool, secrets_dir: Path | None) -> None:
     Private and preshared keys stay in the secret store and are never printed.
     """
     name, store = _target(target, secrets_dir)
-    try:
-        if isinstance(name, LoadedProfile):
-            k = _keys(secrets_dir, name)
-            name = name.profile.name
-        else:
-            k = store.appliance_keys(name, [])
-    except SecretStoreError as e:
-        die(str(e))
+    if isinstance(name, LoadedProfile):
+        k = _keys(secrets_dir, name)
+        name = name.profile.name
+    else:
+        k = store.appliance_keys(name, [])
     if as_json:
         echo_json({"name": name, "public_key": k.public_key, "preshared_key_peers": sorted(k.preshared_keys),
                    "store": str(store.root / name)})
@@ -179,7 +178,7 @@ def _target(target: str, secrets_dir: Path | None) -> tuple[LoadedProfile | str,
     try:
         check_name(target)
     except ValueError as e:
-        die(f"{target[:70]!r} is neither a profile (a .yaml file) nor an appliance name: {e}", EXIT_INVALID)
+        raise InputError(f"{target[:70]!r} is neither a profile (a .yaml file) nor an appliance name: {e}") from None
     return target, _store(secrets_dir, None)
 
 
@@ -199,12 +198,12 @@ def peer(profile: Path, peer_name: str, endpoint: str | None, private_key_file: 
     entry = find_peer(p, peer_name)
     if entry is None:
         known = ", ".join(x.name for x in p.wireguard.peers) or "none"
-        die(f"{profile}: no peer named '{peer_name[:70]}' (peers: {known})", EXIT_INVALID)
+        raise InputError(f"{profile}: no peer named '{peer_name[:70]}' (peers: {known})")
     if endpoint is not None:
         try:
             endpoint = parse_host_port(endpoint)
         except ValueError as e:
-            die(f"--endpoint: {e}", EXIT_INVALID)
+            raise InputError(f"--endpoint: {e}") from None
     k = _keys(secrets_dir, loaded)
     if private_key_file is not None:
         _warn_if_others_can_read(private_key_file)
@@ -216,7 +215,8 @@ def peer(profile: Path, peer_name: str, endpoint: str | None, private_key_file: 
             matches = False
         if not matches:
             source = getattr(private_key_file, "name", "the key file")
-            die(f"the key in {source} does not belong to peer '{peer_name}' (public key {entry.public_key})")
+            raise ApplianceError(f"the key in {source} does not belong to peer '{peer_name}' "
+                             f"(public key {entry.public_key})")
     text = client_config(p, entry, k.public_key, k.preshared_keys.get(peer_name), private, endpoint)
     click.echo(text, nl=False)
     if qr:
@@ -250,9 +250,9 @@ def build(profile: Path, out_dir: Path, no_cache: bool, use_lock: bool, update_l
           keep_tree: bool, render_only: bool, as_json: bool, boot_verify: bool, age_identity: Path | None,
           cache_dir: Path | None, secrets_dir: Path | None) -> None:
     """Build the bootable disk image for PROFILE: OUT_DIR/NAME.img (GPT, UEFI) and friends."""
-    from .image import BuildLog, BuildOptions, Cache, ImageError, build_image
-    from .render import image_spec
+    from .image import BuildOptions, Cache, ImageError, build_loaded, profile_info
     from .secrets.crypt import IDENTITY_ENV
+    from .verify import verify_tree
 
     if age_identity:
         os.environ[IDENTITY_ENV] = str(age_identity.resolve())
@@ -261,34 +261,29 @@ def build(profile: Path, out_dir: Path, no_cache: bool, use_lock: bool, update_l
         loaded = _load(profile)
     p = loaded.profile
     with step("keys and configuration"):
-        tree = render(p, _keys(secrets_dir, loaded))
+        keys = _keys(secrets_dir, loaded)
     if render_only:
+        tree = render(p, keys)
         dest = out_dir / f"{p.name}.config"
         tree.write(dest)
         out.print(f"configuration for {p.name} in {dest} ({len(list(tree))} entries, digest {tree.digest()[:12]})")
         return
     opts = BuildOptions(out_dir=out_dir, cache=Cache(cache_dir), no_cache=no_cache,
                         lock_path=profile.with_suffix(".lock") if use_lock or update_lock else None,
-                        update_lock=update_lock, verify=not no_verify, keep_tree=keep_tree)
-    log = BuildLog(out_dir / f"{p.name}.build.log")
-    if log.path and log.path.exists():
-        log.path.unlink()
-    info = {"path": str(profile), "digest": loaded.digest, "files": [str(f) for f in loaded.files]}
+                        update_lock=update_lock, check_tree=None if no_verify else verify_tree, keep_tree=keep_tree)
     try:
-        result = build_image(image_spec(p), tree, info, opts, step, log)
+        result = build_loaded(p, keys, profile_info(loaded), opts, step)
     except ImageError as e:
-        die(f"build of {p.name} failed: {e}")
+        raise ImageError(f"build of {p.name} failed: {e}") from None
     if result.kept_tree:
         err.print(f"kept root tree: {result.kept_tree} (it holds the private key: delete it when done)")
-    m = result.manifest
-    img = m["outputs"][f"{p.name}.img"]
-    zst = m["outputs"][f"{p.name}.img.zst"]
     if as_json:
-        echo_json(m)
+        echo_json(result.manifest.to_json())
         return
-    out.print(f"[green]built[/] {result.image}: {img['size'] / 2**20:.0f} MiB raw, "
-              f"{img['allocated'] / 2**20:.0f} MiB allocated, {zst['size'] / 2**20:.1f} MiB zstd, "
-              f"sha256 {img['sha256'][:16]}… in {result.timings['total']:.1f} s")
+    img, zst = result.output(".img"), result.output(".img.zst")
+    out.print(f"[green]built[/] {result.image}: {img.size / 2**20:.0f} MiB raw, "
+              f"{(img.allocated or 0) / 2**20:.0f} MiB allocated, {zst.size / 2**20:.1f} MiB zstd, "
+              f"sha256 {img.sha256[:16]}… in {result.timings['total']:.1f} s")
     if boot_verify:
         ctx = click.get_current_context()
         ctx.invoke(test_cmd, profile=profile, keep=False, as_json=False, cache_dir=cache_dir)
@@ -355,17 +350,17 @@ def test_cmd(profile: Path, keep: bool, as_json: bool, cache_dir: Path | None) -
 
     The lab variant carries the lab's keys for the declared peers and the lab's SSH key; everything
     else is the image `appliance build` makes. Needs root."""
-    from .image import Cache, ImageError
+    from .image import Cache
     from .verify.boot import BootTest
-    from .verify.vm import VMError
 
     loaded = _load(profile)
     test = BootTest(loaded.profile, Cache(cache_dir), step, keep=keep)
     try:
         report = test.run()
-    except (ImageError, VMError, AssertionError, subprocess.SubprocessError, OSError) as e:
+    except (ApplianceError, subprocess.SubprocessError, OSError) as e:
         tail = "\n".join(str(e).splitlines()[-60:])
-        die(f"{loaded.profile.name}: the lab did not come up: {tail}" + (f" (kept in {test.workdir})" if keep else ""))
+        raise LabError(f"{loaded.profile.name}: the lab did not come up: {tail}"
+                       + (f" (kept in {test.workdir})" if keep else "")) from None
     if as_json:
         echo_json({"name": report.name, "ok": report.ok, "passed": report.passed, "failed": report.failed,
                    "failures": report.failures, "timings": report.timings, "accel": report.accel,
@@ -402,7 +397,7 @@ def run_cmd(profile: Path, out_dir: Path, persist: bool) -> None:
     name = _load(profile).profile.name
     image = out_dir / f"{name}.img"
     if not image.exists():
-        die(f"{image} does not exist: run `appliance build {profile}` first")
+        raise ApplianceError(f"{image} does not exist: run `appliance build {profile}` first")
     raise SystemExit(run_interactive(image.resolve(), persist))
 
 
@@ -424,29 +419,32 @@ def flash_cmd(image: Path, device: Path, yes: bool, force: bool, allow_loop: boo
 
     bmap = image.with_name(image.name + ".bmap")
     bmap_or_none = bmap if bmap.exists() else None
-    try:
-        target = flash.inspect_target(device)
-        if not verify_only:
-            reasons = flash.refusals(target, image.stat().st_size, force, allow_loop)
-            if reasons:
-                die(f"refusing to write to {target.path}: " + "; ".join(reasons))
-            out.print(target.describe())
-            if not yes:
-                try:
-                    answer = click.confirm(f"Erase {target.path} and write {image.name}?", default=False, err=True)
-                except click.Abort:
-                    answer = False
-                if not answer:
-                    die("nothing written (--yes skips the question)")
-            if bmap_or_none is None:
-                err.print("[yellow]warning:[/] no .bmap beside the image: every block is written")
-            with step(f"write {image.name} to {target.path}" + (" (bmaptool)" if bmap_or_none else "")):
-                flash.write(image, target.path, bmap_or_none, lambda m: err.print(m))
-        with step(f"read back and verify {target.path}"):
-            n = flash.verify(image, target.path, bmap_or_none)
-    except flash.FlashError as e:
-        die(str(e))
+    target = flash.inspect_target(device)
+    if not verify_only:
+        _flash_write(image, target, bmap_or_none, yes, force, allow_loop)
+    with step(f"read back and verify {target.path}"):
+        n = flash.verify(image, target.path, bmap_or_none)
     out.print(f"[green]verified[/] {n / 2**20:.0f} MiB on {target.path} match {image.name}")
+
+
+def _flash_write(image: Path, target: Any, bmap: Path | None, yes: bool, force: bool, allow_loop: bool) -> None:
+    from . import flash
+
+    reasons = flash.refusals(target, image.stat().st_size, force, allow_loop)
+    if reasons:
+        raise flash.FlashError(f"refusing to write to {target.path}: " + "; ".join(reasons))
+    out.print(target.describe())
+    if not yes:
+        try:
+            answer = click.confirm(f"Erase {target.path} and write {image.name}?", default=False, err=True)
+        except click.Abort:
+            answer = False
+        if not answer:
+            raise flash.FlashError("nothing written (--yes skips the question)")
+    if bmap is None:
+        err.print("[yellow]warning:[/] no .bmap beside the image: every block is written")
+    with step(f"write {image.name} to {target.path}" + (" (bmaptool)" if bmap else "")):
+        flash.write(image, target.path, bmap, lambda m: err.print(m))
 
 
 @cli.group("fleet")
@@ -486,10 +484,7 @@ def fleet_diff(rev1: str, rev2: str, directory: str, repo: Path, stat_only: bool
     are never read: placeholders stand in) and which images would be rebuilt."""
     from . import fleet
 
-    try:
-        results = fleet.diff(repo, rev1, rev2, directory)
-    except ProfileError as e:
-        die(str(e))
+    results = fleet.diff(repo, rev1, rev2, directory)
     table = Table(title=f"fleet diff {rev1}..{rev2}")
     for col in ("device", "change", "image"):
         table.add_column(col)
@@ -512,8 +507,8 @@ def fleet_build(directory: Path, out_dir: Path, cache_dir: Path | None, secrets_
     """Build every device profile under DIRECTORY (sharing cached root trees); a failure in one does
     not stop the others. Exit status 1 if any failed."""
     from . import fleet
-    from .image import BuildLog, BuildOptions, Cache, ImageError, build_image
-    from .render import image_spec
+    from .image import BuildOptions, Cache, ImageError, build_profile
+    from .verify import verify_tree
 
     table = Table(title=f"fleet build {directory}")
     for col in ("device", "roles", "mode", "image", "sha256", "time", "result"):
@@ -522,20 +517,12 @@ def fleet_build(directory: Path, out_dir: Path, cache_dir: Path | None, secrets_
     for path in fleet.devices(directory)[0]:
         t0 = time.monotonic()
         try:
-            lp = load_profile(path, fleet.fleet_root(directory))
-            p = lp.profile
-            keys = appliance_keys(_store(secrets_dir, lp.path), p)
-            issues = key_issues(lp, keys)
-            if issues:
-                raise ProfileError(issues)
-            tree = render(p, keys)
-            res = build_image(image_spec(p), tree, {"path": str(path), "digest": lp.digest,
-                                                     "files": [str(f) for f in lp.files]},
-                              BuildOptions(out_dir=out_dir, cache=Cache(cache_dir)), step,
-                              BuildLog(out_dir / f"{p.name}.build.log"))
-            img = res.manifest["outputs"][f"{p.name}.img.zst"]
-            table.add_row(p.name, ", ".join(p.roles), p.dataplane.mode, f"{img['size'] / 2**20:.1f} MiB zstd",
-                          res.manifest["outputs"][f"{p.name}.img"]["sha256"][:12],
+            res = build_profile(path, BuildOptions(out_dir=out_dir, cache=Cache(cache_dir), check_tree=verify_tree),
+                                step, secrets=secrets_dir, root=fleet.fleet_root(directory))
+            assert res.profile is not None
+            p = res.profile
+            table.add_row(p.name, ", ".join(p.roles), p.dataplane.mode,
+                          f"{res.output('.img.zst').size / 2**20:.1f} MiB zstd", res.output(".img").sha256[:12],
                           f"{time.monotonic() - t0:.0f} s", "[green]built[/]")
         except (ProfileError, ImageError, SecretStoreError) as e:
             failed += 1
@@ -563,24 +550,21 @@ def secrets_encrypt(target: str, recipient_list: tuple[str, ...], recipients_fil
 
     The .age files can be committed; builds decrypt them in memory with --age-identity or
     $APPLIANCE_AGE_IDENTITY. Keys are created first if the appliance has none yet."""
-    from .secrets.crypt import AgeError, encrypt_file, recipients
+    from .secrets.crypt import encrypt_file, recipients
 
     texts = list(recipient_list) + ([ln for ln in recipients_file.read().splitlines() if ln.strip()
                                      and not ln.startswith("#")] if recipients_file else [])
     if not texts:
-        die("give at least one --recipient age1... (or --recipients-file)")
+        raise ApplianceError("give at least one --recipient age1... (or --recipients-file)")
     found, store = _target(target, secrets_dir)
-    try:
-        to = recipients(texts)
-        if isinstance(found, LoadedProfile):
-            name = found.profile.name
-            appliance_keys(store, found.profile)
-        else:
-            name = found
-            store.appliance_keys(name, [])
-        written = [encrypt_file(f, to) for f in store.key_files(name)]
-    except (AgeError, SecretStoreError) as e:
-        die(str(e))
+    to = recipients(texts)
+    if isinstance(found, LoadedProfile):
+        name = found.profile.name
+        appliance_keys(store, found.profile)
+    else:
+        name = found
+        store.appliance_keys(name, [])
+    written = [encrypt_file(f, to) for f in store.key_files(name)]
     if remove_plaintext:
         for f in store.key_files(name):
             f.unlink()
@@ -616,8 +600,6 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         cli(standalone_mode=True)
-    except ApplianceError as e:
-        die(str(e), e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)

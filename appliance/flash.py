@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from xml.etree import ElementTree
 
-from .ui import ApplianceError
+from .runner import CommandFailed, run, spawn
 
 CHUNK = 4 * 1024 * 1024
 
 
-class FlashError(ApplianceError):
+class FlashError(CommandFailed):
     pass
 
 
@@ -58,8 +58,8 @@ def inspect_target(device: Path) -> Target:
         raise FlashError(f"{device}: {e.strerror}") from None
     if not stat.S_ISBLK(mode):
         raise FlashError(f"{device} is not a block device (give the whole disk, e.g. /dev/sdb)")
-    out = subprocess.run(["lsblk", "-J", "-b", "-o", "NAME,PATH,SIZE,RM,TRAN,MODEL,SERIAL,TYPE,MOUNTPOINTS", "--",
-                          str(device)], capture_output=True, text=True)
+    out = run(["lsblk", "-J", "-b", "-o", "NAME,PATH,SIZE,RM,TRAN,MODEL,SERIAL,TYPE,MOUNTPOINTS", "--", device],
+              check=False, error=FlashError)
     if out.returncode != 0:
         raise FlashError(f"lsblk {device}: {out.stderr.strip()}")
     disk = json.loads(out.stdout)["blockdevices"][0]
@@ -81,7 +81,7 @@ def _walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
 def _system_devices() -> set[str]:
     """Devices behind / and active swap, as real paths."""
     found = set()
-    root = subprocess.run(["findmnt", "-n", "-o", "SOURCE", "/"], capture_output=True, text=True).stdout.strip()
+    root = run(["findmnt", "-n", "-o", "SOURCE", "/"], check=False, error=FlashError).stdout.strip()
     if root.startswith("/dev/"):
         found.add(os.path.realpath(root))
     for line in Path("/proc/swaps").read_text().splitlines()[1:]:
@@ -139,12 +139,10 @@ def in_use(device: str) -> bool:
 
 def write(image: Path, device: str, bmap: Path | None, log: Callable[[str], None]) -> None:
     if bmap is not None:
-        proc = subprocess.Popen(["bmaptool", "copy", "--bmap", str(bmap), str(image), device],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        assert proc.stderr is not None
+        proc = spawn(["bmaptool", "copy", "--bmap", bmap, image, device], output=subprocess.PIPE)
         tail: list[str] = []
-        for line in proc.stderr:  # bmaptool reports "NN% copied" as it goes
-            line = line.strip()
+        for raw in proc.stdout or ():  # bmaptool reports "NN% copied" as it goes
+            line = raw.decode(errors="replace").strip()
             tail = (tail + [line])[-5:]
             if "%" in line:
                 log(line.split("info: ", 1)[-1])

@@ -7,18 +7,20 @@ endpoints, and one public key per peer name (and one name per key)."""
 from __future__ import annotations
 
 import difflib
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ruamel.yaml import YAML
 
+from .errors import ApplianceError
+from .image import image_spec
 from .profile import Issue, LoadedProfile, ProfileError, load_profile
 from .profile.errors import display_file
 from .profile.loader import profile_root
 from .profile.yamlsource import read_bounded
-from .render import ConfigTree, image_spec, render
+from .render import ConfigTree, render
+from .runner import run
 from .secrets import ApplianceKeys
 
 # Placeholder keys for rendering without the secret store: identical for every render, so a diff shows
@@ -145,12 +147,10 @@ def _texts(tree: ConfigTree) -> dict[str, str]:
 
 def _checkout(repo: Path, rev: str, dest: Path) -> None:
     # --end-of-options: a revision is never read as an option (`--output=FILE` would write a file)
-    archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", "--end-of-options", rev],
-                             capture_output=True)
+    archive = run(["git", "-C", repo, "archive", "--format=tar", "--end-of-options", rev], check=False, text=False)
     if archive.returncode != 0:
-        raise ProfileError([Issue(rev, 0, 0, "", f"git cannot read revision {rev}: "
-                                  f"{archive.stderr.decode().strip()}")])
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+        raise ApplianceError(f"git cannot read revision {rev[:60]}: {archive.stderr.decode().strip()}")
+    run(["tar", "-x", "-C", dest], input=archive.stdout, text=False)
 
 
 def _render_all(root: Path, checkout: Path) -> tuple[dict[str, tuple[ConfigTree, LoadedProfile]], dict[str, Path]]:

@@ -10,14 +10,12 @@ from typing import NoReturn
 import click
 from rich.console import Console
 
+from .errors import ApplianceError
+
+__all__ = ["ApplianceError", "die", "echo_json", "err", "out", "step"]
+
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
-
-
-class ApplianceError(Exception):
-    """A failure the user can act on: printed as one line, exit status 1, no traceback."""
-
-    exit_code = 1
 
 
 def die(message: str, code: int = 1) -> NoReturn:

@@ -11,10 +11,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from appliance.errors import ApplianceError  # noqa: E402
 from appliance.image import Cache  # noqa: E402
 from appliance.profile import load_profile  # noqa: E402
 from appliance.ui import step  # noqa: E402
@@ -28,15 +30,15 @@ def main() -> None:
     ap.add_argument("profiles", nargs="*", default=["profiles/exit-node.yaml", "profiles/subnet-router.yaml",
                                                          "profiles/userspace-exit-node.yaml"])
     args = ap.parse_args()
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     failed: list[str] = []
     for path in args.profiles:
         p = load_profile(REPO / path).profile
-        runs = []
+        runs: list[dict[str, Any]] = []
         for _ in range(args.runs):
             try:
                 report = BootTest(p, Cache(), step).run()
-            except AssertionError as e:  # a lab that did not come up is a result too: keep going
+            except ApplianceError as e:  # a lab that did not come up is a result too: keep going
                 print(f"{p.name}: the lab did not come up: {e}", file=sys.stderr)
                 failed.append(f"{p.name}: {str(e).splitlines()[0]}")
                 continue

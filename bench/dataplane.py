@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -71,7 +72,7 @@ def main() -> None:
     if old:
         configs.append((f"kernel mode, wireguard-go {OLD} (no offloads)", "kernel", old))
     configs.append(("userspace mode (appliance-netstack: wireguard-go + gVisor)", "userspace", "wireguard-go"))
-    results = []
+    results: list[dict[str, Any]] = []
     for label, mode, binary in configs:
         up, down = measure(mode, args.reps, args.seconds, binary)
         results.append({"config": label, "gbps_runs": [round(r, 3) for r in up],

@@ -109,9 +109,12 @@ CASES = [
 ]
 
 
-def test_table_is_big_enough() -> None:
-    assert len(CASES) >= 30
+def test_every_case_changes_the_valid_base() -> None:
+    """A case whose edit leaves the base as it was (a wrong line number) would test nothing."""
     assert len({c.id for c in CASES}) == len(CASES)
+    base = "\n".join(BASE) + "\n"
+    unchanged = [c.id for c in CASES if c.text() == base]
+    assert not unchanged, unchanged
 
 
 def test_base_profile_is_valid(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from appliance.cli import cli
 from appliance.secrets import generate_private_key, public_key
@@ -19,7 +19,7 @@ COMMANDS = ["validate", "render", "schema", "keys", "peer", "build", "test", "ru
             "secrets"]
 
 
-def run(*args: str, secrets: Path | None = None) -> object:
+def run(*args: str, secrets: Path | None = None) -> Result:
     extra = ["--secrets", str(secrets)] if secrets and args[0] in ("render", "keys", "peer", "build") else []
     return CliRunner().invoke(cli, [*args, *extra])
 
@@ -72,7 +72,7 @@ def test_keys_prints_public_key_only(tmp_path: Path) -> None:
     assert again.exit_code == 0 and doc["public_key"] in again.stdout
 
 
-def _peer(tmp_path: Path, profile: str, peer: str, *extra: str) -> object:
+def _peer(tmp_path: Path, profile: str, peer: str, *extra: str) -> Result:
     return run("peer", str(PROFILES / profile), peer, *extra, secrets=tmp_path)
 
 

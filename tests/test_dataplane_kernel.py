@@ -99,7 +99,7 @@ def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         t.reconcile()
         # the upstream server, with counters for what arrives from the appliance
         lab.run(up, ["nft", "-f", "-"], input=protocol_counters("u0", echo_from="198.18.20.1"))
-        lab.spawn(up, [sys.executable, PROBE, "serve", str(PORT), lab.dir / "arrivals.jsonl"], "probe-server")
+        lab.serve(up, str(PORT), lab.dir / "arrivals.jsonl", "probe-server")
         # the peer, from `appliance peer` output
         conf = subprocess.run([sys.executable, "-m", "appliance", "peer", str(profile), "client", "--endpoint",
                                "198.18.10.1:51820", "--private-key-file", str(work / "client.key"),
@@ -130,17 +130,19 @@ def test_other_protocols_pass_in_kernel_mode(topo: Topology) -> None:
     before = topo.lab.run(topo.up, ["nft", "-j", "list", "table", "inet", "count"]).stdout
     for proto in ("132", "47"):
         topo.lab.run(topo.peer, [sys.executable, PROBE, "raw", "198.18.20.2", proto, "5"])
-    time.sleep(0.5)
-    after = topo.lab.run(topo.up, ["nft", "-j", "list", "table", "inet", "count"]).stdout
-    assert _counter(after, "sctp") - _counter(before, "sctp") >= 5
-    assert _counter(after, "gre") - _counter(before, "gre") >= 5
+
+    def arrived(proto: str) -> int:
+        after = topo.lab.run(topo.up, ["nft", "-j", "list", "table", "inet", "count"]).stdout
+        return _counter(after, proto) - _counter(before, proto)
+
+    wait_for(lambda: arrived("sctp") >= 5 and arrived("gre") >= 5, 5, 0.1)
 
 
 def _counter(nft_json: str, proto: str) -> int:
     for item in json.loads(nft_json)["nftables"]:
         rule = item.get("rule")
         if rule and any(proto in json.dumps(e) for e in rule["expr"] if "match" in e):
-            return next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
+            return int(next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e))
     raise AssertionError(f"no {proto} counter")
 
 
@@ -236,7 +238,7 @@ def test_watcher_brings_nothing_up_before_the_firewall(topo: Topology) -> None:
 
     try:
         wait_for(lambda: "waiting for the firewall (table inet appliance)" in lab.log("watcher-early"), 15)
-        time.sleep(1)
+        time.sleep(1)  # a window in which it must configure nothing
         assert state() == ("0", "(none)") and watcher.poll() is None
         lab.run(ns, ["nft", "-f", topo.root / "etc/nftables.conf"])
         wait_for(lambda: "watching links" in lab.log("watcher-early"), 15)

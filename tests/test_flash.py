@@ -40,7 +40,9 @@ def image(tmp_path: Path) -> Path:
 
 class Loops:
     def __init__(self, tmp: Path):
-        self.tmp, self.devices, self.mounts = tmp, [], []
+        self.tmp = tmp
+        self.devices: list[str] = []
+        self.mounts: list[str] = []
 
     def make(self, size: int) -> str:
         backing = self.tmp / f"disk{len(self.devices)}.raw"

@@ -120,7 +120,7 @@ def _render(path: Path) -> ConfigTree:
 def _hostile(value: str) -> st.SearchStrategy[str]:
     fragment = st.sampled_from(HOSTILE)
     return st.one_of(
-        st.text(st.characters(blacklist_categories=("Cs",)), max_size=40),
+        st.text(st.characters(blacklist_categories=["Cs"]), max_size=40),
         st.text(st.sampled_from("".join(HOSTILE[:30]) + "abc09.-:/"), min_size=1, max_size=20),
         st.builds(lambda f: value + f, fragment),
         st.builds(lambda f: f + value, fragment),
@@ -158,10 +158,10 @@ def test_hostile_strings_are_refused_or_rendered_harmlessly(data: st.DataObject,
         return
     mode = "userspace" if path == ("dataplane", "socks5") else "kernel"
     assert _shape(tree) == baselines[mode], f"{path} = {value!r} changed the rendered files' shape"
-    for e in tree:
-        if e.kind == "file" and not e.path.startswith("usr/"):
-            text = e.data.decode()
-            assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f\u0085\u2028\u2029]", text), (e.path, value)
+    for entry in tree:
+        if entry.kind == "file" and not entry.path.startswith("usr/"):
+            text = entry.data.decode()
+            assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f\u0085\u2028\u2029]", text), (entry.path, value)
 
 
 # Values that pass validation and sit at the edges of the grammars they land in: the real parsers

@@ -305,9 +305,10 @@ def test_lock_rebuilds_the_same_image_from_a_fresh_root_tree(exit_node: dict[str
 
 
 def test_tree_verification_catches_a_broken_tree(exit_node: dict[str, Any], tmp_path: Path) -> None:
+    from appliance.image import image_spec
     from appliance.image.builder import tree_expectations
     from appliance.profile import load_profile
-    from appliance.render import image_spec, render
+    from appliance.render import render
     from appliance.secrets import SecretStore
     from appliance.verify import verify_tree
 
@@ -336,9 +337,9 @@ def test_image_tools_accept_edge_values(exit_node: dict[str, Any], tmp_path: Pat
     test's edge values render (test_hostile_strings.EDGE_VALUES)."""
     from test_hostile_strings import edge_trees
 
+    from appliance.image import image_spec
     from appliance.image.rootfs import newest_base
     from appliance.profile import load_profile
-    from appliance.render import image_spec
 
     base = newest_base(Cache(CACHE), image_spec(load_profile(PROFILES / "exit-node.yaml").profile))
     assert base is not None and base.entry.key == exit_node["manifest"]["base_key"]

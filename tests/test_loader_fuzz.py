@@ -77,7 +77,7 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 
 @FUZZ
-@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=300))
+@given(st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=300))
 def test_random_text(workdir: Path, text: str) -> None:
     _check(workdir, text)
 

@@ -78,6 +78,43 @@ def _answers(sock: Path) -> bool:
     return True
 
 
+def _wait_for_socket(sock: Path, proc: subprocess.Popen[bytes], binary: Path, stopped: Callable[[], bool]
+                     ) -> int | None:
+    """None once the UAPI socket answers (not only exists: a socket left by a killed predecessor
+    refuses connections), else the exit status to end with."""
+    t0 = time.monotonic()
+    while not _answers(sock):
+        if proc.poll() is not None or stopped():
+            return 0 if stopped() else 1
+        if time.monotonic() - t0 > START_TIMEOUT:
+            print(f"error: {binary} opened no UAPI socket {sock} within {START_TIMEOUT:.0f} s", file=sys.stderr,
+                  flush=True)
+            return 1
+        time.sleep(0.02)
+    return None
+
+
+def _keep_converged(load: Callable[[], DataplaneConfig], sock: Path, endpoints: dict[bytes, str], state: Path | None,
+                    interval: float, done: Callable[[], bool]) -> None:
+    """A full pass every `interval` (DNS names of peers' endpoints resolve once the network is up, a
+    changed file applies), peers' endpoints read back in between to be remembered."""
+    next_pass = time.monotonic() + interval
+    next_look = time.monotonic() + ENDPOINT_POLL
+    while not done():
+        time.sleep(0.2)
+        now = time.monotonic()
+        try:
+            if now >= next_pass:
+                next_pass = now + interval
+                for line in converge(load(), sock, endpoints):
+                    print(line, flush=True)
+            elif now >= next_look:
+                next_look = now + ENDPOINT_POLL
+                _remember_endpoints(sock, endpoints, state)
+        except (ConfigError, uapi.UapiError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+
+
 def run(load: Callable[[], DataplaneConfig], config_path: Path, *, binary: Path = NETSTACK,
         uapi_dir: Path = uapi.SOCKET_DIR, interval: float = 30.0,
         notify: Callable[[str], None] = lambda state: None) -> int:
@@ -96,16 +133,9 @@ def run(load: Callable[[], DataplaneConfig], config_path: Path, *, binary: Path 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     try:
-        t0 = time.monotonic()
-        # answering, not only there: a socket left by a killed predecessor refuses connections
-        while not _answers(sock):
-            if proc.poll() is not None or stop:
-                return 1 if not stop else 0
-            if time.monotonic() - t0 > START_TIMEOUT:
-                print(f"error: {binary} opened no UAPI socket {sock} within {START_TIMEOUT:.0f} s", file=sys.stderr,
-                      flush=True)
-                return 1
-            time.sleep(0.02)
+        started = _wait_for_socket(sock, proc, binary, lambda: stop)
+        if started is not None:
+            return started
         endpoints = _load_endpoints(state)
         try:
             for line in converge(cfg, sock, endpoints):
@@ -115,22 +145,7 @@ def run(load: Callable[[], DataplaneConfig], config_path: Path, *, binary: Path 
             return 1
         print(f"userspace dataplane up: {binary.name} pid {proc.pid}", flush=True)
         notify("READY=1")
-        next_pass = time.monotonic() + interval
-        next_look = time.monotonic() + ENDPOINT_POLL
-        while not stop and proc.poll() is None:
-            time.sleep(0.2)
-            now = time.monotonic()
-            try:
-                if now >= next_pass:
-                    next_pass = now + interval
-                    # DNS names of peers' endpoints resolve once the network is up; a changed file applies
-                    for line in converge(load(), sock, endpoints):
-                        print(line, flush=True)
-                elif now >= next_look:
-                    next_look = now + ENDPOINT_POLL
-                    _remember_endpoints(sock, endpoints, state)
-            except (ConfigError, uapi.UapiError, OSError) as e:
-                print(f"error: {e}", file=sys.stderr, flush=True)
+        _keep_converged(load, sock, endpoints, state, interval, lambda: stop or proc.poll() is not None)
         if not stop:
             print(f"error: {binary.name} exited with status {proc.returncode}", file=sys.stderr, flush=True)
         return 0 if stop else 1

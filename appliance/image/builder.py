@@ -1,8 +1,9 @@
 """`appliance build`: tools tree -> base tree -> staged tree -> verified -> GPT image and its outputs.
 
-Outputs are written under hidden temporary names in the output directory and renamed at the very
-end, the image last: a failed or killed build leaves no NAME.img (and the next build sweeps up
-what a killed one left behind)."""
+The build is a list of steps over one BuildContext, as mkosi's build_image(context): each step says
+whether it applies and reads what earlier steps left in the context. Outputs are written under hidden
+temporary names in the output directory and renamed at the very end, the image last: a failed or
+killed build leaves no NAME.img (and the next build sweeps up what a killed one left behind)."""
 
 from __future__ import annotations
 
@@ -12,21 +13,31 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from .. import __version__
-from ..render.spec import ImageSpec
+from ..profile import Profile
 from ..render.tree import ConfigTree
-from ..verify import verify_tree
-from .assemble import ESP_SIZE, DiskIds, build_esp, build_root_fs, build_uki, kernel_cmdline, layout_for, write_disk
+from .assemble import (
+    ESP_SIZE,
+    DiskIds,
+    Layout,
+    build_esp,
+    build_root_fs,
+    build_uki,
+    kernel_cmdline,
+    layout_for,
+    write_disk,
+)
 from .cache import Cache, content_key
 from .debian import Archive
 from .lock import Lock
+from .manifest import BuildManifest, OutputFile, ProfileInfo
 from .netstack import IMAGE_PATH as NETSTACK_PATH
 from .netstack import build_netstack
 from .outputs import allocated, bmap, compress, sha256, write_manifest
 from .rootfs import BaseTree, build_base, newest_base
 from .run import BuildLog, ImageError, require_root
+from .spec import ImageSpec
 from .stage import remove_tree, stage_tree, tree_bytes
 from .tools import ToolsTree, build_tools, tools_key
 
@@ -36,6 +47,25 @@ DEFAULT_SOURCE_DATE_EPOCH = 1735689600  # 2025-01-01: used when neither lock nor
 Step = Callable[[str], AbstractContextManager[None]]
 
 
+class TreeCheckResult(Protocol):
+    """What a tree check reports (verify.TreeVerification is one)."""
+
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def failed(self) -> int: ...
+    @property
+    def failures(self) -> list[str]: ...
+    @property
+    def output(self) -> str: ...
+
+
+# The checks of a staged root tree: (tree, expectations, work directory) -> result. The image stage
+# runs them but does not know them: the caller passes them in (verify.verify_tree), so that image
+# never imports verify, which builds images for its labs.
+TreeCheck = Callable[[Path, dict[str, Any], Path], TreeCheckResult]
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     out_dir: Path = Path("images")
@@ -43,7 +73,7 @@ class BuildOptions:
     no_cache: bool = False
     lock_path: Path | None = None  # with --lock: read it if it exists, else write it
     update_lock: bool = False
-    verify: bool = True
+    check_tree: TreeCheck | None = None  # None: the tree is not checked (--no-verify)
     keep_tree: bool = False
     source_date_epoch: int | None = None
 
@@ -51,14 +81,244 @@ class BuildOptions:
 @dataclass
 class BuildResult:
     image: Path
-    manifest: dict[str, Any]
+    manifest: BuildManifest
     timings: dict[str, float]
     kept_tree: Path | None = None
+    profile: Profile | None = None  # what was built (build_loaded fills it in)
+
+    def output(self, suffix: str) -> OutputFile:
+        """The output NAME+suffix (".img", ".img.zst", ".img.bmap")."""
+        return self.manifest.outputs[f"{self.manifest.name}{suffix}"]
 
 
 def output_paths(out_dir: Path, name: str) -> dict[str, Path]:
     return {"img": out_dir / f"{name}.img", "zst": out_dir / f"{name}.img.zst",
             "bmap": out_dir / f"{name}.img.bmap", "manifest": out_dir / f"{name}.manifest.json"}
+
+
+@dataclass
+class BuildContext:
+    """One build: its inputs, then what each step makes."""
+
+    spec: ImageSpec
+    config: ConfigTree
+    profile: ProfileInfo
+    opts: BuildOptions
+    step: Step
+    log: BuildLog
+    out_dir: Path
+    archive: Archive
+    lock: Lock | None
+    sde: int
+    work: Path
+    paths: dict[str, Path]
+    tmp: dict[str, Path]
+    t_start: float = field(default_factory=time.time)
+    timings: dict[str, float] = field(default_factory=dict)
+    tools: ToolsTree | None = None
+    base: BaseTree | None = None
+    tree: Path | None = None
+    ids: DiskIds | None = None
+    cmdline: str = ""
+    esp: Path | None = None
+    layout: Layout | None = None
+    outputs: dict[str, OutputFile] = field(default_factory=dict)
+    manifest: BuildManifest | None = None
+
+    def need(self, value: Any, what: str) -> Any:
+        """What an earlier step made (a step list in the wrong order fails here, by name)."""
+        if value is None:
+            raise ImageError(f"internal: the build step for {what} has not run")
+        return value
+
+
+@dataclass(frozen=True)
+class BuildStep:
+    title: str
+    key: str  # its timing's name in the manifest
+    run: Callable[[BuildContext], None]
+    applies: Callable[[BuildContext], bool] = lambda ctx: True
+
+
+def build_image(spec: ImageSpec, config: ConfigTree, profile: ProfileInfo, opts: BuildOptions,
+                step: Step, log: BuildLog) -> BuildResult:
+    require_root("building an image")
+    try:
+        return _build(spec, config, profile, opts, step, log)
+    except OSError as e:  # a full disk, a vanished directory: say which file, not a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        raise ImageError(f"{e.strerror or e}{where}") from None
+
+
+def _context(spec: ImageSpec, config: ConfigTree, profile: ProfileInfo, opts: BuildOptions, step: Step,
+             log: BuildLog) -> BuildContext:
+    out_dir = opts.out_dir.resolve()  # tools run chrooted: paths must be absolute
+    lock = None
+    if opts.lock_path and opts.lock_path.exists() and not opts.update_lock:
+        lock = Lock.read(opts.lock_path)
+    sde = lock.source_date_epoch if lock else (
+        opts.source_date_epoch or int(os.environ.get("SOURCE_DATE_EPOCH") or DEFAULT_SOURCE_DATE_EPOCH))
+    paths = output_paths(out_dir, spec.name)
+    return BuildContext(
+        spec=spec, config=config, profile=profile, opts=opts, step=step, log=log, out_dir=out_dir,
+        archive=Archive.from_env(), lock=lock, sde=sde,
+        work=opts.cache.root.resolve() / "work" / f"{spec.name}-{os.getpid()}", paths=paths,
+        tmp={k: p.with_name(f".{p.name}.tmp-{os.getpid()}") for k, p in paths.items()})
+
+
+def _build(spec: ImageSpec, config: ConfigTree, profile: ProfileInfo, opts: BuildOptions, step: Step,
+           log: BuildLog) -> BuildResult:
+    ctx = _context(spec, config, profile, opts, step, log)
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    opts.cache.root.mkdir(parents=True, exist_ok=True)
+    os.chmod(opts.cache.root, 0o700)  # staged trees inside hold private keys while a build runs
+    sweep_leftovers(ctx.out_dir, opts.cache, spec.name)
+    try:
+        for s in STEPS:
+            if s.applies(ctx):
+                with _timed(ctx, s):
+                    s.run(ctx)
+    finally:
+        for p in ctx.tmp.values():
+            p.unlink(missing_ok=True)
+        if not opts.keep_tree:
+            remove_tree(ctx.work)
+    ctx.timings["total"] = round(time.time() - ctx.t_start, 2)
+    return BuildResult(ctx.paths["img"], ctx.need(ctx.manifest, "the manifest"), ctx.timings,
+                       ctx.tree if opts.keep_tree else None)
+
+
+@contextmanager
+def _timed(ctx: BuildContext, s: BuildStep) -> Iterator[None]:
+    t0 = time.monotonic()
+    if s.title:
+        with ctx.step(s.title):
+            yield
+    else:
+        yield
+    if s.title:
+        ctx.timings[s.key] = round(time.monotonic() - t0, 2)
+
+
+# --- the steps, in order ---------------------------------------------------------------------------
+
+
+def _tools(ctx: BuildContext) -> None:
+    ctx.tools = build_tools(ctx.opts.cache, ctx.archive, ctx.log, rebuild=ctx.opts.no_cache)
+
+
+def _base(ctx: BuildContext) -> None:
+    opts = ctx.opts
+    snapshot = None if ctx.lock else ctx.archive.snapshot()
+    if snapshot is None and ctx.lock is None:
+        cached = newest_base(opts.cache, ctx.spec)
+        if cached is not None and not opts.no_cache:
+            ctx.log.write("archive unreachable: reusing the newest cached base tree\n")
+            ctx.base = cached
+            return
+        raise ImageError("cannot reach the Debian archive to build the root tree (and nothing is cached)")
+    ctx.base = build_base(opts.cache, ctx.need(ctx.tools, "the tools tree"), ctx.archive, ctx.spec, ctx.log,
+                          snapshot=snapshot, lock=ctx.lock, sde=ctx.sde, rebuild=opts.no_cache)
+
+
+def _netstack(ctx: BuildContext) -> None:
+    binary = build_netstack(ctx.opts.cache, ctx.archive, ctx.log)
+    ctx.config.file(NETSTACK_PATH, binary.read_bytes(), mode=0o755)
+
+
+def _stage(ctx: BuildContext) -> None:
+    ctx.work.mkdir(parents=True, exist_ok=True)
+    ctx.tree = stage_tree(ctx.need(ctx.base, "the base tree"), ctx.config, ctx.work / "tree", ctx.sde, ctx.log)
+
+
+def tree_expectations(config: ConfigTree, spec: ImageSpec) -> dict[str, Any]:
+    """What the tree checks (verify/tree_suite.py) expect of a staged root tree."""
+    return {
+        "config": config.manifest(),
+        "enabled_units": [*spec.enable_units, *spec.appliance_units],
+        "packages": list(spec.packages),
+        "secret_paths": [e.path for e in config if e.secret],
+    }
+
+
+def _check_tree(ctx: BuildContext) -> None:
+    check = ctx.need(ctx.opts.check_tree, "the tree checks")
+    result = check(ctx.need(ctx.tree, "the staged tree"), tree_expectations(ctx.config, ctx.spec), ctx.work / "verify")
+    ctx.log.write(result.output)
+    if not result.ok:
+        shown = ", ".join(result.failures[:8]) or result.output.strip().splitlines()[-1]
+        raise ImageError(f"the root tree failed {result.failed} check(s): {shown} (full log: {ctx.log.path})")
+
+
+def _esp(ctx: BuildContext) -> None:
+    """The ESP depends only on the base (kernel, initramfs) and the command line: cached on both."""
+    base, tools = ctx.need(ctx.base, "the base tree"), ctx.need(ctx.tools, "the tools tree")
+    ctx.ids = DiskIds.for_name(ctx.spec.name)
+    ctx.cmdline = cmdline = kernel_cmdline(ctx.ids, vm=ctx.spec.vm)
+    ids, sde, log = ctx.ids, ctx.sde, ctx.log
+
+    def make(tmp: Path) -> dict[str, object]:
+        build_uki(tools, base.kernel, base.initrd, base.tree / "usr/lib/os-release", cmdline, tmp / "BOOTX64.EFI",
+                  sde, log)
+        build_esp(tools, tmp / "BOOTX64.EFI", tmp / "esp.img", ids, ESP_SIZE, sde, log)
+        (tmp / "BOOTX64.EFI").unlink()
+        return {"cmdline": cmdline, "base": base.entry.key}
+
+    key = content_key({"base": base.entry.key, "cmdline": cmdline, "serial": ids.esp_serial, "sde": sde,
+                       "recipe": ESP_RECIPE})
+    ctx.esp = ctx.opts.cache.get_or_build("esp", key, make).path / "esp.img"
+
+
+def _root_fs(ctx: BuildContext) -> None:
+    tree = ctx.need(ctx.tree, "the staged tree")
+    ctx.layout = layout_for(tree_bytes(tree))
+    build_root_fs(ctx.need(ctx.tools, "the tools tree"), tree, ctx.work / "root.img", ctx.need(ctx.ids, "disk ids"),
+                  ctx.layout.root_size, ctx.sde, ctx.log)
+
+
+def _disk(ctx: BuildContext) -> None:
+    write_disk(ctx.need(ctx.tools, "the tools tree"), ctx.tmp["img"], ctx.need(ctx.esp, "the ESP"),
+               ctx.work / "root.img", ctx.need(ctx.layout, "the layout"), ctx.need(ctx.ids, "disk ids"), ctx.log)
+    if not ctx.opts.keep_tree:
+        remove_tree(ctx.need(ctx.tree, "the staged tree"))
+
+
+def _outputs(ctx: BuildContext) -> None:
+    compress(ctx.tmp["img"], ctx.tmp["zst"], ctx.log)
+    bmap(ctx.tmp["img"], ctx.tmp["bmap"], ctx.log)
+    for k in ("img", "zst", "bmap"):
+        ctx.outputs[ctx.paths[k].name] = OutputFile(sha256(ctx.tmp[k]), ctx.tmp[k].stat().st_size)
+    img = ctx.paths["img"].name
+    ctx.outputs[img] = OutputFile(ctx.outputs[img].sha256, ctx.outputs[img].size, allocated(ctx.tmp["img"]))
+
+
+def _finish(ctx: BuildContext) -> None:
+    """The manifest, then every output renamed into place, the image last; the lock written."""
+    base, layout = ctx.need(ctx.base, "the base tree"), ctx.need(ctx.layout, "the layout")
+    ctx.manifest = BuildManifest.of_build(
+        spec=ctx.spec, config_digest=ctx.config.digest(), profile=ctx.profile, base=base,
+        tools_key=tools_key(ctx.archive), suite=ctx.archive.suite, sde=ctx.sde, cmdline=ctx.cmdline,
+        outputs=ctx.outputs, disk_size=layout.disk_size, t_start=ctx.t_start, stages=ctx.timings)
+    write_manifest(ctx.tmp["manifest"], ctx.manifest.to_json())
+    for k in ("manifest", "bmap", "zst", "img"):
+        os.replace(ctx.tmp[k], ctx.paths[k])
+    if ctx.opts.lock_path and (ctx.lock is None or ctx.opts.update_lock):
+        Lock(ctx.archive.suite, ctx.sde, base.packages).write(ctx.opts.lock_path)
+
+
+STEPS = [
+    BuildStep("tools tree", "tools", _tools),
+    BuildStep("root tree (Debian trixie, mmdebstrap)", "base", _base),
+    BuildStep("userspace dataplane (go build)", "netstack", _netstack, lambda ctx: ctx.spec.netstack),
+    BuildStep("configuration onto the root tree", "stage", _stage),
+    BuildStep("verify root tree (testinfra, chroot)", "verify_tree", _check_tree,
+              lambda ctx: ctx.opts.check_tree is not None),
+    BuildStep("ESP with unified kernel image", "esp", _esp),
+    BuildStep("root file system (mkfs.ext4 -d)", "root_fs", _root_fs),
+    BuildStep("GPT disk image", "disk", _disk),
+    BuildStep("zstd, bmap, checksums", "outputs", _outputs),
+    BuildStep("", "", _finish),
+]
 
 
 def sweep_leftovers(out_dir: Path, cache: Cache, name: str) -> None:
@@ -83,171 +343,3 @@ def _alive(pid: str) -> bool:
     except PermissionError:
         return True
     return int(pid) != 0
-
-
-def build_image(spec: ImageSpec, config: ConfigTree, profile_info: dict[str, Any], opts: BuildOptions,
-                step: Step, log: BuildLog) -> BuildResult:
-    require_root("building an image")
-    try:
-        return _build(spec, config, profile_info, opts, step, log)
-    except OSError as e:  # a full disk, a vanished directory: say which file, not a traceback
-        where = f" ({e.filename})" if e.filename else ""
-        raise ImageError(f"{e.strerror or e}{where}") from None
-
-
-def _build(spec: ImageSpec, config: ConfigTree, profile_info: dict[str, Any], opts: BuildOptions,
-           step: Step, log: BuildLog) -> BuildResult:
-    name = spec.name
-    t_start = time.time()
-    timings: dict[str, float] = {}
-
-
-    def timed_step(title: str, key: str) -> AbstractContextManager[None]:
-        return _timed(step, title, key, timings)
-
-    out_dir = opts.out_dir.resolve()  # tools run chrooted: paths must be absolute
-    out_dir.mkdir(parents=True, exist_ok=True)
-    opts.cache.root.mkdir(parents=True, exist_ok=True)
-    os.chmod(opts.cache.root, 0o700)  # staged trees inside hold private keys while a build runs
-    sweep_leftovers(out_dir, opts.cache, name)
-    archive = Archive.from_env()
-
-    lock = None
-    if opts.lock_path and opts.lock_path.exists() and not opts.update_lock:
-        lock = Lock.read(opts.lock_path)
-    sde = lock.source_date_epoch if lock else (
-        opts.source_date_epoch or int(os.environ.get("SOURCE_DATE_EPOCH") or DEFAULT_SOURCE_DATE_EPOCH))
-
-    with timed_step("tools tree", "tools"):
-        tools = build_tools(opts.cache, archive, log, rebuild=opts.no_cache)
-    with timed_step("root tree (Debian trixie, mmdebstrap)", "base"):
-        base = _base(opts, tools, archive, spec, lock, sde, log)
-    if spec.netstack:
-        with timed_step("userspace dataplane (go build)", "netstack"):
-            binary = build_netstack(opts.cache, archive, log)
-        config.file(NETSTACK_PATH, binary.read_bytes(), mode=0o755)
-
-    work = opts.cache.root.resolve() / "work" / f"{name}-{os.getpid()}"
-    paths = output_paths(out_dir, name)
-    tmp = {k: p.with_name(f".{p.name}.tmp-{os.getpid()}") for k, p in paths.items()}
-    try:
-        work.mkdir(parents=True, exist_ok=True)
-        with timed_step("configuration onto the root tree", "stage"):
-            tree = stage_tree(base, config, work / "tree", sde, log)
-        if opts.verify:
-            with timed_step("verify root tree (testinfra, chroot)", "verify_tree"):
-                _verify(tree, config, spec, work, log)
-        ids = DiskIds.for_name(name)
-        cmdline = kernel_cmdline(ids, vm=spec.vm)
-        with timed_step("ESP with unified kernel image", "esp"):
-            esp = _esp(opts.cache, tools, base, ids, cmdline, sde, log)
-        lay = layout_for(tree_bytes(tree))
-        with timed_step("root file system (mkfs.ext4 -d)", "root_fs"):
-            build_root_fs(tools, tree, work / "root.img", ids, lay.root_size, sde, log)
-        with timed_step("GPT disk image", "disk"):
-            write_disk(tools, tmp["img"], esp, work / "root.img", lay, ids, log)
-        if not opts.keep_tree:
-            remove_tree(tree)
-        with timed_step("zstd, bmap, checksums", "outputs"):
-            compress(tmp["img"], tmp["zst"], log)
-            bmap(tmp["img"], tmp["bmap"], log)
-            outputs = _outputs(tmp, paths)
-        manifest = _manifest(spec, config, profile_info, base, tools, archive, sde, cmdline, outputs,
-                             lay.disk_size, t_start, timings)
-        write_manifest(tmp["manifest"], manifest)
-        for k in ("manifest", "bmap", "zst", "img"):
-            os.replace(tmp[k], paths[k])
-        if opts.lock_path and (lock is None or opts.update_lock):
-            Lock(archive.suite, sde, base.packages).write(opts.lock_path)
-    finally:
-        for p in tmp.values():
-            p.unlink(missing_ok=True)
-        if not opts.keep_tree:
-            remove_tree(work)
-    timings["total"] = round(time.time() - t_start, 2)
-    return BuildResult(paths["img"], manifest, timings, tree if opts.keep_tree else None)
-
-
-@contextmanager
-def _timed(step: Step, title: str, key: str, timings: dict[str, float]) -> Iterator[None]:
-    t0 = time.monotonic()
-    with step(title):
-        yield
-    timings[key] = round(time.monotonic() - t0, 2)
-
-
-def _base(opts: BuildOptions, tools: ToolsTree, archive: Archive, spec: ImageSpec, lock: Lock | None, sde: int,
-          log: BuildLog) -> BaseTree:
-    snapshot = None if lock else archive.snapshot()
-    if snapshot is None and lock is None:
-        cached = newest_base(opts.cache, spec)
-        if cached is not None and not opts.no_cache:
-            log.write("archive unreachable: reusing the newest cached base tree\n")
-            return cached
-        raise ImageError("cannot reach the Debian archive to build the root tree (and nothing is cached)")
-    return build_base(opts.cache, tools, archive, spec, log, snapshot=snapshot, lock=lock, sde=sde,
-                      rebuild=opts.no_cache)
-
-
-def _esp(cache: Cache, tools: ToolsTree, base: BaseTree, ids: DiskIds, cmdline: str, sde: int,
-         log: BuildLog) -> Path:
-    """The ESP depends only on the base (kernel, initramfs) and the command line: cached on both."""
-    def make(tmp: Path) -> dict[str, object]:
-        build_uki(tools, base.kernel, base.initrd, base.tree / "usr/lib/os-release", cmdline, tmp / "BOOTX64.EFI",
-                  sde, log)
-        build_esp(tools, tmp / "BOOTX64.EFI", tmp / "esp.img", ids, ESP_SIZE, sde, log)
-        (tmp / "BOOTX64.EFI").unlink()
-        return {"cmdline": cmdline, "base": base.entry.key}
-
-    key = content_key({"base": base.entry.key, "cmdline": cmdline, "serial": ids.esp_serial, "sde": sde,
-                       "recipe": ESP_RECIPE})
-    return cache.get_or_build("esp", key, make).path / "esp.img"
-
-
-def tree_expectations(config: ConfigTree, spec: ImageSpec) -> dict[str, Any]:
-    """What the tree checks (verify/tree_suite.py) expect of a staged root tree."""
-    return {
-        "config": config.manifest(),
-        "enabled_units": [*spec.enable_units, *spec.appliance_units],
-        "packages": list(spec.packages),
-        "secret_paths": [e.path for e in config if e.secret],
-    }
-
-
-def _verify(tree: Path, config: ConfigTree, spec: ImageSpec, work: Path, log: BuildLog) -> None:
-    result = verify_tree(tree, tree_expectations(config, spec), work / "verify")
-    log.write(result.output)
-    if not result.ok:
-        shown = ", ".join(result.failures[:8]) or result.output.strip().splitlines()[-1]
-        raise ImageError(f"the root tree failed {result.failed} check(s): {shown} (full log: {log.path})")
-
-
-def _outputs(tmp: dict[str, Path], paths: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    outputs: dict[str, dict[str, Any]] = {}
-    for k in ("img", "zst", "bmap"):
-        outputs[paths[k].name] = {"sha256": sha256(tmp[k]), "size": tmp[k].stat().st_size}
-    outputs[paths["img"].name]["allocated"] = allocated(tmp["img"])
-    return outputs
-
-
-def _manifest(spec: ImageSpec, config: ConfigTree, profile_info: dict[str, Any], base: BaseTree, tools: ToolsTree,
-              archive: Archive, sde: int, cmdline: str, outputs: dict[str, dict[str, Any]],
-              disk_size: int, t_start: float, timings: dict[str, float]) -> dict[str, Any]:
-    return {
-        "manifest_version": 1,
-        "appliance_version": __version__,
-        "name": spec.name,
-        "profile": profile_info,
-        "config_digest": config.digest(),
-        "source_date_epoch": sde,
-        "suite": archive.suite,
-        "snapshot": base.entry.meta().get("snapshot"),
-        "base_key": base.entry.key,
-        "tools_key": tools_key(archive),
-        "kernel": {"package": spec.kernel_package, "version": base.kernel_version, "cmdline": cmdline},
-        "packages": base.packages,
-        "root_tree_bytes": base.entry.meta().get("size"),
-        "disk_size": disk_size,
-        "outputs": outputs,
-        "build": {"started": int(t_start), "seconds": round(time.time() - t_start, 2), "stages": dict(timings)},
-    }

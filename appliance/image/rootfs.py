@@ -10,14 +10,15 @@ import json
 import os
 import re
 import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..render.spec import INITRAMFS_VM, ImageSpec
 from .cache import Cache, Entry, content_key, dir_size
 from .debian import DPKG_EXCLUDES, Archive, mmdebstrap_args
 from .lock import Lock
 from .run import BuildLog, ImageError, run
+from .spec import INITRAMFS_VM, ImageSpec
 from .tools import ToolsTree
 
 BASE_RECIPE = 11  # bump when the hooks below change what a base tree contains
@@ -67,15 +68,64 @@ def _essential_hooks(spec: ImageSpec) -> list[str]:
     return [f'chroot "$1" dpkg-divert --quiet --local --rename --add {gen}', f'ln -sf /bin/true "$1{gen}"']
 
 
+# The base tree's own files: drop-ins and settings of Debian's packages, written here and copied
+# into the tree by one hook (mmdebstrap's sync-in) before the initramfs is made, which reads some.
+# path -> text; every file 0644 and every directory 0755, owned by root, dated SOURCE_DATE_EPOCH.
+BaseFiles = dict[str, str]
+
+
+def base_files(spec: ImageSpec, sde: int) -> BaseFiles:
+    files: BaseFiles = {
+        # one Ed25519 host key (every SSH client of the last decade speaks it): an RSA key takes seconds
+        # to generate on a slow CPU, on the way to the first login; no `sshd -t` at every boot either
+        # (the tree checks run it when the image is built)
+        "etc/systemd/system/ssh.service.d/10-appliance-hostkeys.conf":
+            '[Service]\nExecStartPre=\nExecStartPre=/bin/sh -c "test -e /etc/ssh/ssh_host_ed25519_key || '
+            'ssh-keygen -q -t ed25519 -N \\"\\" -f /etc/ssh/ssh_host_ed25519_key"\n',
+        "etc/fstab": "# the root file system is given on the kernel command line (root=UUID=...)\n",
+        # the image is up to date with its /usr: ConditionNeedsUpdate= units (sysusers, ldconfig, hwdb,
+        # catalog) skip at boot, as on an installed system after its first boot; a package installed
+        # on the device makes /usr newer and they run once again
+        "etc/.updated": f"TIMESTAMP_NSEC={sde}000000000\n",
+        "var/.updated": f"TIMESTAMP_NSEC={sde}000000000\n",
+        # /dev's static nodes are made twice before udevd starts: gracefully (users sysusers has not
+        # made yet are skipped), then again; here sysusers ran at build, so the second pass repeats
+        # the first unless a package changed /usr (as sysusers itself)
+        "etc/systemd/system/systemd-tmpfiles-setup-dev.service.d/10-appliance.conf":
+            "[Unit]\nConditionNeedsUpdate=/etc\n",
+    }
+    if spec.modules_blacklist:
+        files["etc/modprobe.d/appliance-lean.conf"] = (
+            "# appliance: never loaded by alias (see ImageSpec.modules_blacklist)\n"
+            + "".join(f"blacklist {m}\n" for m in spec.modules_blacklist))
+    if spec.initramfs == INITRAMFS_VM:
+        # AUTO_MODULES=no: detection would look at the build host's disks, not the device's
+        files["etc/tiny-initramfs/tiny-initramfs.conf"] = (
+            f"AUTO_MODULES=no\nINCLUDE_MODULES={','.join(spec.initrd_modules)}\nMICROCODE=no\nDEBUG=no\n")
+    elif spec.initrd_modules:
+        files["etc/initramfs-tools/modules"] = "".join(f"{m}\n" for m in spec.initrd_modules)
+    return files
+
+
+def write_base_files(files: BaseFiles, dest: Path) -> None:
+    """The files below dest, as the sync-in hook copies them over the tree (directories included:
+    each must have the mode the tree's own has, 0755, dest itself too)."""
+    dest.mkdir(mode=0o755)
+    os.chmod(dest, 0o755)
+    for rel, text in files.items():
+        path = dest / rel
+        for parent in reversed(path.relative_to(dest).parents[:-1]):
+            (dest / parent).mkdir(mode=0o755, exist_ok=True)
+            os.chmod(dest / parent, 0o755)
+        path.write_text(text)
+        os.chmod(path, 0o644)
+
+
 def _initramfs_hooks(spec: ImageSpec) -> list[str]:
     gen = _generator(spec)
     hooks = [f'rm -f "$1{gen}"', f'chroot "$1" dpkg-divert --quiet --local --rename --remove {gen}']
     if spec.initramfs == INITRAMFS_VM:
-        # AUTO_MODULES=no: detection would look at the build host's disks, not the device's
-        conf = f"AUTO_MODULES=no\\nINCLUDE_MODULES={','.join(spec.initrd_modules)}\\nMICROCODE=no\\nDEBUG=no\\n"
         return hooks + [
-            'mkdir -p "$1/etc/tiny-initramfs"',
-            f"printf '{conf}' > \"$1/etc/tiny-initramfs/tiny-initramfs.conf\"",
             'chroot "$1" update-tirfs',
             # mktirfs stamps its files with the time of the build and gzips them: repacked with
             # SOURCE_DATE_EPOCH, uncompressed (it is small; the kernel unpacks it without inflating)
@@ -87,22 +137,17 @@ def _initramfs_hooks(spec: ImageSpec) -> list[str]:
     modules = "list" if spec.initrd_modules else "most"
     hooks.append(f'sed -i "s/^MODULES=.*/MODULES={modules}/; s/^#*COMPRESS=.*/COMPRESS=zstd/" '
                  '"$1/etc/initramfs-tools/initramfs.conf"')
-    if spec.initrd_modules:
-        hooks.append(f"printf '%s\\n' {shlex.join(spec.initrd_modules)} > \"$1/etc/initramfs-tools/modules\"")
     return hooks + ['chroot "$1" update-initramfs -c -k all']
 
 
-def _customize_hooks(spec: ImageSpec) -> list[str]:
+def _customize_hooks(spec: ImageSpec, files: Path) -> list[str]:
     hooks: list[str] = []
     if spec.modules_exclude:
         dirs = " ".join(f'"$1"/usr/lib/modules/*/kernel/{shlex.quote(d)}' for d in spec.modules_exclude)
         hooks += [f"rm -rf {dirs}",
                   'for v in $(ls "$1/usr/lib/modules"); do chroot "$1" depmod -a "$v"; done']
-    if spec.modules_blacklist:
-        lines = "".join(f"blacklist {m}\\n" for m in spec.modules_blacklist)
-        hooks.append(f"printf '# appliance: never loaded by alias (see ImageSpec.modules_blacklist)\\n{lines}' "
-                     '> "$1/etc/modprobe.d/appliance-lean.conf"')
     hooks += [
+        f"sync-in {shlex.quote(str(files))} /",  # base_files(), before the initramfs reads them
         'rm -f "$1/usr/lib/udev/hwdb.bin"',  # before the initramfs, which would copy it
         *_initramfs_hooks(spec),
         # host identity is made at first boot, never baked into an image that many devices share
@@ -112,30 +157,12 @@ def _customize_hooks(spec: ImageSpec) -> list[str]:
         # every boot to load nothing, and systemd-sysctl, then networkd, wait for it (~2 s under
         # emulation). Without the link it is skipped, until a module is listed in modules-load.d.
         'grep -qEv "^[[:space:]]*(#|$)" "$1/etc/modules" 2>/dev/null || rm -f "$1/etc/modules-load.d/modules.conf"',
-        'mkdir -p "$1/etc/systemd/system/ssh.service.d"',
-        # one Ed25519 host key (every SSH client of the last decade speaks it): an RSA key takes seconds
-        # to generate on a slow CPU, on the way to the first login; no `sshd -t` at every boot either
-        # (the tree checks run it when the image is built)
-        "printf '[Service]\\nExecStartPre=\\nExecStartPre=/bin/sh -c \"test -e /etc/ssh/ssh_host_ed25519_key || "
-        "ssh-keygen -q -t ed25519 -N \\\"\\\" -f /etc/ssh/ssh_host_ed25519_key\"\\n' "
-        '> "$1/etc/systemd/system/ssh.service.d/10-appliance-hostkeys.conf"',
-        "printf '# the root file system is given on the kernel command line (root=UUID=...)\\n' > \"$1/etc/fstab\"",
         f'systemctl --root="$1" enable {shlex.join(spec.enable_units)}',
         f'systemctl --root="$1" disable {shlex.join(spec.disable_units)} 2>/dev/null || true',
         # first-boot catch-up jobs that have nothing to catch up on in a built image, but cost seconds
         # on a slow CPU: the linker cache and journal catalog are made at install, hwdb.bin is left
         # out on purpose (udev names devices without it)
         f'systemctl --root="$1" mask {shlex.join(MASKED_UNITS)}',
-        # the image is up to date with its /usr: ConditionNeedsUpdate= units (sysusers, ldconfig, hwdb,
-        # catalog) skip at boot, as on an installed system after its first boot; a package installed
-        # on the device makes /usr newer and they run once again
-        'for d in etc var; do printf "TIMESTAMP_NSEC=%s000000000\\n" "$SOURCE_DATE_EPOCH" > "$1/$d/.updated"; done',
-        # /dev's static nodes are made twice before udevd starts: gracefully (users sysusers has not
-        # made yet are skipped), then again; here sysusers ran at build, so the second pass repeats
-        # the first unless a package changed /usr (as sysusers itself)
-        'mkdir -p "$1/etc/systemd/system/systemd-tmpfiles-setup-dev.service.d"',
-        "printf '[Unit]\\nConditionNeedsUpdate=/etc\\n' "
-        '> "$1/etc/systemd/system/systemd-tmpfiles-setup-dev.service.d/10-appliance.conf"',
         # generators run before the first unit starts, each a process of its own
         'mkdir -p "$1/etc/systemd/system-generators"',
         *(f'ln -sf /dev/null "$1/etc/systemd/system-generators/{g}"' for g in MASKED_GENERATORS),
@@ -187,16 +214,21 @@ def build_base(cache: Cache, tools: ToolsTree, archive: Archive, spec: ImageSpec
             prefs.write_text(lock.apt_preferences())
             args.append(f'--setup-hook=mkdir -p "$1/etc/apt/preferences.d" && '
                         f'cp {shlex.quote(str(prefs))} "$1/etc/apt/preferences.d/appliance-lock"')
+        files = tmp / "files"
+        write_base_files(base_files(spec, sde), files)
         args += [f"--essential-hook={h}" for h in _essential_hooks(spec)]
-        args += [f"--customize-hook={h}" for h in _customize_hooks(spec)]
+        args += [f"--customize-hook={h}" for h in _customize_hooks(spec, files)]
         try:
+            # PYTHONDONTWRITEBYTECODE: maintainer scripts' Python writes no import caches (timestamped);
+            # py3compile then makes every .pyc, hash-based under SOURCE_DATE_EPOCH: the same bytes each build
             run([*args, archive.suite, tree, *archive.sources()], log=log, what="mmdebstrap (root tree)",
-                env={"SOURCE_DATE_EPOCH": str(sde)})
+                env={"SOURCE_DATE_EPOCH": str(sde), "PYTHONDONTWRITEBYTECODE": "1"})
         except ImageError as e:
             gone = sorted({a or b for a, b in _MISSING.findall(str(e))})
             if gone:
                 raise ImageError(_missing_message(gone, spec)) from None
             raise
+        shutil.rmtree(files)
         clamp_mtimes(tree, sde)
         packages = _installed(tree, log)
         if lock:

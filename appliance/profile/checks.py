@@ -224,18 +224,9 @@ def _route_hijacks(p: Profile) -> Iterator[Finding]:
     nets += [(("route", k, 0), net) for k, net in enumerate(p.routing.advertise_routes)]
     for i, peer in enumerate(p.wireguard.peers):
         for j, net in enumerate(peer.allowed_ips):
-            at: tuple[str | int, ...] = ("wireguard", "peers", i, "allowed_ips", j)
-            if net.prefixlen == 0:
-                yield Finding(at, f"{net} would route all of the appliance's own traffic into the tunnel (the "
-                                     "peers' routes are looked up first): a peer cannot be the default route")
-                continue
-            if net.prefixlen < _MIN_PREFIX[net.version]:
-                yield Finding(at, f"{net} covers a large part of the internet, which the appliance's own traffic "
-                                     f"would then reach only through this peer: use /{_MIN_PREFIX[net.version]} or "
-                                     "longer")
-            if net.version == 6 and net.overlaps(_IPV4_MAPPED):
-                yield Finding(at, f"{net} holds IPv4-mapped addresses (::ffff:0:0/96): write the IPv4 network")
-            nets.append((("peer", i, j), net))
+            yield from _too_wide(("wireguard", "peers", i, "allowed_ips", j), net)
+            if net.prefixlen:
+                nets.append((("peer", i, j), net))
     for i, addr in enumerate(p.wireguard.addresses):
         if addr.network.prefixlen < _MIN_PREFIX[addr.version]:
             yield Finding(("wireguard", "addresses", i),
@@ -259,6 +250,19 @@ def _route_hijacks(p: Profile) -> Iterator[Finding]:
             path, name, _ = own[b[1]]
             yield Finding(where, f"{net} overlaps {name} {other} ({format_path(path)}): this {what} would take it "
                                  "into the tunnel, away from the appliance's own link")
+
+
+def _too_wide(at: tuple[str | int, ...], net: IPNetwork) -> Iterator[Finding]:
+    """A peer's route that would take more than the peer's own networks into the tunnel."""
+    if net.prefixlen == 0:
+        yield Finding(at, f"{net} would route all of the appliance's own traffic into the tunnel (the peers' "
+                          "routes are looked up first): a peer cannot be the default route")
+        return
+    if net.prefixlen < _MIN_PREFIX[net.version]:
+        yield Finding(at, f"{net} covers a large part of the internet, which the appliance's own traffic would "
+                          f"then reach only through this peer: use /{_MIN_PREFIX[net.version]} or longer")
+    if net.version == 6 and net.overlaps(_IPV4_MAPPED):
+        yield Finding(at, f"{net} holds IPv4-mapped addresses (::ffff:0:0/96): write the IPv4 network")
 
 
 # WireGuard's own headers: 60 bytes over IPv4, 80 over IPv6

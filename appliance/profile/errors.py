@@ -6,6 +6,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..errors import InputError
+
 Path = tuple[str | int, ...]
 
 
@@ -42,7 +44,7 @@ class Issue:
         return asdict(self)
 
 
-class ProfileError(Exception):
+class ProfileError(InputError):
     """Raised for any invalid profile; carries every issue found, in file order."""
 
     def __init__(self, issues: list[Issue]):

@@ -266,6 +266,23 @@ def _schema() -> dict[str, Any]:
     return Profile.model_json_schema()
 
 
+def _mode_variant(nodes: list[dict[str, Any]], value: Any) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Of a discriminated union (`mode:`), the variant the data names, and the keys only the other
+    variants have (key -> their mode)."""
+    if not (isinstance(value, dict) and "mode" in value):
+        return nodes, {}
+
+    def mode_of(n: dict[str, Any]) -> Any:
+        return n.get("properties", {}).get("mode", {}).get("const")
+
+    same = [n for n in nodes if mode_of(n) == value["mode"]]
+    if not same:
+        return nodes, {}
+    others = [n for n in nodes if mode_of(n) not in (None, value["mode"])]
+    own = {k for n in same for k in n.get("properties", {})}
+    return same, {k: mode_of(n) for n in others for k in n.get("properties", {}) if k not in own}
+
+
 def _allowed_keys(parent: Path, data: Any) -> tuple[list[str], dict[str, str]]:
     """Keys the model accepts at `parent`, found by walking the JSON Schema alongside the data, and
     keys that only other variants of a `mode:` union accept (key -> that mode)."""
@@ -292,16 +309,7 @@ def _allowed_keys(parent: Path, data: Any) -> tuple[list[str], dict[str, str]]:
             elif isinstance(part, str) and part in node.get("properties", {}):
                 nxt += resolve(node["properties"][part])
         nodes = nxt
-    elsewhere: dict[str, str] = {}
-    if isinstance(value, dict) and "mode" in value:  # discriminated unions: keep the variant the data names
-        def mode_of(n: dict[str, Any]) -> Any:
-            return n.get("properties", {}).get("mode", {}).get("const")
-        same = [n for n in nodes if mode_of(n) == value["mode"]]
-        if same:
-            others = [n for n in nodes if mode_of(n) not in (None, value["mode"])]
-            own = {k for n in same for k in n.get("properties", {})}
-            elsewhere = {k: mode_of(n) for n in others for k in n.get("properties", {}) if k not in own}
-            nodes = same
+    nodes, elsewhere = _mode_variant(nodes, value)
     keys: set[str] = set()
     for node in nodes:
         keys |= set(node.get("properties", {}))

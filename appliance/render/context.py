@@ -8,6 +8,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..dataplane.config import FilterRule as FilterRuleConfig
 from ..profile.acl import AclTarget, PortRange
 from ..profile.model import TUNNEL_INTERFACE, NetInterface, Profile, StaticIPv4, StaticIPv6
 from ..profile.types import IPNetwork
@@ -105,13 +106,10 @@ class FilterRule:
             parts.append(f'oifname != "{WG_IFACE}"')  # "everywhere" means out of the tunnel, not to other peers
         return " ".join(parts)
 
-    def as_json(self) -> dict[str, Any]:
+    def to_dataplane(self) -> FilterRuleConfig:
         """The rule as the userspace dataplane reads it from dataplane.json (filter)."""
-        rule: dict[str, Any] = {"sources": [str(s) for s in self.sources], "destination": str(self.destination),
-                                "proto": self.proto, "ports": [list(r) for r in self.port_ranges]}
-        if self.excluded:
-            rule["except"] = [str(n) for n in self.excluded]
-        return rule
+        return FilterRuleConfig(tuple(str(s) for s in self.sources), str(self.destination), self.proto,
+                                tuple(self.port_ranges), tuple(str(n) for n in self.excluded))
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import importlib.resources
-import json
 from typing import Any
 
 import jinja2
 
 from .. import __version__
+from ..dataplane import config as dp
 from ..dataplane.config import RTPROT_APPLIANCE, rule_families
-from ..profile.model import Profile
+from ..profile.model import Profile, UserspaceDataplane
 from ..secrets import ApplianceKeys, needs_socks5_password
 from .context import (
     CREDSTORE,
@@ -158,7 +158,7 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
     t.file("etc/sysctl.d/90-appliance.conf", tpl("sysctl.conf.j2"))
     t.file("etc/ssh/sshd_config.d/10-appliance.conf", tpl("sshd.conf.j2"))
     t.file("etc/systemd/system-preset/10-appliance.preset", tpl("preset.j2", units=enabled_units(p)))
-    t.file(DATAPLANE_JSON, json.dumps(dataplane_config(p, ctx), indent=2, sort_keys=True) + "\n")
+    t.file(DATAPLANE_JSON, dataplane_config(p, ctx).dumps())
     _secrets(t, p, keys)
     return t
 
@@ -228,62 +228,30 @@ def _secrets(t: ConfigTree, p: Profile, keys: ApplianceKeys) -> None:
                    mode=0o600, secret=True)
 
 
-def dataplane_config(p: Profile, ctx: Context) -> dict[str, Any]:
+def dataplane_config(p: Profile, ctx: Context) -> dp.DataplaneConfig:
     """What the on-device reconciler applies. Public material only: keys are referenced by path."""
-    dp = p.dataplane
-    cfg: dict[str, Any] = {
-        "schema": DATAPLANE_SCHEMA,
-        "name": p.name,
-        "roles": list(p.roles),
-        "mode": dp.mode,
-        "wireguard": {
-            "implementation": dp.wireguard,
-            "interface": WG_IFACE,
-            "listen_port": p.wireguard.listen_port,
-            "mtu": p.wireguard.mtu,
-            "addresses": [str(a) for a in p.wireguard.addresses],
-            "private_key_file": credential_path(PRIVATE_KEY_CREDENTIAL),
-            "peers": [
-                {
-                    "name": peer.name,
-                    "public_key": peer.public_key,
-                    "allowed_ips": [str(n) for n in peer.allowed_ips],
-                    "endpoint": peer.endpoint,
-                    "persistent_keepalive": peer.persistent_keepalive,
-                    "preshared_key_file": credential_path(psk_credential(peer.name)) if peer.preshared_key
-                    else None,
-                }
-                for peer in p.wireguard.peers
-            ],
-        },
-        "routing": {
-            "table": p.routing.table,
-            "rule_priority": p.routing.rule_priority,
-            "routes": [{"destination": str(n), "device": WG_IFACE} for n in ctx.peer_routes],
-            "advertise_routes": [str(n) for n in p.routing.advertise_routes],
-            "snat": p.routing.snat,
-            "mss_clamp": p.routing.mss_clamp,
-        },
-        "interfaces": {
-            link.role: {
-                "match": link.iface.match.model_dump(exclude_none=True),
-                "group": link.group,
-                "offload": link.ethtool_features,
-            }
-            for link in ctx.links
-        },
-        "sysctl": dict(sorted(ctx.sysctls.items())),
-        # the kernel dataplane configures nothing before this table is in the kernel
-        "firewall": {"shields_up": p.firewall.shields_up, "table": NFT_TABLE},
-    }
-    if dp.mode == "userspace":
-        cfg["socks5"] = dp.socks5
-        if needs_socks5_password(p):
-            # RFC 1929: user "appliance", the password handed over as a credential (LoadCredential=)
-            cfg["socks5_auth"] = {"user": SOCKS5_USER, "password_credential": USERSPACE_SOCKS5_CREDENTIAL}
+    userspace = isinstance(p.dataplane, UserspaceDataplane)
+    wireguard = dp.WireGuardConfig(
+        implementation=dp.Implementation(p.dataplane.wireguard), interface=WG_IFACE,
+        listen_port=p.wireguard.listen_port, mtu=p.wireguard.mtu,
+        addresses=tuple(str(a) for a in p.wireguard.addresses),
+        private_key_file=credential_path(PRIVATE_KEY_CREDENTIAL),
+        peers=tuple(dp.PeerConfig(
+            name=peer.name, public_key=peer.public_key, allowed_ips=tuple(str(n) for n in peer.allowed_ips),
+            endpoint=peer.endpoint, persistent_keepalive=peer.persistent_keepalive,
+            preshared_key_file=credential_path(psk_credential(peer.name)) if peer.preshared_key else None)
+            for peer in p.wireguard.peers))
+    links = tuple(dp.LinkConfig(link.role, link.match_name, link.match_mac, link.group, link.ethtool_features)
+                  for link in ctx.links)
+    return dp.DataplaneConfig(
+        name=p.name, mode=dp.Mode(p.dataplane.mode), wireguard=wireguard, table=p.routing.table,
+        rule_priority=p.routing.rule_priority, routes=tuple(str(n) for n in ctx.peer_routes), links=links,
+        sysctl=dict(ctx.sysctls), firewall_table=NFT_TABLE, shields_up=p.firewall.shields_up,
+        socks5=p.dataplane.socks5 if isinstance(p.dataplane, UserspaceDataplane) else None,
+        # RFC 1929: user "appliance", the password handed over as a credential (LoadCredential=)
+        socks5_auth=dp.Socks5Auth(SOCKS5_USER, USERSPACE_SOCKS5_CREDENTIAL) if needs_socks5_password(p) else None,
         # the kernel mode's forward_from_peers chain, for the userspace stack to apply itself
-        cfg["filter"] = [r.as_json() for r in ctx.forward_rules]
-        # the appliance's own services peers may reach on its tunnel address (shields down); in
-        # kernel mode whatever listens on that address, here only these, relayed to loopback
-        cfg["services"] = [] if p.firewall.shields_up else [{"proto": "tcp", "port": p.system.ssh.port}]
-    return cfg
+        filter=tuple(r.to_dataplane() for r in ctx.forward_rules) if userspace else (),
+        # the appliance's own services peers may reach on its tunnel address (shields down); in kernel
+        # mode whatever listens on that address, here only these, relayed to loopback
+        services=(dp.Service("tcp", p.system.ssh.port),) if userspace and not p.firewall.shields_up else ())

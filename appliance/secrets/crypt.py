@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pyrage
 
+from ..errors import ApplianceError
+
 IDENTITY_ENV = "APPLIANCE_AGE_IDENTITY"
 
 
-class AgeError(Exception):
+class AgeError(ApplianceError):
     pass
 
 

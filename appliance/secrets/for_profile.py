@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from ..profile import Issue, LoadedProfile, Profile
-from .store import ApplianceKeys, SecretStore
+from pathlib import Path
+
+from ..profile import Issue, LoadedProfile, Profile, ProfileError
+from .store import ApplianceKeys, SecretStore, default_store_path
 
 
 def needs_socks5_password(p: Profile) -> bool:
@@ -25,3 +27,14 @@ def key_issues(loaded: LoadedProfile, keys: ApplianceKeys) -> list[Issue]:
     return [loaded.issue(("wireguard", "peers", i, "public_key"),
                          f"this is the appliance's own public key (peer '{peer.name}'): give the peer's key")
             for i, peer in enumerate(loaded.profile.wireguard.peers) if peer.public_key == own]
+
+
+def keys_for(loaded: LoadedProfile, secrets: Path | None = None) -> ApplianceKeys:
+    """The profile's keys from its secret store (`secrets`, else the repository's: see store.py).
+    Raises SecretStoreError, or ProfileError for a peer that has the appliance's own key."""
+    keys = appliance_keys(SecretStore(secrets if secrets is not None else default_store_path(loaded.path)),
+                          loaded.profile)
+    issues = key_issues(loaded, keys)
+    if issues:
+        raise ProfileError(issues)
+    return keys

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ApplianceError
 from ..profile.loader import profile_root
 from ..profile.types import check_name
 from .keys import generate_preshared_key, generate_private_key, public_key
@@ -32,7 +33,7 @@ SECRET_SUFFIXES = (".key", ".password")
 GITIGNORE = "# appliance's secret store: plaintext keys never go into git (their .age files may)\n*.key\n*.password\n"
 
 
-class SecretStoreError(Exception):
+class SecretStoreError(ApplianceError):
     pass
 
 

@@ -15,11 +15,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import re
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,14 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..image import BuildLog, BuildOptions, Cache, build_image
+from ..errors import LabError
+from ..image import BuildOptions, Cache, ProfileInfo, build_loaded, image_spec
 from ..peer_config import client_config, routes_for_peer
 from ..profile import Profile
 from ..profile.acl import AclTarget
-from ..render import ConfigTree, image_spec, render
-from ..secrets import SecretStore, generate_private_key, public_key
+from ..render import ConfigTree
+from ..runner import CommandFailed, run
+from ..secrets import SecretStore, appliance_keys, generate_private_key, public_key
 from . import probe
-from .netns import Lab, protocol_counters, split_wg_quick, start_peer, wait_for
+from .netns import Lab, LabCommandFailed, protocol_counters, split_wg_quick, start_peer, wait_for
+from .static import verify_tree
+from .suite import run_suite
 from .vm import MGMT_MAC, VM, Nic, running
 
 UPLINK_MAC = "52:54:00:12:34:01"
@@ -191,7 +192,7 @@ def emulator_fault(console: str) -> bool:
 
 def _ssh_keypair(work: Path) -> tuple[Path, str]:
     key = work / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "appliance-lab", "-f", str(key)], check=True)
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "appliance-lab", "-f", key], error=LabCommandFailed)
     return key, (work / "id_ed25519.pub").read_text().strip()
 
 
@@ -256,16 +257,15 @@ class BootTest:
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _build(self, lab_profile: Profile) -> Path:
-        store = SecretStore(self.workdir / "secrets")
-        p = lab_profile
-        tree = render(p, store.appliance_keys(p.name, [x.name for x in p.wireguard.peers if x.preshared_key]))
-        tree.file("etc/systemd/network/05-lab-management.network", MGMT_NETWORK)
-        if self.sabotage:
-            self.sabotage(tree)
-        out = self.workdir / "images"
-        build_image(image_spec(p), tree, {"path": "lab variant", "digest": "", "files": []},
-                    BuildOptions(out_dir=out, cache=self.cache), self.step, BuildLog(out / f"{p.name}.build.log"))
-        return out / f"{p.name}.img"
+        keys = appliance_keys(SecretStore(self.workdir / "secrets"), lab_profile)
+
+        def adjust(tree: ConfigTree) -> None:
+            tree.file("etc/systemd/network/05-lab-management.network", MGMT_NETWORK)
+            if self.sabotage:
+                self.sabotage(tree)
+
+        options = BuildOptions(out_dir=self.workdir / "images", cache=self.cache, check_tree=verify_tree)
+        return build_loaded(lab_profile, keys, ProfileInfo("lab variant", ""), options, self.step, adjust).image
 
     def _run(self, report: BootReport) -> BootReport:
         key, ssh_pub = _ssh_keypair(self.workdir)
@@ -281,18 +281,18 @@ class BootTest:
             lab = Lab("b")
             try:
                 return self._boot(report, image, lab, p, peers)
-            except AssertionError as e:  # the lab did not come up: the console is the first place to look
+            except LabError as e:  # the lab did not come up: the console is the first place to look
                 console = self._console()
                 if attempt == 1 and report.accel == "tcg" and emulator_fault(console):
                     report.emulator_faults.append(console[-3000:])
                     report.timings.clear()
                     (self.workdir / "vm").rename(self.workdir / "vm-emulator-fault")
                     continue
-                raise AssertionError(f"{e}\n--- console, last 3000 characters ---\n{console[-3000:]}") from None
+                raise LabError(f"{e}\n--- console, last 3000 characters ---\n{console[-3000:]}") from None
             finally:
                 report.console = self._console()
                 lab.close()
-        raise AssertionError("unreachable")
+        raise LabError("unreachable")
 
     def _console(self) -> str:
         path = self.workdir / "vm" / "console.log"
@@ -337,7 +337,7 @@ class BootTest:
         lab.run(ns, ["ip", "addr", "add", f"{host}/{lan_if.ipv4.address.network.prefixlen}", "dev", "tapl"])
         lab.run(ns, ["ip", "route", "add", "default", "via", str(lan_if.ipv4.address.ip)])
         lab.run(ns, ["nft", "-f", "-"], input=protocol_counters("tapl"))
-        lab.spawn(ns, [sys.executable, probe.__file__, "serve", ",".join(map(str, PORTS)), arrivals], "lan-server")
+        lab.serve(ns, ",".join(map(str, PORTS)), arrivals, "lan-server")
 
     def _uplink(self, lab: Lab, wan: str, p: Profile, arrivals: Path, vm: VM) -> tuple[str, Callable[[], None]]:
         """The upstream side of the uplink: its server and, when the profile says DHCP, a DHCP server that
@@ -345,8 +345,7 @@ class BootTest:
         waits until the appliance has it."""
         uplink = p.interfaces.uplink
         assert uplink is not None
-        lab.spawn(wan, [sys.executable, probe.__file__, "serve", ",".join(map(str, PORTS)), arrivals],
-                  "upstream-server")
+        lab.serve(wan, ",".join(map(str, PORTS)), arrivals, "upstream-server")
         if isinstance(uplink.ipv4, str):
             lab.run(wan, ["ip", "addr", "add", f"{WAN_GATEWAY}/24", "dev", "tapu"])
             leases = lab.dir / "dnsmasq.leases"
@@ -366,16 +365,16 @@ class BootTest:
             def leased() -> None:
                 try:
                     wait_for(done, self.timeout, 0.2)
-                except AssertionError as e:
-                    raise AssertionError(f"{e}: the uplink asked for no DHCP lease"
+                except LabError as e:
+                    raise LabError(f"{e}: the uplink asked for no DHCP lease"
                                          + self._diagnose(vm.ssh_port)) from None
                 if not vm.running():
-                    raise AssertionError(f"the VM stopped after {vm.seconds():.0f} s, before its uplink had an address")
+                    raise LabError(f"the VM stopped after {vm.seconds():.0f} s, before its uplink had an address")
                 ip = _lease(leases, UPLINK_MAC)
                 if dnsmasq.poll() is not None and ip is None:
-                    raise AssertionError(f"the lab's DHCP server stopped: {lab.log('dnsmasq').strip()}")
+                    raise LabError(f"the lab's DHCP server stopped: {lab.log('dnsmasq').strip()}")
                 if ip != UPLINK_LEASE:
-                    raise AssertionError(f"the uplink leased {ip}, not the address reserved for it ({UPLINK_LEASE})")
+                    raise LabError(f"the uplink leased {ip}, not the address reserved for it ({UPLINK_LEASE})")
 
             return UPLINK_LEASE, leased
         gw = uplink.ipv4.gateway or next(h for h in uplink.ipv4.address.network.hosts() if h != uplink.ipv4.address.ip)
@@ -426,16 +425,16 @@ class BootTest:
 
         def both() -> bool:  # SSH is watched apart (_SshWatch)
             if not vm.running():
-                raise AssertionError(f"the VM stopped after {clock():.0f} s")
+                raise LabError(f"the VM stopped after {clock():.0f} s")
             if "boot_to_handshake" not in timings and any_handshake():
                 timings["boot_to_handshake"] = round(clock(), 1)
             return "boot_to_ssh" in timings and "boot_to_handshake" in timings
 
         try:
             wait_for(both, self.timeout, 0.2)
-        except AssertionError as e:
+        except LabError as e:
             missing = [k for k in ("boot_to_ssh", "boot_to_handshake") if k not in timings]
-            raise AssertionError(f"{e}: no {' and no '.join(m.removeprefix('boot_to_') for m in missing)}"
+            raise LabError(f"{e}: no {' and no '.join(m.removeprefix('boot_to_') for m in missing)}"
                                  + self._diagnose(vm.ssh_port)) from None
 
     def _diagnose(self, ssh_port: int) -> str:
@@ -447,10 +446,12 @@ class BootTest:
                   "networkctl list --no-legend --no-pager; "
                   "journalctl -b --no-pager -o short-monotonic -n 60 -u 'appliance-*' -u systemd-networkd "
                   "-u systemd-udevd -u systemd-udev-trigger")
-        ssh = subprocess.run(["ssh", "-F", str(self.workdir / "ssh_config"), "-p", str(ssh_port), "-o", "BatchMode=yes",
-                              "-o", "ConnectTimeout=10", "127.0.0.1", script],
-                             capture_output=True, text=True, timeout=60)
-        return "\nthe appliance's failed units, waiting jobs, links and logs:\n" + (ssh.stdout + ssh.stderr).strip()
+        try:
+            ssh = run(["ssh", "-F", self.workdir / "ssh_config", "-p", str(ssh_port), "-o", "BatchMode=yes",
+                       "-o", "ConnectTimeout=10", "127.0.0.1", script], check=False, timeout=60)
+        except CommandFailed as e:
+            return f"\n(the appliance's own account of it did not come: {e})"
+        return "\nthe appliance's failed units, waiting jobs, links and logs:\n" + str(ssh.stdout + ssh.stderr).strip()
 
     def _expectations(self, p: Profile, peers: list[LabPeer], uplink_ip: str, lan: str | None, lab: Lab,
                       wan: str, lan_ns: str | None, arrivals: Path) -> dict[str, Any]:
@@ -475,24 +476,16 @@ class BootTest:
 
     def _suite(self, report: BootReport, port: int, expect: dict[str, Any]) -> None:
         (self.workdir / "expect.json").write_text(json.dumps(expect, indent=1))
-        (self.workdir / "pytest.ini").write_text("[pytest]\n")
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", str(SUITE), "-q", "-rfE", "-p", "no:cacheprovider",
-             "-c", str(self.workdir / "pytest.ini"), "--rootdir", str(self.workdir), "--color=no",
-             f"--hosts=paramiko://root@127.0.0.1:{port}", f"--ssh-config={self.workdir / 'ssh_config'}"],
-            capture_output=True, text=True,
-            env={**os.environ, "APPLIANCE_BOOT_EXPECT": str(self.workdir / "expect.json")})
-        report.output = proc.stdout + proc.stderr
-        m = re.search(r"(\d+) passed", report.output)
-        report.passed = int(m.group(1)) if m else 0
-        m = re.search(r"(\d+) (failed|error)", report.output)
-        report.failed = int(m.group(1)) if m else (0 if proc.returncode == 0 else 1)
-        report.failures = re.findall(r"^(?:FAILED|ERROR) \S*?::(\S+?)(?: - |$)", report.output, re.M)
+        result = run_suite(SUITE, self.workdir / "suite", f"paramiko://root@127.0.0.1:{port}",
+                           env={"APPLIANCE_BOOT_EXPECT": str(self.workdir / "expect.json")},
+                           args=(f"--ssh-config={self.workdir / 'ssh_config'}",))
+        report.output, report.passed, report.failed = result.output, result.passed, result.failed
+        report.failures = result.failures
 
 
 def _attach(lab: Lab, ns: str, tap: str, name: str) -> None:
     """Move a TAP QEMU holds into a lab namespace, under a stable name."""
-    subprocess.run(["ip", "link", "set", tap, "netns", ns, "name", name], check=True)
+    run(["ip", "link", "set", tap, "netns", ns, "name", name], error=LabCommandFailed)
     lab.run(ns, ["ip", "link", "set", name, "up"])
 
 

@@ -13,16 +13,28 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import LabError
+from ..runner import CommandFailed, run, spawn
+
 PRIVATE_RUN = 'mount --bind "$0" /run && exec "$@"'
 # with extra bind mounts: "$0" is /run's source, then pairs of (source, target) up to "--"
 PRIVATE_RUN_BINDS = ('run=$0; while [ "$1" != -- ]; do mount --bind "$1" "$2"; shift 2; done; shift; '
                      'mount --bind "$run" /run && exec "$@"')
+
+
+class LabCommandFailed(CommandFailed, LabError, AssertionError):
+    """A command in a lab namespace failed."""
+
+
+class LabTimeout(LabError, AssertionError):
+    """A lab condition that did not come true in time: an error for the CLI, a failure for pytest."""
 
 
 class Lab:
@@ -34,9 +46,9 @@ class Lab:
 
     def ns(self, short: str) -> str:
         name = f"{self.prefix}-{short}"
-        subprocess.run(["ip", "netns", "add", name], check=True)
+        run(["ip", "netns", "add", name], error=LabCommandFailed)
         self.namespaces.append(name)
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        run(["ip", "-n", name, "link", "set", "lo", "up"], error=LabCommandFailed)
         (self.dir / "run" / name / "wireguard").mkdir(parents=True)
         return name
 
@@ -49,11 +61,11 @@ class Lab:
         cmd = ["ip", "link", "add", if_a, "netns", ns_a]
         if mac_a:
             cmd += ["address", mac_a]
-        subprocess.run([*cmd, "type", "veth", "peer", "name", if_b, "netns", ns_b], check=True)
+        run([*cmd, "type", "veth", "peer", "name", if_b, "netns", ns_b], error=LabCommandFailed)
         for ns, ifname, addr in ((ns_a, if_a, addr_a), (ns_b, if_b, addr_b)):
             if addr:
-                subprocess.run(["ip", "-n", ns, "addr", "add", addr, "dev", ifname], check=True)
-            subprocess.run(["ip", "-n", ns, "link", "set", ifname, "up"], check=True)
+                run(["ip", "-n", ns, "addr", "add", addr, "dev", ifname], error=LabCommandFailed)
+            run(["ip", "-n", ns, "link", "set", ifname, "up"], error=LabCommandFailed)
 
     def _wrap(self, ns: str, cmd: Sequence[str | Path], binds: Sequence[tuple[Path, str]] = ()) -> list[str]:
         head = ["ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private", "sh", "-c"]
@@ -64,19 +76,29 @@ class Lab:
 
     def run(self, ns: str, cmd: Sequence[str | Path], check: bool = True, input: str | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(self._wrap(ns, cmd), capture_output=True, text=True, input=input, timeout=timeout)
+        proc: subprocess.CompletedProcess[str] = run(self._wrap(ns, cmd), input=input, timeout=timeout, check=False,
+                                                     error=LabCommandFailed)
         if check and proc.returncode != 0:
-            raise AssertionError(f"[{ns}] {' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
-                                 f"{proc.stdout}{proc.stderr}")
+            raise LabCommandFailed(f"[{ns}] {' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
+                                   f"{proc.stdout}{proc.stderr}", status=proc.returncode)
         return proc
 
     def spawn(self, ns: str, cmd: Sequence[str | Path], name: str, env: dict[str, str] | None = None,
               binds: Sequence[tuple[Path, str]] = ()) -> subprocess.Popen[bytes]:
         log = self.dir / f"{name}.log"
         with open(log, "ab") as f:
-            proc = subprocess.Popen(self._wrap(ns, cmd, binds), stdout=f, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **(env or {})}, start_new_session=True)
+            proc = spawn(self._wrap(ns, cmd, binds), output=f, env=env, new_session=True)
         self.procs.append((proc, log))
+        return proc
+
+    def serve(self, ns: str, ports: str, log: Path, name: str, bind: str | None = None) -> subprocess.Popen[bytes]:
+        """probe.py's echo server on ports (comma-separated) in ns; returns once it listens."""
+        from . import probe
+
+        proc = self.spawn(ns, [sys.executable, probe.__file__, "serve", ports, log, *([bind] if bind else [])], name)
+        wait_for(lambda: "ready" in self.log(name) or proc.poll() is not None, 10, 0.05)
+        if proc.poll() is not None:
+            raise LabError(f"the echo server {name} did not start:\n{self.log(name)}")
         return proc
 
     def arrivals(self, name: str = "arrivals.jsonl") -> list[dict[str, Any]]:
@@ -104,7 +126,7 @@ class Lab:
         for proc, _ in reversed(self.procs):
             self.stop(proc)
         for ns in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            run(["ip", "netns", "del", ns], check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -124,13 +146,13 @@ def protocol_counters(ifname: str, echo_from: str | None = None) -> str:
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> float:
-    """Seconds until predicate() is true; AssertionError after timeout."""
+    """Seconds until predicate() is true; LabError (an AssertionError too, for tests) after timeout."""
     t0 = time.monotonic()
     while True:
         if predicate():
             return time.monotonic() - t0
         if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise LabTimeout(f"condition not met within {timeout} s")
         time.sleep(interval)
 
 

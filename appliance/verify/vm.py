@@ -20,15 +20,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The 2 MiB build (no secure boot, a smaller variable store) starts 0.6 s sooner under TCG than the
-# 4 MiB one; Debian bookworm ships both, newer releases only the 4 MiB one.
-_OVMF_2M = (Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd"))
-_OVMF_4M = (Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.fd"))
-OVMF_CODE, OVMF_VARS = _OVMF_2M if all(p.exists() for p in _OVMF_2M) else _OVMF_4M
+from ..runner import CommandFailed, run, spawn
+from .firmware import uefi_firmware
+
 MGMT_MAC = "52:54:00:aa:00:01"
 
 
-class VMError(Exception):
+class VMError(CommandFailed):
     pass
 
 
@@ -44,13 +42,11 @@ def kvm_works() -> bool:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK) or not shutil.which("qemu-system-x86_64"):
         return False
     try:
-        proc = subprocess.run(
-            ["qemu-system-x86_64", "-accel", "kvm", "-machine", "q35", "-cpu", "host", "-nodefaults",
-             "-display", "none", "-no-reboot", "-bios", "/dev/null", "-m", "64"],
-            capture_output=True, timeout=5)
-    except subprocess.TimeoutExpired:
-        return True  # it ran (and would run forever with an empty BIOS): KVM works
-    return proc.returncode == 0 and b"kvm" not in proc.stderr.lower()
+        proc = run(["qemu-system-x86_64", "-accel", "kvm", "-machine", "q35", "-cpu", "host", "-nodefaults",
+                    "-display", "none", "-no-reboot", "-bios", "/dev/null", "-m", "64"], check=False, timeout=5)
+    except CommandFailed:  # it ran (and would run forever with an empty BIOS): KVM works
+        return True
+    return proc.returncode == 0 and "kvm" not in proc.stderr.lower()
 
 
 def free_port() -> int:
@@ -78,17 +74,21 @@ class VM:
     def accel(self) -> list[str]:
         return ["-accel", "kvm", "-cpu", "host"] if kvm_works() else ["-accel", "tcg,thread=multi", "-cpu", "max"]
 
-    def command(self) -> list[str]:
+    def command(self, *, console: str | None = None, snapshot: bool = True) -> list[str]:
+        """QEMU's command line. console: the serial port's backend (default: a file, self.console);
+        snapshot: writes go to a throwaway overlay, not the image."""
+        firmware = uefi_firmware()
+        overlay = ",snapshot=on" if snapshot else ""
         vars_copy = self.workdir / "OVMF_VARS.fd"
-        shutil.copy(OVMF_VARS, vars_copy)
+        shutil.copy(firmware.vars_template, vars_copy)
         # -nodefaults: no VGA, CD drive, parallel port for the firmware and the kernel to set up and
         # udev to process; bootindex: the firmware tries the disk first (not the CD, not the network);
         # smm=off: this OVMF build has no SMM. Together 0.7 s less firmware under TCG.
         cmd = ["qemu-system-x86_64", "-name", "appliance", "-nodefaults", "-machine", "q35,smm=off", *self.accel,
                "-smp", str(self.cpus), "-m", str(self.memory_mib),
-               "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+               "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.code}",
                "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
-               "-drive", f"if=none,id=disk,format=raw,file={self.image},snapshot=on,cache=unsafe",
+               "-drive", f"if=none,id=disk,format=raw,file={self.image}{overlay},cache=unsafe",
                "-device", "virtio-blk-pci,drive=disk,bootindex=0",
                "-netdev", f"user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
                # romfile=: no iPXE option ROM for OVMF to load (and run) for each NIC; the image boots from disk
@@ -97,21 +97,21 @@ class VM:
             cmd += ["-netdev", f"tap,id=lab{i},ifname={nic.tap},script=no,downscript=no",
                     "-device", f"virtio-net-pci,netdev=lab{i},mac={nic.mac},romfile="]
         cmd += ["-object", "rng-random,id=rng,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng",
-                "-display", "none", "-monitor", "none", "-serial", f"file:{self.console}", "-no-reboot"]
-        return cmd
+                "-display", "none"]
+        # an interactive console multiplexes QEMU's monitor (Ctrl-A C); a lab's goes to a file
+        cmd += ["-serial", console] if console else ["-monitor", "none", "-serial", f"file:{self.console}"]
+        return [*cmd, "-no-reboot"]
 
     def start(self) -> None:
-        if not OVMF_CODE.exists():
-            raise VMError(f"{OVMF_CODE} is missing: install ovmf (make setup)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         for nic in self.nics:
-            subprocess.run(["ip", "tuntap", "add", nic.tap, "mode", "tap"], check=True, capture_output=True)
-            subprocess.run(["ip", "link", "set", nic.tap, "up"], check=True)
-        env = {**os.environ, "TMPDIR": str(self.workdir)}  # where the snapshot overlay goes
+            run(["ip", "tuntap", "add", nic.tap, "mode", "tap"], error=VMError)
+            run(["ip", "link", "set", nic.tap, "up"], error=VMError)
+        command = self.command()
         self.started = time.monotonic()
         with open(self.workdir / "qemu.log", "wb") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
+            # TMPDIR: where the snapshot overlay goes
+            self.proc = spawn(command, output=log, env={"TMPDIR": str(self.workdir)}, new_session=True)
         # A TAP has carrier once QEMU holds it. Only then may the lab move it into a namespace: moved
         # earlier, QEMU would create a new, unconnected TAP of the same name instead.
         deadline = time.monotonic() + 60
@@ -144,7 +144,7 @@ class VM:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         for nic in self.nics:  # may have been moved into a namespace that is gone by now
-            subprocess.run(["ip", "link", "del", nic.tap], capture_output=True)
+            run(["ip", "link", "del", nic.tap], check=False)
 
 
 def run_interactive(image: Path, persist: bool = False) -> int:
@@ -152,14 +152,9 @@ def run_interactive(image: Path, persist: bool = False) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="appliance-run-"))
     try:
         vm = VM(image, workdir)
-        cmd = vm.command()
-        if persist:
-            cmd = [c.replace(",snapshot=on", "") for c in cmd]
-        cmd[cmd.index("-serial") + 1] = "mon:stdio"
-        cmd.remove("-monitor")
-        cmd.remove("none")
+        cmd = vm.command(console="mon:stdio", snapshot=not persist)
         print(f"SSH: ssh -p {vm.ssh_port} root@127.0.0.1   (serial console below; Ctrl-A X quits)", flush=True)
-        return subprocess.call(cmd, env={**os.environ, "TMPDIR": str(workdir)})
+        return spawn(cmd, env={"TMPDIR": str(workdir)}).wait()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -34,9 +34,20 @@ import (
 
 const nicID = 1
 
+// checkOnly: read and check the config (-check), then exit; no credentials are read.
+var checkOnly bool
+
 func main() {
 	path := flag.String("config", "/etc/appliance/dataplane.json", "the rendered dataplane.json")
+	flag.BoolVar(&checkOnly, "check", false, "decode the config (unknown fields refused) and exit")
 	flag.Parse()
+	if checkOnly {
+		if _, err := loadConfig(*path); err != nil {
+			fmt.Fprintf(os.Stderr, "appliance-netstack: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := run(*path); err != nil {
 		fmt.Fprintf(os.Stderr, "appliance-netstack: %v\n", err)
 		os.Exit(1)

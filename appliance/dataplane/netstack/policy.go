@@ -10,25 +10,55 @@ import (
 	"time"
 )
 
-// The parts of dataplane.json this program reads. Keys and peers reach it through the UAPI socket,
-// set by the reconciler, so a private key never passes through this file.
+// dataplane.json as the renderer writes it (appliance/dataplane/config.py is the one definition):
+// every field, decoded with unknown fields refused, so a renderer and a netstack that disagree fail
+// at once. Keys and peers reach this program through the UAPI socket, set by the launcher, so a
+// private key never passes through this file (only the paths the launcher reads keys from).
 type dataplaneFile struct {
+	Schema    int    `json:"schema"`
+	Name      string `json:"name"`
 	Mode      string `json:"mode"`
 	Wireguard struct {
-		Interface string   `json:"interface"`
-		MTU       int      `json:"mtu"`
-		Addresses []string `json:"addresses"`
-		Peers     []struct {
-			AllowedIPs []string `json:"allowed_ips"`
+		Implementation string   `json:"implementation"`
+		Interface      string   `json:"interface"`
+		ListenPort     int      `json:"listen_port"`
+		MTU            int      `json:"mtu"`
+		Addresses      []string `json:"addresses"`
+		PrivateKeyFile string   `json:"private_key_file"`
+		Peers          []struct {
+			Name                string   `json:"name"`
+			PublicKey           string   `json:"public_key"`
+			AllowedIPs          []string `json:"allowed_ips"`
+			Endpoint            *string  `json:"endpoint"`
+			PersistentKeepalive *int     `json:"persistent_keepalive"`
+			PresharedKeyFile    *string  `json:"preshared_key_file"`
 		} `json:"peers"`
 	} `json:"wireguard"`
+	Routing struct {
+		Table        int `json:"table"`
+		RulePriority int `json:"rule_priority"`
+		Routes       []struct {
+			Destination string `json:"destination"`
+			Device      string `json:"device"`
+		} `json:"routes"`
+	} `json:"routing"`
+	Interfaces map[string]struct {
+		Match struct {
+			Name string `json:"name"`
+			MAC  string `json:"mac"`
+		} `json:"match"`
+		Group   int             `json:"group"`
+		Offload map[string]bool `json:"offload"`
+	} `json:"interfaces"`
+	Sysctl map[string]string `json:"sysctl"`
 	Socks5     string `json:"socks5"`
 	Socks5Auth *struct {
 		User               string `json:"user"`
 		PasswordCredential string `json:"password_credential"`
 	} `json:"socks5_auth"`
 	Firewall struct {
-		ShieldsUp bool `json:"shields_up"`
+		ShieldsUp bool   `json:"shields_up"`
+		Table     string `json:"table"`
 	} `json:"firewall"`
 	Filter []struct {
 		Sources     []string `json:"sources"`
@@ -76,20 +106,27 @@ type config struct {
 }
 
 func loadConfig(path string) (*config, error) {
-	raw, err := os.ReadFile(path)
+	raw, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
+	defer raw.Close()
 	var f dataplaneFile
-	if err := json.Unmarshal(raw, &f); err != nil {
+	dec := json.NewDecoder(raw)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&f); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if f.Schema != 1 || (f.Mode != "userspace" && !checkOnly) {
+		return nil, fmt.Errorf("%s: schema %d, mode %q: not a userspace dataplane config this version reads", path,
+			f.Schema, f.Mode)
 	}
 	c := &config{iface: f.Wireguard.Interface, mtu: f.Wireguard.MTU, socks5: f.Socks5}
 	c.policy.shieldsUp = f.Firewall.ShieldsUp
 	if !c.policy.shieldsUp {
 		c.policy.services = f.Services
 	}
-	if f.Socks5Auth != nil {
+	if f.Socks5Auth != nil && !checkOnly {
 		pass, err := readCredential(f.Socks5Auth.PasswordCredential)
 		if err != nil {
 			return nil, fmt.Errorf("%s: socks5 password: %w", path, err)

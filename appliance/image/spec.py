@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..profile.model import Profile
-from .renderer import appliance_units, enabled_units
+from ..render.renderer import appliance_units, enabled_units
 
 BASE_PACKAGES = [
     "systemd", "systemd-sysv", "systemd-resolved", "udev", "dbus", "openssh-server", "nftables", "iproute2",
