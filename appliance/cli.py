@@ -17,6 +17,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import EXIT_INVALID, ApplianceError, InputError, LabError
+from .fsutil import atomic_write
 from .peer_config import client_config, find_peer, terminal_qr
 from .profile import LoadedProfile, ProfileError, json_schema_text, load_profile, reference_markdown
 from .profile.types import check_name, parse_host_port
@@ -140,7 +141,7 @@ def schema(output: Path | None, markdown: bool) -> None:
     """Print the JSON Schema of profiles (for editors: yaml-language-server, VS Code)."""
     text = reference_markdown() if markdown else json_schema_text()
     if output:
-        _atomic_write(output, text)
+        atomic_write(output, text)
     else:
         click.echo(text, nl=False)
 
@@ -581,12 +582,6 @@ def _warn_if_others_can_read(f: TextIO) -> None:
     if stat.S_ISREG(mode) and mode & 0o077:
         err.print(f"[yellow]warning:[/] {getattr(f, 'name', 'the key file')} is accessible by others "
                   f"(mode {stat.S_IMODE(mode):04o}): run chmod 600 on it")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import tempfile
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from ruamel.yaml import YAML
@@ -125,10 +126,18 @@ def render_public(lp: LoadedProfile) -> ConfigTree:
     return render(p, ApplianceKeys(_PLACEHOLDER, {x.name: _PLACEHOLDER for x in p.wireguard.peers}))
 
 
+class Change(StrEnum):
+    ADDED = "added"
+    REMOVED = "removed"
+    CHANGED = "changed"
+    UNCHANGED = "unchanged"
+    INVALID = "invalid"  # the profile is there, and does not validate
+
+
 @dataclass
 class DeviceDiff:
     name: str
-    status: str  # added | removed | changed | unchanged | invalid
+    status: Change
     diff: str
     image_changes: str  # "" | "configuration" | "packages and configuration"
 
@@ -177,13 +186,13 @@ def diff(repo: Path, rev1: str, rev2: str, subdir: str = ".") -> list[DeviceDiff
                       if name not in new and str(lp.path.relative_to(Path(a) / subdir)) in broken}
     for name in sorted(set(old) | set(new)):
         if name in became_invalid:
-            results.append(DeviceDiff(name, "invalid", "", "none: the profile is invalid (see `fleet check`)"))
+            results.append(DeviceDiff(name, Change.INVALID, "", "none: the profile is invalid (see `fleet check`)"))
             continue
         if name not in new:
-            results.append(DeviceDiff(name, "removed", "", ""))
+            results.append(DeviceDiff(name, Change.REMOVED, "", ""))
             continue
         if name not in old:
-            results.append(DeviceDiff(name, "added", "", "new image"))
+            results.append(DeviceDiff(name, Change.ADDED, "", "new image"))
             continue
         (t1, p1), (t2, p2) = old[name], new[name]
         x1, x2 = _texts(t1), _texts(t2)
@@ -194,5 +203,6 @@ def diff(repo: Path, rev1: str, rev2: str, subdir: str = ".") -> list[DeviceDiff
                                           f"a/{path}", f"b/{path}")
         spec_changed = image_spec(p1.profile).base_inputs() != image_spec(p2.profile).base_inputs()
         changes = "packages and configuration" if spec_changed else ("configuration" if lines else "")
-        results.append(DeviceDiff(name, "changed" if lines or spec_changed else "unchanged", "".join(lines), changes))
+        status = Change.CHANGED if lines or spec_changed else Change.UNCHANGED
+        results.append(DeviceDiff(name, status, "".join(lines), changes))
     return results

@@ -31,6 +31,12 @@ class Implementation(StrEnum):
     WIREGUARD_GO = "wireguard-go"  # on a TUN device (kernel mode) or in appliance-netstack (userspace)
 
 
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' (validated when the profile was loaded) -> (host, port)."""
+    host, _, port = endpoint.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
 def rule_families(routes: Iterable[str], addresses: Iterable[str]) -> set[int]:
     """The IP versions the policy rule is needed for: those of the peers' routes and the tunnel's
     addresses (the reconciler's rules, and networkd's as the renderer writes them)."""

@@ -9,20 +9,19 @@ import contextlib
 import ipaddress
 import socket
 
-from .config import DataplaneConfig, PeerConfig, read_key
+from .config import DataplaneConfig, PeerConfig, read_key, split_endpoint
 from .wgstate import Device, Peer, normalise_ips
 
 
 def _resolve(endpoint: str | None) -> str | None:
     if not endpoint:
         return None
-    host, _, port = endpoint.rpartition(":")
-    host = host.strip("[]")
+    host, port = split_endpoint(endpoint)
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         try:
-            ip = ipaddress.ip_address(socket.getaddrinfo(host, int(port), type=socket.SOCK_DGRAM)[0][4][0])
+            ip = ipaddress.ip_address(socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4][0])
         except OSError:
             return None  # DNS not up yet: the next pass sets it
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"

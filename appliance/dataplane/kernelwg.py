@@ -13,6 +13,7 @@ from typing import Any
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.generic.wireguard import WG_CMD_SET_DEVICE, WG_GENL_VERSION, WireGuard, wgmsg
 
+from .config import split_endpoint
 from .wgstate import Device, DeviceChange, Peer
 
 WGPEER_F_REMOVE_ME = 1 << 0
@@ -74,8 +75,8 @@ def _peer_attrs(peer: Peer, remove: bool) -> dict[str, Any]:
     attrs.append(["WGPEER_A_PRESHARED_KEY", _b64(peer.preshared_key)])
     attrs.append(["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", peer.keepalive])
     if peer.endpoint:
-        host, _, port = peer.endpoint.rpartition(":")
-        attrs.append(["WGPEER_A_ENDPOINT", {"addr": host.strip("[]"), "port": int(port)}])
+        host, port = split_endpoint(peer.endpoint)
+        attrs.append(["WGPEER_A_ENDPOINT", {"addr": host, "port": port}])
     attrs.append(["WGPEER_A_ALLOWEDIPS", _allowed_ips(peer.allowed_ips)])
     return {"attrs": attrs}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from pyroute2.iproute.linux import IPRoute
 
 from . import kernelwg, uapi
-from .config import DataplaneConfig, rule_families
+from .config import DataplaneConfig, Implementation, Mode, rule_families
 from .device import poke, wanted_device
 from .hostcfg import ensure_offloads, ensure_sysctls, matching_links
 from .links import ensure_addresses, ensure_link, ensure_routes, ensure_rules
@@ -37,7 +37,7 @@ def apply(cfg: DataplaneConfig, *, dry: bool = False, uapi_dir: Path = uapi.SOCK
     res.changes += changes
     res.errors += errors
     with IPRoute() as ipr:
-        if cfg.mode == "kernel":
+        if cfg.mode == Mode.KERNEL:
             _tunnel(ipr, cfg, res, dry, uapi_dir, known_endpoints)
         for link in cfg.links:
             for name in matching_links(ipr, link):
@@ -50,7 +50,7 @@ def apply(cfg: DataplaneConfig, *, dry: bool = False, uapi_dir: Path = uapi.SOCK
 def _tunnel(ipr: IPRoute, cfg: DataplaneConfig, res: Result, dry: bool, uapi_dir: Path,
             known_endpoints: dict[bytes, str] | None) -> None:
     wg = cfg.wireguard
-    kernel = wg.implementation == "kernel"
+    kernel = wg.implementation == Implementation.KERNEL
     idx, changes = ensure_link(ipr, wg.interface, "wireguard" if kernel else "", wg.mtu, dry)
     res.changes += changes
     if idx is None:

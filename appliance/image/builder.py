@@ -28,7 +28,7 @@ from .assemble import (
     layout_for,
     write_disk,
 )
-from .cache import Cache, content_key
+from .cache import Cache, CacheKind, content_key
 from .debian import Archive
 from .lock import Lock
 from .manifest import BuildManifest, OutputFile, ProfileInfo
@@ -266,7 +266,7 @@ def _esp(ctx: BuildContext) -> None:
 
     key = content_key({"base": base.entry.key, "cmdline": cmdline, "serial": ids.esp_serial, "sde": sde,
                        "recipe": ESP_RECIPE})
-    ctx.esp = ctx.opts.cache.get_or_build("esp", key, make).path / "esp.img"
+    ctx.esp = ctx.opts.cache.get_or_build(CacheKind.ESP, key, make).path / "esp.img"
 
 
 def _root_fs(ctx: BuildContext) -> None:

@@ -17,10 +17,21 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 CACHE_ENV = "APPLIANCE_CACHE"
+
+
+class CacheKind(StrEnum):
+    """What a cache entry holds (its directory is KIND-KEY)."""
+
+    TOOLS = "tools"  # the trixie tools tree (ukify, mkfs, sfdisk)
+    BASE = "base"  # a base root tree
+    ESP = "esp"  # an ESP image with its UKI
+    GOTREE = "gotree"  # the Go toolchain tree
+    NETSTACK = "netstack"  # the compiled appliance-netstack
 COMPLETE = "complete.json"
 # an entry's directory, and a build's temporary one (see get_or_build)
 _ENTRY_RE = re.compile(r"(?P<kind>[a-z]+)-(?P<key>[0-9a-z]+)")

@@ -7,10 +7,10 @@ A locked version the archive no longer carries is reported by name."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..fsutil import atomic_write
 from .run import ImageError
 
 LOCK_VERSION = 1
@@ -35,9 +35,7 @@ class Lock:
     def write(self, path: Path) -> None:
         data = {"lock_version": LOCK_VERSION, "suite": self.suite, "source_date_epoch": self.source_date_epoch,
                 "packages": dict(sorted(self.packages.items()))}
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(data, indent=1) + "\n")
 
     def apt_preferences(self) -> str:
         return "".join(f"Package: {name}\nPin: version {version}\nPin-Priority: 1001\n\n"

@@ -12,7 +12,7 @@ import importlib.resources
 import shutil
 from pathlib import Path
 
-from .cache import Cache, content_key
+from .cache import Cache, CacheKind, content_key
 from .debian import Archive, mmdebstrap_args
 from .run import NULL_LOG, BuildLog, run
 from .tools import ToolsTree
@@ -39,7 +39,7 @@ def _go_tree(cache: Cache, archive: Archive, log: BuildLog) -> ToolsTree:
         return {"packages": GO_PACKAGES}
 
     key = content_key({"packages": GO_PACKAGES, "suite": archive.suite, "recipe": GO_RECIPE})
-    return ToolsTree(cache.get_or_build("gotree", key, make))
+    return ToolsTree(cache.get_or_build(CacheKind.GOTREE, key, make))
 
 
 def build_netstack(cache: Cache | None = None, archive: Archive | None = None, log: BuildLog = NULL_LOG) -> Path:
@@ -65,4 +65,4 @@ def build_netstack(cache: Cache | None = None, archive: Archive | None = None, l
 
     digest = {name: hashlib.sha256(data).hexdigest() for name, data in src.items()}
     key = content_key({"tree": tree.entry.key, "sources": digest, "recipe": NETSTACK_RECIPE})
-    return cache.get_or_build("netstack", key, make).path / BINARY
+    return cache.get_or_build(CacheKind.NETSTACK, key, make).path / BINARY

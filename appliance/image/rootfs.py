@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import Cache, Entry, content_key, dir_size
+from .cache import Cache, CacheKind, Entry, content_key, dir_size
 from .debian import DPKG_EXCLUDES, Archive, mmdebstrap_args
 from .lock import Lock
 from .run import BuildLog, ImageError, run
@@ -240,14 +240,14 @@ def build_base(cache: Cache, tools: ToolsTree, archive: Archive, spec: ImageSpec
                 "spec": spec.base_inputs(), "snapshot": snapshot}
 
     key = base_key(spec, archive, snapshot, lock, sde)
-    return BaseTree(cache.get_or_build("base", key, make, rebuild=rebuild))
+    return BaseTree(cache.get_or_build(CacheKind.BASE, key, make, rebuild=rebuild))
 
 
 def newest_base(cache: Cache, spec: ImageSpec) -> BaseTree | None:
     """Offline fallback: the newest complete base built for this spec."""
     wanted = json.loads(json.dumps(spec.base_inputs()))  # as stored: tuples are JSON lists
     found = [e for e in cache.entries()
-             if e.kind == "base" and e.complete and e.meta().get("spec") == wanted]
+             if e.kind == CacheKind.BASE and e.complete and e.meta().get("spec") == wanted]
     found.sort(key=lambda e: e.meta().get("created", 0))
     return BaseTree(found[-1]) if found else None
 

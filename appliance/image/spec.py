@@ -5,10 +5,27 @@ what keys the cached base tree: two profiles with equal specs share one base."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any
 
 from ..profile.model import Profile
 from ..render.renderer import appliance_units, enabled_units
+
+
+class Arch(StrEnum):
+    AMD64 = "amd64"
+    ARM64 = "arm64"
+
+
+class Board(StrEnum):
+    GENERIC = "generic"  # real hardware: the full kernel, initramfs-tools
+    QEMU = "qemu"  # virtual machines: the cloud kernel, tiny-initramfs
+
+
+class Initramfs(StrEnum):
+    TINY = "tiny-initramfs"
+    TOOLS = "initramfs-tools"
+
 
 BASE_PACKAGES = [
     "systemd", "systemd-sysv", "systemd-resolved", "udev", "dbus", "openssh-server", "nftables", "iproute2",
@@ -21,9 +38,9 @@ BASE_PACKAGES = [
 # virtio-blk or NVMe (virtio-scsi and AHCI cost 1.3 s more here). virtio_net: the NICs exist when udev
 # starts in the root, so its coldplug (which handles net first) names them before anything else.
 VM_INITRD_MODULES = ["virtio_blk", "virtio_net"]
-INITRAMFS_VM = "tiny-initramfs"
-VM_BOARD = "qemu"  # the board that boots in virtual machines: cloud kernel, tiny initramfs
-INITRAMFS_HARDWARE = "initramfs-tools"
+INITRAMFS_VM = Initramfs.TINY
+VM_BOARD = Board.QEMU  # the board that boots in virtual machines: cloud kernel, tiny initramfs
+INITRAMFS_HARDWARE = Initramfs.TOOLS
 # Module subtrees an edge router never loads (paths under /usr/lib/modules/VERSION/kernel/), as mkosi's
 # KernelModulesExclude=: cluster and network file systems, RDMA, lab hardware. Kept: all of net/
 # (nftables, WireGuard, tunnels), block and NIC drivers, ext4/vfat/overlay, 9p.
@@ -55,12 +72,12 @@ DISABLED_UNITS = ["apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.
 @dataclass(frozen=True)
 class ImageSpec:
     name: str
-    arch: str
-    board: str
+    arch: Arch
+    board: Board
     kernel_package: str
     packages: tuple[str, ...]  # everything installed explicitly, kernel included, sorted
     extra_packages: tuple[str, ...]  # the profile's own, for error messages
-    initramfs: str  # the Debian package that makes it: INITRAMFS_VM or INITRAMFS_HARDWARE
+    initramfs: Initramfs  # the Debian package that makes it
     initrd_modules: tuple[str, ...]  # empty: initramfs-tools MODULES=most
     modules_exclude: tuple[str, ...]  # kernel module subtrees left out of the image
     modules_blacklist: tuple[str, ...]  # modules never loaded by alias (udev, systemd)
@@ -85,12 +102,11 @@ class ImageSpec:
 
 def image_spec(p: Profile) -> ImageSpec:
     packages = set(BASE_PACKAGES)
-    dp = p.dataplane
-    if dp.mode == "kernel":
+    if p.kernel_mode:
         packages.add("wireguard-tools")  # `wg`; the module ships with the kernel
-    if dp.mode == "kernel" and dp.wireguard == "wireguard-go":
+    if p.wireguard_go_tun:
         packages.add("wireguard-go")
-    if dp.mode == "userspace":
+    if p.userspace:
         packages.add("wireguard-tools")  # `wg show` reads the userspace dataplane's UAPI socket too
     vm = p.system.board == VM_BOARD
     kernel = f"linux-image-cloud-{p.system.arch}" if vm else f"linux-image-{p.system.arch}"
@@ -100,8 +116,8 @@ def image_spec(p: Profile) -> ImageSpec:
     packages |= set(p.system.packages)
     return ImageSpec(
         name=p.name,
-        arch=p.system.arch,
-        board=p.system.board,
+        arch=Arch(p.system.arch),
+        board=Board(p.system.board),
         kernel_package=kernel,
         packages=tuple(sorted(packages)),
         extra_packages=tuple(sorted(p.system.packages)),
@@ -112,5 +128,5 @@ def image_spec(p: Profile) -> ImageSpec:
         enable_units=tuple(enabled_units(p)),
         disable_units=tuple(DISABLED_UNITS),
         appliance_units=tuple(appliance_units(p)),
-        netstack=dp.mode == "userspace",
+        netstack=p.userspace,
     )

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import Cache, Entry, content_key
+from .cache import Cache, CacheKind, Entry, content_key
 from .debian import Archive, mmdebstrap_args
 from .run import BuildLog, run
 
@@ -33,7 +33,7 @@ def build_tools(cache: Cache, archive: Archive, log: BuildLog, rebuild: bool = F
              archive.suite, tree, *archive.sources()], log=log, what="mmdebstrap (tools tree)")
         return {"packages": TOOLS_PACKAGES}
 
-    entry = cache.get_or_build("tools", tools_key(archive), make, rebuild=rebuild)
+    entry = cache.get_or_build(CacheKind.TOOLS, tools_key(archive), make, rebuild=rebuild)
     return ToolsTree(entry)
 
 

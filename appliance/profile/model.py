@@ -232,6 +232,26 @@ class Profile(Strict):
     def is_subnet_router(self) -> bool:
         return "subnet-router" in self.roles
 
+    @property
+    def userspace(self) -> bool:
+        """The rootless dataplane (appliance-netstack)."""
+        return isinstance(self.dataplane, UserspaceDataplane)
+
+    @property
+    def kernel_mode(self) -> bool:
+        """The kernel routes at layer 3 (with its WireGuard module or wireguard-go on a TUN)."""
+        return isinstance(self.dataplane, KernelDataplane)
+
+    @property
+    def kernel_wireguard(self) -> bool:
+        """The kernel's own WireGuard, which networkd creates from a .netdev."""
+        return self.kernel_mode and self.dataplane.wireguard == "kernel"
+
+    @property
+    def wireguard_go_tun(self) -> bool:
+        """Kernel mode with wireguard-go on a TUN device, its own unit."""
+        return self.kernel_mode and self.dataplane.wireguard == "wireguard-go"
+
     def links(self) -> list[tuple[str, NetInterface]]:
         """The NICs the profile declares, by role, uplink first."""
         return [(role, iface) for role, iface in (("uplink", self.interfaces.uplink), ("lan", self.interfaces.lan))

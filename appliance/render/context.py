@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..dataplane.config import FilterRule as FilterRuleConfig
 from ..profile.acl import AclTarget, PortRange
@@ -39,7 +39,7 @@ def credential_path(name: str) -> str:
 
 @dataclass(frozen=True)
 class Link:
-    role: str
+    role: Literal["uplink", "lan"]
     group: int
     iface: NetInterface
 
@@ -125,14 +125,13 @@ class Context:
 
     @property
     def kernel_forwarding(self) -> bool:
-        return self.profile.dataplane.mode == "kernel"
+        return self.profile.kernel_mode
 
     @property
     def kernel_wireguard(self) -> bool:
         """The kernel's own WireGuard, which networkd creates from a .netdev; wireguard-go makes its
         TUN itself and takes its keys and peers from `wg set` (its unit)."""
-        dp = self.profile.dataplane
-        return dp.mode == "kernel" and dp.wireguard == "kernel"
+        return self.profile.kernel_wireguard
 
 
 def _links(p: Profile) -> list[Link]:
@@ -193,7 +192,7 @@ def forward_rules(p: Profile) -> list[FilterRule]:
 
 def _sysctls(p: Profile, links: list[Link], ipv6: bool) -> dict[str, str]:
     s: dict[str, str] = {}
-    kernel = p.dataplane.mode == "kernel"
+    kernel = p.kernel_mode
     if kernel:
         s["net.ipv4.ip_forward"] = "1"
         s["net.ipv4.conf.all.rp_filter"] = "2"  # loose: replies to peers arrive through the policy table
@@ -203,11 +202,11 @@ def _sysctls(p: Profile, links: list[Link], ipv6: bool) -> dict[str, str]:
                 # forwarding turns RA processing off unless accept_ra=2
                 if link.role == "uplink" and link.ipv6 == "ra" and link.match_name:
                     s[_sysctl_key("net", "ipv6", "conf", link.match_name, "accept_ra")] = "2"
-    if p.dataplane.mode == "userspace" or p.dataplane.wireguard == "wireguard-go":
+    if p.userspace or p.wireguard_go_tun:
         # wireguard-go asks for 7 MiB socket buffers; the default caps drop tunnel packets under load
         s["net.core.rmem_max"] = "7340032"
         s["net.core.wmem_max"] = "7340032"
-    if p.dataplane.mode == "userspace":
+    if p.userspace:
         # peers' pings leave as the dataplane's own, from unprivileged ICMP sockets
         s["net.ipv4.ping_group_range"] = "0 2147483647"
     return s
@@ -229,7 +228,7 @@ def build_context(p: Profile) -> Context:
         links=links,
         peer_routes=routes,
         forward_rules=forward_rules(p),
-        forwarding=p.dataplane.mode == "kernel",
+        forwarding=p.kernel_mode,
         ipv6=ipv6,
         sysctls=_sysctls(p, links, ipv6),
     )

@@ -85,9 +85,9 @@ def enabled_units(p: Profile) -> list[str]:
 def appliance_units(p: Profile) -> list[str]:
     """The appliance's own units, shipped and enabled by the rendered tree."""
     units = ["appliance-dataplane.service"]
-    if p.dataplane.mode == "kernel" and p.dataplane.wireguard == "wireguard-go":
+    if p.wireguard_go_tun:
         units.append("appliance-wireguard-go.service")
-    if p.dataplane.mode == "userspace":
+    if p.userspace:
         units.append("appliance-userspace.service")
     return sorted(units)
 
@@ -137,7 +137,7 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
     _dataplane_code(t)
     t.file("usr/sbin/appliance-dataplane", tpl("dataplane-launcher.j2", version=__version__), mode=0o755)
     t.file("etc/systemd/system/appliance-dataplane.service", tpl("dataplane.service.j2"))
-    if p.dataplane.mode == "kernel" and p.dataplane.wireguard == "wireguard-go":
+    if p.wireguard_go_tun:
         t.file("etc/systemd/system/appliance-wireguard-go.service", tpl("wireguard-go.service.j2"))
     for unit in appliance_units(p):  # what `systemctl enable` makes for WantedBy=multi-user.target
         t.symlink(f"etc/systemd/system/multi-user.target.wants/{unit}", f"/etc/systemd/system/{unit}")
@@ -145,7 +145,7 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
     # until it has a lease, and its unicast renewals' replies are conntrack's "established".
     t.file("etc/nftables.conf", tpl("nftables.conf.j2", dhcpv6=_any(ctx, "ipv6", "ra"),
                                      forwarding=ctx.kernel_forwarding, socks5=_socks5_opening(p, ctx)), mode=0o755)
-    if p.dataplane.mode == "userspace":
+    if p.userspace:
         t.file("etc/systemd/system/appliance-userspace.service", tpl("userspace.service.j2"))
         t.file("etc/sysusers.d/appliance.conf",
                'u appliance-dp - "appliance userspace dataplane" /nonexistent /usr/sbin/nologin\n')
@@ -175,9 +175,9 @@ def boot_modules(p: Profile) -> list[str]:
     sets, payload matches and `tcp option maxseg`/`rt mtu` are built into nf_tables). wireguard-go's
     tun is loaded by its own unit."""
     modules = ["nf_tables", "nft_ct"]
-    if p.dataplane.mode == "kernel" and p.routing.snat:
+    if p.kernel_mode and p.routing.snat:
         modules += ["nft_chain_nat", "nft_masq"]
-    if p.dataplane.mode == "kernel" and p.dataplane.wireguard == "kernel":
+    if p.kernel_wireguard:
         modules.append("wireguard")
     return modules
 
@@ -185,7 +185,7 @@ def boot_modules(p: Profile) -> list[str]:
 def _socks5_opening(p: Profile, ctx: Context) -> dict[str, Any] | None:
     """Where the firewall lets other hosts reach the userspace dataplane's SOCKS5 proxy: its address,
     on the interface that address belongs to, and nowhere else (none on loopback)."""
-    if p.dataplane.mode != "userspace":
+    if not isinstance(p.dataplane, UserspaceDataplane):
         return None
     ip, port = p.dataplane.socks5_address
     role = p.link_with_address(ip)

@@ -8,12 +8,12 @@ never have to exist in the repository or on the build machine's disk."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import pyrage
 
 from ..errors import ApplianceError
+from ..fsutil import atomic_write
 
 IDENTITY_ENV = "APPLIANCE_AGE_IDENTITY"
 
@@ -45,12 +45,7 @@ def identities(path: Path | None) -> list[pyrage.x25519.Identity]:
 
 def encrypt_file(path: Path, to: list[pyrage.x25519.Recipient]) -> Path:
     target = path.with_name(path.name + ".age")
-    data = pyrage.encrypt(path.read_bytes(), to)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{target.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # ciphertext: safe to commit and share
-    os.replace(tmp, target)
+    atomic_write(target, pyrage.encrypt(path.read_bytes(), to), 0o644)  # ciphertext: safe to commit and share
     return target
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..profile import Issue, LoadedProfile, Profile, ProfileError
+from ..profile.model import UserspaceDataplane
 from .store import ApplianceKeys, SecretStore, default_store_path
 
 
 def needs_socks5_password(p: Profile) -> bool:
     """A SOCKS5 proxy others can reach (not on loopback) takes a password."""
-    if p.dataplane.mode != "userspace":
+    if not isinstance(p.dataplane, UserspaceDataplane):
         return False
     ip, _ = p.dataplane.socks5_address
     return not ip.is_loopback

@@ -16,12 +16,12 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ApplianceError
+from ..fsutil import atomic_write
 from ..profile.loader import profile_root
 from ..profile.types import check_name
 from .keys import generate_preshared_key, generate_private_key, public_key
@@ -140,21 +140,11 @@ def _require_name(name: str) -> None:
 
 
 def _write_private(path: Path, text: str) -> None:
-    _write_file(path, text, 0o600)
+    atomic_write(path, text, 0o600)
 
 
 def _write_file(path: Path, text: str, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600 from the start
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text, mode)
 
 
 def _require_private_dir(path: Path) -> None:

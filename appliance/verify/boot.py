@@ -12,7 +12,6 @@ an address (no routes) so testinfra can log in over 127.0.0.1.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import shutil
@@ -30,23 +29,19 @@ from ..errors import LabError
 from ..image import BuildOptions, Cache, ProfileInfo, build_loaded, image_spec
 from ..peer_config import client_config, routes_for_peer
 from ..profile import Profile
-from ..profile.acl import AclTarget
 from ..render import ConfigTree
 from ..runner import CommandFailed, run
-from ..secrets import SecretStore, appliance_keys, generate_private_key, public_key
+from ..secrets import SecretStore, appliance_keys, public_key
 from . import probe
+from .cases import LAN_MAC, UPLINK_MAC, WAN_GATEWAY, LabPeer, lab_variant, lan_host, traffic_cases
 from .netns import Lab, LabCommandFailed, protocol_counters, split_wg_quick, start_peer, wait_for
 from .static import verify_tree
 from .suite import run_suite
 from .vm import MGMT_MAC, VM, Nic, running
 
-UPLINK_MAC = "52:54:00:12:34:01"
-LAN_MAC = "52:54:00:12:34:02"
-WAN_GATEWAY = "198.18.30.1"  # the "internet" side of the uplink; also the upstream server
 UPLINK_LEASE = "198.18.30.128"  # the lab's DHCP server reserves it for UPLINK_MAC
 WAN_NET = "198.18.30.0/24"
 PORTS = [22, 443, 7000, 8080]
-PROBE_PORT = 7000
 REARM_S = 1.0  # how often a lab peer whose handshake is unanswered starts a new one (WireGuard: 5 s)
 SUITE = Path(__file__).with_name("boot_suite.py")
 
@@ -73,19 +68,6 @@ Step = Callable[[str], AbstractContextManager[None]]
 
 
 @dataclass
-class LabPeer:
-    name: str
-    private_key: str
-    ns: str = ""
-    tunnel_ip: str = ""
-    setconf: str = ""  # its `wg setconf` text: set again, it starts a fresh handshake
-
-    @property
-    def public(self) -> str:
-        return public_key(self.private_key)
-
-
-@dataclass
 class BootReport:
     name: str
     passed: int = 0
@@ -100,85 +82,6 @@ class BootReport:
     @property
     def ok(self) -> bool:
         return self.failed == 0 and self.passed > 0
-
-
-def lab_variant(p: Profile, ssh_public_key: str) -> tuple[Profile, list[LabPeer]]:
-    data = p.model_dump(mode="json")
-    peers = []
-    for entry in data["wireguard"]["peers"]:
-        lp = LabPeer(entry["name"], generate_private_key())
-        entry["public_key"] = lp.public
-        v4 = [n for n in entry["allowed_ips"] if ":" not in n and n.endswith("/32")]
-        lp.tunnel_ip = v4[0].split("/")[0] if v4 else ""
-        peers.append(lp)
-    data["system"]["ssh"]["authorized_keys"].append(ssh_public_key)
-    for role, mac in (("uplink", UPLINK_MAC), ("lan", LAN_MAC)):
-        if data["interfaces"].get(role):
-            data["interfaces"][role]["match"] = {"mac": mac}
-    return Profile.model_validate(data), peers
-
-
-def lan_host(p: Profile) -> str | None:
-    """The LAN host the lab places: the first /32 an ACL names inside the LAN, else LAN address + 19."""
-    lan = p.interfaces.lan
-    if lan is None or isinstance(lan.ipv4, str):
-        return None
-    net = lan.ipv4.address.network
-    for rule in p.firewall.acl:
-        for dest in rule.to:
-            if dest.network.prefixlen == 32 and dest.network.network_address in net:
-                return str(dest.network.network_address)
-    return str(lan.ipv4.address.ip + 19)
-
-
-def acl_allows(p: Profile, peer: str, proto: str, dst: str, port: int | None) -> bool:
-    """The profile's forwarding policy, evaluated independently of the nftables renderer."""
-    ip = ipaddress.ip_address(dst)
-    offered = [ipaddress.ip_network("0.0.0.0/0")] if p.is_exit_node else list(p.routing.advertise_routes)
-    if not p.firewall.acl:
-        return any(ip in n for n in offered if n.version == ip.version)
-
-    def dest_ok(d: AclTarget) -> bool:
-        if ip not in d.network:
-            return False
-        return not d.ports or (port is not None and any(lo <= port <= hi for lo, hi in d.ports))
-
-    return any((peer in r.peers or "*" in r.peers) and r.proto in (proto, "any") and any(dest_ok(d) for d in r.to)
-               for r in p.firewall.acl)
-
-
-def traffic_cases(p: Profile, peers: list[LabPeer], lan: str | None) -> list[dict[str, Any]]:
-    cases: list[dict[str, Any]] = []
-    # GRE has no ports: behind one SNAT address, a second peer's GRE to the same destination has no
-    # unique conntrack tuple while the first one's lives. Layer-3 checks use one peer per target.
-    layer3_done: set[str] = set()
-    for peer in peers:
-        if not peer.tunnel_ip:
-            continue
-        targets = []
-        if p.is_exit_node:
-            targets.append(("upstream", WAN_GATEWAY))
-        if lan:
-            targets.append(("lan host", lan))
-        if not p.is_exit_node:  # somewhere the profile does not offer: must not arrive
-            targets.append(("not advertised", WAN_GATEWAY))
-        for label, dst in targets:
-            protos: list[tuple[str, int | None]] = [("tcp", PROBE_PORT), ("udp", PROBE_PORT), ("icmp", None)]
-            if lan and dst == lan:
-                protos += [("tcp", 443), ("tcp", 22)]
-            for proto, port in protos:
-                allowed = label != "not advertised" and acl_allows(p, peer.name, proto, dst, port)
-                cases.append({"peer": peer.name, "target": label, "dst": dst, "proto": proto, "port": port,
-                              "expect": "arrive" if allowed else "blocked"})
-            layer3 = label != "not advertised" and dst not in layer3_done
-            if layer3 and acl_allows(p, peer.name, "any", dst, None):
-                layer3_done.add(dst)
-                # kernel mode routes every IP protocol; userspace mode carries only TCP, UDP and ping
-                expect = "arrive" if p.dataplane.mode == "kernel" else "blocked"
-                for proto in ("sctp", "gre"):
-                    cases.append({"peer": peer.name, "target": label, "dst": dst, "proto": proto, "port": None,
-                                  "expect": expect})
-    return cases
 
 
 def emulator_fault(console: str) -> bool:
@@ -471,7 +374,7 @@ class BootTest:
             "lab": {"dir": str(lab.dir), "wan": wan, "lan": lan_ns, "arrivals": str(arrivals), "probe": probe.__file__,
                     "peers": {x.name: {"ns": x.ns, "tunnel_ip": x.tunnel_ip} for x in peers},
                     "snat_source": {WAN_GATEWAY: uplink_ip, **({lan: _lan_ip(p)} if lan else {})}},
-            "cases": traffic_cases(p, peers, lan),
+            "cases": [c.to_json() for c in traffic_cases(p, peers, lan)],
         }
 
     def _suite(self, report: BootReport, port: int, expect: dict[str, Any]) -> None:

@@ -23,10 +23,10 @@ from ..profile import load_profile
 from ..render import render
 from ..render.context import SOCKS5_PASSWORD_CREDENTIAL, credential_path
 from ..render.renderer import USERSPACE_SOCKS5_CREDENTIAL
+from ..runner import run
 from ..secrets import SecretStore, appliance_keys, generate_private_key, public_key
-from .netns import Lab, start_peer, start_wireguard_go, wait_for
+from .netns import Lab, LabCommandFailed, start_peer, start_wireguard_go, wait_for
 
-REPO = Path(__file__).resolve().parent.parent.parent
 UID = 64123  # the unprivileged dataplane user of the userspace lab (no passwd entry needed)
 SERVER = "198.18.60.2"
 APPLIANCE_UPLINK = "198.18.60.1"
@@ -163,8 +163,9 @@ def _userspace_launcher(lab: Lab, ns: str, root: Path, dp: dict[str, object], ke
 def _client(lab: Lab, ns: str, profile: Path, key: str, wireguard_go: str) -> None:
     """The peer, configured from `appliance peer` output, sending everything into the tunnel."""
     (lab.dir / "client.key").write_text(key)
-    conf = subprocess.run([sys.executable, "-m", "appliance", "peer", str(profile), "client", "--endpoint",
-                           f"{ENDPOINT}:51820", "--private-key-file", str(lab.dir / "client.key"), "--secrets",
-                           str(lab.dir / "secrets")], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    # the installed command, as a user runs it (no source checkout needed)
+    conf = run([sys.executable, "-m", "appliance", "peer", profile, "client", "--endpoint", f"{ENDPOINT}:51820",
+                "--private-key-file", lab.dir / "client.key", "--secrets", lab.dir / "secrets"],
+               error=LabCommandFailed).stdout
     start_peer(lab, ns, "wgc", conf, mtu=1420, binary=wireguard_go)
     lab.run(ns, ["ip", "route", "add", "default", "dev", "wgc"])

@@ -3,7 +3,6 @@ pytest in a process of its own, the verdict from its JUnit XML report, not from 
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +10,25 @@ from xml.etree import ElementTree
 
 from ..runner import run
 
-# testinfra adds the host to each test's id: "test_x[chroot:///tree]", "test_y[case-paramiko://root@...]"
-_HOST_ID = re.compile(r"-?(?:paramiko|chroot|ssh|local)://[^\]-]*")
+
+def host_id(hosts: str, args: tuple[str, ...] = ()) -> str:
+    """The id testinfra gives the host in each test's name: "local", "chroot:///path",
+    "paramiko://HOST" (without user and port)."""
+    if hosts == "local://":
+        return "local"
+    if "--connection=chroot" in args:
+        return f"chroot://{hosts}"
+    scheme, _, rest = hosts.partition("://")
+    host = rest.rsplit("@", 1)[-1]
+    return f"{scheme}://{host.rsplit(':', 1)[0] if host.count(':') == 1 else host}"
+
+
+def _without_host(name: str, hid: str) -> str:
+    """test_x[HOST] -> test_x; test_y[HOST-1] -> test_y[1]; test_z[a-HOST] -> test_z[a]."""
+    for form, repl in ((f"[{hid}]", ""), (f"[{hid}-", "["), (f"-{hid}]", "]"), (f"-{hid}-", "-")):
+        if form in name:
+            return name.replace(form, repl, 1)
+    return name
 
 
 @dataclass(frozen=True)
@@ -37,10 +53,10 @@ def run_suite(suite: Path, workdir: Path, hosts: str, *, env: dict[str, str], ar
                 "--rootdir", workdir, "--color=no", f"--hosts={hosts}", f"--junitxml={report}", *args],
                check=False, env=env)
     output = proc.stdout + proc.stderr
-    return read_report(report, output, proc.returncode)
+    return read_report(report, output, proc.returncode, host_id(hosts, args))
 
 
-def read_report(report: Path, output: str, returncode: int) -> SuiteResult:
+def read_report(report: Path, output: str, returncode: int, hid: str = "") -> SuiteResult:
     try:
         root = ElementTree.parse(report).getroot()
     except (OSError, ElementTree.ParseError):  # pytest died before it wrote one
@@ -48,7 +64,7 @@ def read_report(report: Path, output: str, returncode: int) -> SuiteResult:
     passed, failures = 0, []
     for case in root.iter("testcase"):
         if case.find("failure") is not None or case.find("error") is not None:
-            failures.append(_HOST_ID.sub("", case.get("name", "?")).replace("[]", ""))
+            failures.append(_without_host(case.get("name", "?"), hid))
         elif case.find("skipped") is None:
             passed += 1
     failed = len(failures)

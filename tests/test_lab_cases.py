@@ -1,0 +1,52 @@
+"""The boot lab's expectations come from the profile: the ACL oracle and the traffic cases, checked
+against profiles whose answers are known, including variants that are not the examples' shape."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from appliance.profile import Profile, load_profile
+from appliance.verify.cases import WAN_GATEWAY, TrafficCase, acl_allows, lab_variant, lan_host, traffic_cases
+from conftest import PROFILES
+
+SSH = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIP5A98Fr1yv45rSbxku1EnOc8cwVe4JStajG9N4ICtdJ lab"
+
+
+def _variant(tmp_path: Path, base: str, extra: str) -> Profile:
+    shutil.copy(PROFILES / base, tmp_path)
+    f = tmp_path / "variant.yaml"
+    f.write_text(f"extends: {base}\n{extra}")
+    return load_profile(f).profile
+
+
+def test_oracle_follows_the_acl(tmp_path: Path) -> None:
+    """The example router's ACL lets the contractor reach one host's 443 and nothing else; without
+    an ACL, every peer reaches the whole advertised network, and nothing beyond it."""
+    p = load_profile(PROFILES / "subnet-router.yaml").profile
+    lan = lan_host(p)
+    assert lan is not None
+    allowed = {(peer, proto, port) for peer in ("admin", "contractor") for proto in ("tcp", "udp")
+               for port in (22, 443, 7000) if acl_allows(p, peer, proto, lan, port)}
+    assert ("contractor", "tcp", 443) in allowed and ("contractor", "tcp", 22) not in allowed
+    assert not acl_allows(p, "admin", "udp", "203.0.113.9", 53)
+    open_router = _variant(tmp_path, "subnet-router.yaml", "firewall: {acl: []}\n")
+    assert acl_allows(open_router, "contractor", "tcp", lan, 22)
+    assert not acl_allows(open_router, "admin", "udp", WAN_GATEWAY, 53)
+
+
+def test_cases_come_from_the_profile_not_the_examples(tmp_path: Path) -> None:
+    """A userspace exit node: layer-3 protocols blocked; a kernel-mode one: they arrive."""
+    user = load_profile(PROFILES / "userspace-exit-node.yaml").profile
+    lab, peers = lab_variant(user, SSH)
+    cases = traffic_cases(lab, peers, None)
+    assert cases and all(isinstance(c, TrafficCase) for c in cases)
+    assert {(c.proto, c.expect) for c in cases if c.proto in ("sctp", "gre")} == {("sctp", "blocked"),
+                                                                                  ("gre", "blocked")}
+    kernel = _variant(tmp_path, "exit-node.yaml", "dataplane: {mode: kernel, wireguard: wireguard-go}\n")
+    lab_k, peers_k = lab_variant(kernel, SSH)
+    assert {(c.proto, c.expect) for c in traffic_cases(lab_k, peers_k, None) if c.proto in ("sctp", "gre")} == {
+        ("sctp", "arrive"), ("gre", "arrive")}
+    # the lab holds every peer's key: the declared ones are replaced
+    assert {p.public_key for p in lab.wireguard.peers} == {x.public for x in peers}
+    assert not {p.public_key for p in lab.wireguard.peers} & {p.public_key for p in user.wireguard.peers}
