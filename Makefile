@@ -37,3 +37,4 @@ bench: setup
 	$(BIN)/python bench/image.py
 	$(BIN)/python bench/boot.py
 	$(BIN)/python bench/dataplane.py
+	$(BIN)/python bench/validate.py
