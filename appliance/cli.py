@@ -520,8 +520,9 @@ def fleet_build(directory: Path, out_dir: Path, cache_dir: Path | None, secrets_
         try:
             res = build_profile(path, BuildOptions(out_dir=out_dir, cache=Cache(cache_dir), check_tree=verify_tree),
                                 step, secrets=secrets_dir, root=fleet.fleet_root(directory))
-            assert res.profile is not None
             p = res.profile
+            if p is None:
+                raise ImageError(f"{path}: built without its profile")
             table.add_row(p.name, ", ".join(p.roles), p.dataplane.mode,
                           f"{res.output('.img.zst').size / 2**20:.1f} MiB zstd", res.output(".img").sha256[:12],
                           f"{time.monotonic() - t0:.0f} s", "[green]built[/]")

@@ -49,6 +49,20 @@ def test_userspace_subnet_router_passes(tmp_path: Path) -> None:
     assert report.passed >= 25
 
 
+def test_subnet_router_without_snat_passes(tmp_path: Path) -> None:
+    """routing.snat: false, a correct profile the examples do not show: the LAN sees the peers' own
+    tunnel addresses (the lab's LAN host routes them back via the router, as the README says a LAN
+    must) and the ruleset has no masquerade. With the kernel's WireGuard, so it shares the exit
+    node's root tree."""
+    shutil.copy(PROFILES / "subnet-router.yaml", tmp_path)
+    profile = tmp_path / "router-no-snat.yaml"
+    profile.write_text("extends: subnet-router.yaml\nname: router-no-snat\n"
+                       "dataplane: {mode: kernel, wireguard: kernel}\nrouting: {snat: false}\n")
+    report = BootTest(load_profile(profile).profile, Cache(CACHE), step).run()
+    assert report.ok, report.output[-5000:] + "\n--- console ---\n" + report.console[-3000:]
+    assert report.passed >= 25
+
+
 def test_broken_image_is_caught_by_traffic() -> None:
     """Remove the SNAT rule from the rendered tree before the build: every file check still agrees
     with that tree, so only the traffic checks (source address at the far end) can catch it."""

@@ -126,6 +126,9 @@ CASES = [
          "dataplane.socks5", "not the name"),
     Case("socks5-ssh-port", {28: ['dataplane: {mode: userspace, socks5: "127.0.0.1:22"}']}, 28,
          "dataplane.socks5", "sshd's"),
+    Case("userspace-no-snat", {28: ['dataplane: {mode: userspace}'], 29: ["routing: {advertise_routes: "
+                                                                       "[192.168.10.0/24], snat: false}"]}, 29,
+         "routing.snat", "needs dataplane mode: kernel"),
     Case("socks5-foreign-address", {28: ['dataplane: {mode: userspace, socks5: "10.9.9.9:1080"}']}, 28,
          "dataplane.socks5", "not an address of this appliance"),
 ]

@@ -50,3 +50,20 @@ def test_cases_come_from_the_profile_not_the_examples(tmp_path: Path) -> None:
     # the lab holds every peer's key: the declared ones are replaced
     assert {p.public_key for p in lab.wireguard.peers} == {x.public for x in peers}
     assert not {p.public_key for p in lab.wireguard.peers} & {p.public_key for p in user.wireguard.peers}
+
+
+def test_without_snat_the_far_end_sees_the_peer(tmp_path: Path) -> None:
+    """routing.snat: false (kernel mode): TCP/UDP arrive from the peer's own tunnel address; with SNAT
+    (the control), from the appliance's address on the way."""
+    router = load_profile(PROFILES / "subnet-router.yaml").profile
+    plain = _variant(tmp_path, "subnet-router.yaml", "routing: {snat: false}\n")
+    for p, want_peer in ((router, False), (plain, True)):
+        lab, peers = lab_variant(p, SSH)
+        lan = lan_host(lab)
+        assert lan is not None
+        cases = [c for c in traffic_cases(lab, peers, lan, {lan: "192.168.10.1", WAN_GATEWAY: "198.18.30.128"})
+                 if c.proto in ("tcp", "udp") and c.expect == "arrive"]
+        assert cases
+        tunnel_ips = {x.name: x.tunnel_ip for x in peers}
+        for c in cases:
+            assert c.source == (tunnel_ips[c.peer] if want_peer else "192.168.10.1"), c

@@ -33,7 +33,8 @@ def ensure_link(ipr: IPRoute, name: str, kind: str, mtu: int, dry: bool) -> tupl
             return None, changes
         ipr.link("add", ifname=name, kind=kind)
         idx = link_index(ipr, name)
-        assert idx is not None
+        if idx is None:
+            raise RuntimeError(f"{name} was created and is gone")
     link = ipr.get_links(idx)[0]
     if link.get_attr("IFLA_MTU") != mtu:
         changes.append(f"{name} mtu {mtu}")

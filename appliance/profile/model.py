@@ -179,7 +179,9 @@ class Routing(Strict):
     rule_priority: int = Field(5270, ge=1, le=32765, description="priority of the `ip rule` that looks up the table")
     advertise_routes: list[Network] = Field(
         default_factory=list, description="networks behind this appliance offered to peers (subnet router)")
-    snat: bool = Field(True, description="masquerade peer traffic leaving the uplink/LAN to the appliance's address")
+    snat: bool = Field(True, description="masquerade peer traffic leaving the uplink/LAN to the appliance's address "
+                                         "(kernel mode; userspace mode always re-originates flows from it); "
+                                         "false: the networks behind must route the tunnel back via the appliance")
     mss_clamp: bool = Field(True, description="clamp TCP MSS of forwarded SYNs to the path MTU")
 
     @field_validator("table")

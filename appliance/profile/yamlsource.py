@@ -180,7 +180,8 @@ class _Converter:
                 self.out.values[(*path, i)] = _pos(self.shown, item)
                 items.append(self.value(item, (*path, i), active))
             return items
-        assert isinstance(node, MappingNode)
+        if not isinstance(node, MappingNode):
+            raise self.fail(f"unexpected YAML node ({type(node).__name__})", node)
         return self.mapping(node, path, active)
 
     def mapping(self, node: MappingNode, path: Path, active: frozenset[int]) -> dict[str, Any]:

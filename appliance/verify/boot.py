@@ -33,7 +33,7 @@ from ..render import ConfigTree
 from ..runner import CommandFailed, run
 from ..secrets import SecretStore, appliance_keys, public_key
 from . import probe
-from .cases import LAN_MAC, UPLINK_MAC, WAN_GATEWAY, LabPeer, lab_variant, lan_host, traffic_cases
+from .cases import LAN_MAC, UPLINK_MAC, WAN_GATEWAY, LabPeer, lab_variant, lan_host, masquerades, traffic_cases
 from .netns import Lab, LabCommandFailed, protocol_counters, split_wg_quick, start_peer, wait_for
 from .static import verify_tree
 from .suite import run_suite
@@ -224,6 +224,8 @@ class BootTest:
                     self._lan(lab, lan_ns, nics[1].tap, p, lan, arrivals)
                 for peer in peers:
                     self._peer(lab, p, peer, uplink_ip)
+                if not masquerades(p):  # what a network must do for an appliance that does not SNAT
+                    self._routes_back(lab, p, [(wan, uplink_ip)] + ([(lan_ns, _lan_ip(p))] if lan_ns and lan else []))
                 leased()
                 self._wait_up(lab, p, peers, vm, report.timings)
             expect = self._expectations(p, peers, uplink_ip, lan, lab, wan, lan_ns, arrivals)
@@ -236,7 +238,8 @@ class BootTest:
     def _lan(self, lab: Lab, ns: str, tap: str, p: Profile, host: str, arrivals: Path) -> None:
         _attach(lab, ns, tap, "tapl")
         lan_if = p.interfaces.lan
-        assert lan_if is not None and not isinstance(lan_if.ipv4, str)
+        if lan_if is None or isinstance(lan_if.ipv4, str):
+            raise LabError("the lab's LAN host needs a static IPv4 address on interfaces.lan")
         lab.run(ns, ["ip", "addr", "add", f"{host}/{lan_if.ipv4.address.network.prefixlen}", "dev", "tapl"])
         lab.run(ns, ["ip", "route", "add", "default", "via", str(lan_if.ipv4.address.ip)])
         lab.run(ns, ["nft", "-f", "-"], input=protocol_counters("tapl"))
@@ -247,7 +250,8 @@ class BootTest:
         reserves UPLINK_LEASE for the appliance. Returns the uplink's address, known at once, and what
         waits until the appliance has it."""
         uplink = p.interfaces.uplink
-        assert uplink is not None
+        if uplink is None:
+            raise LabError("the lab boots appliances with an uplink (interfaces.uplink)")
         lab.serve(wan, ",".join(map(str, PORTS)), arrivals, "upstream-server")
         if isinstance(uplink.ipv4, str):
             lab.run(wan, ["ip", "addr", "add", f"{WAN_GATEWAY}/24", "dev", "tapu"])
@@ -302,6 +306,15 @@ class BootTest:
                 lab.run(peer.ns, ["ip", "route", "replace", str(net), "dev", "wgp"])
         if not p.is_exit_node:  # a peer that sends more than it was offered: the appliance must refuse
             lab.run(peer.ns, ["ip", "route", "add", f"{WAN_GATEWAY}/32", "dev", "wgp"])
+
+    @staticmethod
+    def _routes_back(lab: Lab, p: Profile, hosts: list[tuple[str, str]]) -> None:
+        """Without SNAT the far end sees peers' own tunnel addresses: its network routes them back via
+        the appliance (README, "Routing without SNAT"), here each lab host that replies."""
+        nets = sorted({str(n) for peer in p.wireguard.peers for n in peer.allowed_ips if n.version == 4})
+        for ns, via in hosts:
+            for net in nets:
+                lab.run(ns, ["ip", "route", "replace", net, "via", via])
 
     def _wait_up(self, lab: Lab, p: Profile, peers: list[LabPeer], vm: VM, timings: dict[str, float]) -> None:
         """Until SSH answers and a peer has completed a handshake; each time is taken when it happens.
@@ -372,9 +385,10 @@ class BootTest:
             "tunnel_address": str(p.wireguard.addresses[0].ip), "shields_up": p.firewall.shields_up,
             "mss_clamp": p.routing.mss_clamp, "wg_mtu": p.wireguard.mtu,
             "lab": {"dir": str(lab.dir), "wan": wan, "lan": lan_ns, "arrivals": str(arrivals), "probe": probe.__file__,
-                    "peers": {x.name: {"ns": x.ns, "tunnel_ip": x.tunnel_ip} for x in peers},
-                    "snat_source": {WAN_GATEWAY: uplink_ip, **({lan: _lan_ip(p)} if lan else {})}},
-            "cases": [c.to_json() for c in traffic_cases(p, peers, lan)],
+                    "peers": {x.name: {"ns": x.ns, "tunnel_ip": x.tunnel_ip} for x in peers}},
+            "snat": p.routing.snat and p.kernel_mode,
+            "cases": [c.to_json() for c in traffic_cases(
+                p, peers, lan, {WAN_GATEWAY: uplink_ip, **({lan: _lan_ip(p)} if lan else {})})],
         }
 
     def _suite(self, report: BootReport, port: int, expect: dict[str, Any]) -> None:
@@ -399,5 +413,6 @@ def _gateway(lab: Lab, ns: str) -> str:
 
 def _lan_ip(p: Profile) -> str:
     lan = p.interfaces.lan
-    assert lan is not None and not isinstance(lan.ipv4, str)
+    if lan is None or isinstance(lan.ipv4, str):
+        raise LabError("the lab's LAN host needs a static IPv4 address on interfaces.lan")
     return str(lan.ipv4.address.ip)

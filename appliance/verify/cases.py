@@ -41,6 +41,7 @@ class TrafficCase:
     proto: str  # tcp, udp, icmp, sctp, gre
     port: int | None
     expect: Expect
+    source: str = ""  # the source address the far end sees (tcp/udp): the appliance's, or with snat off the peer's
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,8 +105,18 @@ def _targets(p: Profile, lan: str | None) -> list[tuple[str, str]]:
     return targets
 
 
-def traffic_cases(p: Profile, peers: list[LabPeer], lan: str | None) -> list[TrafficCase]:
+def masquerades(p: Profile) -> bool:
+    """Whether the far end sees the appliance's address: kernel mode with routing.snat, and userspace
+    mode always (its flows leave from the host's own sockets)."""
+    return p.routing.snat or p.userspace
+
+
+def traffic_cases(p: Profile, peers: list[LabPeer], lan: str | None,
+                  appliance_source: dict[str, str] | None = None) -> list[TrafficCase]:
+    """appliance_source: destination -> the appliance's address on the way there (the uplink's, the
+    LAN's), what the far end sees when the appliance masquerades."""
     cases: list[TrafficCase] = []
+    sources = appliance_source or {}
     # GRE has no ports: behind one SNAT address, a second peer's GRE to the same destination has no
     # unique conntrack tuple while the first one's lives. Layer-3 checks use one peer per target.
     layer3_done: set[str] = set()
@@ -114,9 +125,11 @@ def traffic_cases(p: Profile, peers: list[LabPeer], lan: str | None) -> list[Tra
             protos: list[tuple[str, int | None]] = [("tcp", PROBE_PORT), ("udp", PROBE_PORT), ("icmp", None)]
             if lan and dst == lan:
                 protos += [("tcp", 443), ("tcp", 22)]
+            source = sources.get(dst, "") if masquerades(p) else peer.tunnel_ip
             for proto, port in protos:
                 allowed = label != "not advertised" and acl_allows(p, peer.name, proto, dst, port)
-                cases.append(TrafficCase(peer.name, label, dst, proto, port, "arrive" if allowed else "blocked"))
+                cases.append(TrafficCase(peer.name, label, dst, proto, port, "arrive" if allowed else "blocked",
+                                         source))
             layer3 = label != "not advertised" and dst not in layer3_done
             if layer3 and acl_allows(p, peer.name, "any", dst, None):
                 layer3_done.add(dst)
