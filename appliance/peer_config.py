@@ -40,6 +40,8 @@ def client_config(p: Profile, peer: Peer, appliance_public_key: str, preshared_k
     lines.append(f"PrivateKey = {private_key or PRIVATE_KEY_PLACEHOLDER}")
     if addresses:
         lines.append(f"Address = {', '.join(str(a) for a in addresses)}")
+    if p.dns.serve:  # the appliance's resolver, through the tunnel
+        lines.append(f"DNS = {', '.join(str(a.ip) for a in p.wireguard.addresses)}")
     lines.append(f"MTU = {p.wireguard.mtu}")
     lines += ["", "[Peer]", f"PublicKey = {appliance_public_key}"]
     if preshared_key:

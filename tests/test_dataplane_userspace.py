@@ -233,6 +233,7 @@ firewall:
   shields_up: true
   acl:
     - {peers: [client], to: ["198.18.60.2/32:7000"], proto: tcp}
+dns: {serve: false}
 """
 
 
@@ -322,3 +323,20 @@ def test_a_proxy_beyond_loopback_takes_a_password_and_leads_only_into_the_tunnel
     assert not via_proxy("127.0.0.1", SERVICE, f"appliance:{password}")
     # and not a way in for peers: the proxy's port is not a service offered to them
     assert not lan_proxy.connects(UPLINK_ADDRESS, 1080) and not lan_proxy.connects(TUNNEL_ADDRESS, 1080)
+
+
+def test_peers_reach_the_resolver_with_shields_up(shielded: Rootless, guarded: Rootless) -> None:
+    """DNS is a service the profile offers peers (dns.serve, the default): the netstack relays the
+    tunnel address's port 53 to resolved's stub on 127.0.0.53, with shields up too. A stand-in
+    answers there (an echo server); a profile that serves no DNS (the guarded lab) relays nothing."""
+    for lab in (shielded, guarded):
+        lab.lab.serve(lab.host, "53", lab.lab.dir / "dns.jsonl", "stub", bind="127.0.0.53")
+    for proto in ("udp", "tcp"):
+        ok = shielded.lab.run(shielded.peer, [sys.executable, PROBE, proto, TUNNEL_ADDRESS, "53"], check=False)
+        assert ok.returncode == 0, ok.stderr
+        refused = guarded.lab.run(guarded.peer, [sys.executable, PROBE, proto, TUNNEL_ADDRESS, "53", "2"],
+                                  check=False)
+        assert refused.returncode != 0
+    arrived = {(a["proto"], a["src"]) for a in shielded.lab.arrivals("dns.jsonl")}
+    assert arrived == {("udp", "127.0.0.1"), ("tcp", "127.0.0.1")}, arrived
+    assert not guarded.lab.arrivals("dns.jsonl")

@@ -129,6 +129,12 @@ CASES = [
     Case("userspace-no-snat", {28: ['dataplane: {mode: userspace}'], 29: ["routing: {advertise_routes: "
                                                                        "[192.168.10.0/24], snat: false}"]}, 29,
          "routing.snat", "needs dataplane mode: kernel"),
+    Case("dns-domain-newline", {}, 34, "dns.domains[0]", "DNS domain",
+         extra=['dns: {domains: ["corp.example\\nDNS=6.6.6.6"], lan_resolvers: [192.168.10.53]}']),
+    Case("dns-split-without-resolvers", {}, 34, "dns.lan_resolvers", "takes both",
+         extra=["dns: {domains: [corp.example]}"]),
+    Case("dns-lan-without-static", {14: ['    match: {mac: "52:54:00:12:34:02"}'], 15: ["    ipv4: dhcp"]}, 34,
+         "dns.lan", "static ipv4", extra=["dns: {lan: true}"]),
     Case("socks5-foreign-address", {28: ['dataplane: {mode: userspace, socks5: "10.9.9.9:1080"}']}, 28,
          "dataplane.socks5", "not an address of this appliance"),
 ]

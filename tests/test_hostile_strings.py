@@ -49,6 +49,8 @@ BASE: dict[str, Any] = {
     "dataplane": {"mode": "kernel", "wireguard": "kernel"},
     "routing": {"advertise_routes": ["192.168.10.0/24"]},
     "firewall": {"acl": [{"peers": ["laptop"], "to": ["192.168.10.0/24:22,443"], "proto": "tcp"}]},
+    "dns": {"lan": True, "upstreams": ["203.0.113.53"],
+            "domains": ["corp.example"], "lan_resolvers": ["192.168.10.53"]},
 }
 USERSPACE = {"mode": "userspace", "socks5": "192.168.10.1:1080"}
 

@@ -251,3 +251,32 @@ def test_block_local_networks_narrows_the_way_to_everywhere(fixed_keys: Applianc
     assert 'ip6 daddr != { fc00::/7, fe80::/10 }' in nft
     plain = render(load_profile(tmp_path / "exit-node.yaml").profile, fixed_keys).text("etc/nftables.conf")
     assert "daddr !=" not in plain
+
+
+def test_dns_for_peers_and_the_lan(fixed_keys: ApplianceKeys, tmp_path: Path) -> None:
+    """resolved answers on the tunnel address (and the LAN's when asked), forwards to the upstreams,
+    asks the LAN's resolvers for split domains; the firewall opens 53 from peers and the LAN only;
+    peers are told to use it."""
+    from appliance.peer_config import client_config
+
+    shutil.copy(Path(__file__).parent.parent / "profiles/subnet-router.yaml", tmp_path)
+    profile = tmp_path / "dns.yaml"
+    profile.write_text("extends: subnet-router.yaml\ndns: {lan: true, upstreams: [9.9.9.9], "
+                       "domains: [corp.example], lan_resolvers: [192.168.10.53]}\n")
+    p = load_profile(profile).profile
+    t = render(p, fixed_keys)
+    resolved = t.text("etc/systemd/resolved.conf.d/appliance.conf")
+    assert "DNSStubListenerExtra=100.64.1.1\nDNSStubListenerExtra=192.168.10.1\nDNS=9.9.9.9\n" in resolved
+    lan = t.text("etc/systemd/network/10-lan.network")
+    assert "DNS=192.168.10.53\nDomains=~corp.example\n" in lan
+    nft = t.text("etc/nftables.conf")
+    assert 'meta iifgroup 2 meta l4proto { udp, tcp } th dport 53 counter accept comment "dns for the lan"' in nft
+    assert 'meta l4proto { udp, tcp } th dport 53 counter accept comment "dns for peers"' in nft
+    assert "iifgroup 1" not in nft.split("chain input_from_peers")[0].split("dns")[0]  # never the uplink
+    assert "DNS = 100.64.1.1\n" in client_config(p, p.wireguard.peers[0], "x" * 43 + "=", None)
+    # control: dns: {serve: false} serves nothing and tells peers nothing
+    profile.write_text("extends: subnet-router.yaml\ndns: {serve: false}\n")
+    q = load_profile(profile).profile
+    t = render(q, fixed_keys)
+    assert "etc/systemd/resolved.conf.d/appliance.conf" not in t and "dport 53" not in t.text("etc/nftables.conf")
+    assert "DNS =" not in client_config(q, q.wireguard.peers[0], "x" * 43 + "=", None)

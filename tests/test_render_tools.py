@@ -127,3 +127,17 @@ def test_nft_accepts_the_narrowed_ways(fixed_keys: ApplianceKeys, tmp_path: Path
         render(load_profile(tmp_path / f"{name}.yaml").profile, keys).write(tmp_path / name)
         result = nft_check(tmp_path / name / "etc/nftables.conf")
         assert result.returncode == 0, f"{name}: {result.stderr}"
+
+
+def test_real_tools_accept_dns_settings(fixed_keys: ApplianceKeys, tmp_path: Path) -> None:
+    """Split DNS on the LAN link (networkd's parser) and the resolver's firewall rules (nft -c)."""
+    shutil.copy(PROFILES / "subnet-router.yaml", tmp_path)
+    (tmp_path / "dns.yaml").write_text("extends: subnet-router.yaml\ndns: {lan: true, upstreams: [9.9.9.9], "
+                                       "domains: [corp.example, lab.example], lan_resolvers: [192.168.10.53]}\n")
+    render(load_profile(tmp_path / "dns.yaml").profile, fixed_keys).write(tmp_path / "t")
+    result = nft_check(tmp_path / "t/etc/nftables.conf")
+    assert result.returncode == 0, result.stderr
+    network = tmp_path / "t/etc/systemd/network"
+    for netdev in network.glob("*.netdev"):
+        netdev.unlink()
+    assert networkd_messages(network) == []

@@ -136,6 +136,10 @@ class Service:
 
     proto: str
     port: int
+    address: str = ""  # where on the host it listens; empty: loopback (127.0.0.1 or ::1, by family)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"proto": self.proto, "port": self.port, **({"address": self.address} if self.address else {})}
 
 
 @dataclass(frozen=True)
@@ -180,7 +184,7 @@ class DataplaneConfig:
                 out["socks5_auth"] = {"user": self.socks5_auth.user,
                                       "password_credential": self.socks5_auth.password_credential}
             out["filter"] = [r.to_json() for r in self.filter]
-            out["services"] = [{"proto": s.proto, "port": s.port} for s in self.services]
+            out["services"] = [s.to_json() for s in self.services]
         return out
 
     def dumps(self) -> str:
@@ -203,7 +207,8 @@ class DataplaneConfig:
             socks5=raw.get("socks5"),
             socks5_auth=Socks5Auth(str(auth["user"]), str(auth["password_credential"])) if auth else None,
             filter=tuple(FilterRule.from_json(r) for r in raw.get("filter", ())),
-            services=tuple(Service(str(s["proto"]), int(s["port"])) for s in raw.get("services", ())))
+            services=tuple(Service(str(s["proto"]), int(s["port"]), str(s.get("address", "")))
+                           for s in raw.get("services", ())))
 
 
 def load(path: Path = DEFAULT_CONFIG) -> DataplaneConfig:

@@ -33,6 +33,7 @@ def cross_checks(p: Profile) -> list[Finding]:
         *_dataplane(p),
         *_routing(p),
         *_acl(p),
+        *_dns(p),
     ]
 
 
@@ -319,3 +320,22 @@ def _acl(p: Profile) -> Iterator[Finding]:
                 if dest.network.prefixlen == 0:
                     yield Finding(("firewall", "acl", i, "to", j),
                                   "a rule to everywhere needs the exit-node role")
+
+
+def _dns(p: Profile) -> Iterator[Finding]:
+    lan = p.interfaces.lan
+    static_lan = lan is not None and isinstance(lan.ipv4, StaticIPv4)
+    if p.dns.lan and not static_lan:
+        yield Finding(("dns", "lan"), "answering on the LAN needs interfaces.lan with a static ipv4 address "
+                                      "to listen on")
+    if p.dns.domains and lan is None:
+        yield Finding(("dns", "domains"), "split domains are answered by resolvers on the LAN: they need "
+                                          "interfaces.lan")
+    if bool(p.dns.domains) != bool(p.dns.lan_resolvers):
+        missing = "lan_resolvers" if p.dns.domains else "domains"
+        yield Finding(("dns", missing), "split DNS takes both: domains, and the lan_resolvers that answer them")
+    seen: dict[str, int] = {}
+    for i, domain in enumerate(p.dns.domains):
+        if domain in seen:
+            yield Finding(("dns", "domains", i), f"domain {domain} is listed twice (dns.domains[{seen[domain]}])")
+        seen.setdefault(domain, i)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, PlainValidator
 from .acl import AclDestination
 from .types import (
     Address,
+    DomainName,
     HostPort,
     Interface,
     InterfaceName,
@@ -216,6 +217,20 @@ class Firewall(Strict):
         description="forwarding allowed from peers; empty: peers reach everything the roles offer")
 
 
+class Dns(Strict):
+    serve: bool = Field(
+        True, description="answer DNS for peers on the appliance's tunnel address(es) (systemd-resolved); "
+                          "`appliance peer` then writes DNS = that address")
+    lan: bool = Field(False, description="also answer on the LAN address (subnet routers)")
+    upstreams: list[Address] = Field(
+        default_factory=list, description="resolvers to forward to; empty: the uplink's (DHCP or its ipv4.dns)")
+    domains: list[DomainName] = Field(
+        default_factory=list, description="split DNS: names in these domains (e.g. corp.example) are asked of "
+                                          "lan_resolvers, all others of the upstreams")
+    lan_resolvers: list[Address] = Field(
+        default_factory=list, description="the LAN's resolvers for `domains`, e.g. 192.168.10.53")
+
+
 class Profile(Strict):
     name: Name = Field(description="hostname and image name")
     roles: list[Role] = Field(min_length=1, description="exit-node and/or subnet-router")
@@ -225,6 +240,7 @@ class Profile(Strict):
     dataplane: Dataplane = Field(default_factory=KernelDataplane, description="how packets are forwarded")
     routing: Routing = Field(default_factory=Routing, description="policy routing, SNAT and MSS clamping")
     firewall: Firewall = Field(default_factory=Firewall, description="forwarding ACLs and shields-up")
+    dns: Dns = Field(default_factory=Dns, description="a resolver for peers (never on the uplink)")
 
     @property
     def is_exit_node(self) -> bool:

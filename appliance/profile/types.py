@@ -240,6 +240,15 @@ def ssh_key_problem(kind: str, blob: bytes) -> str | None:
     return None
 
 
+def check_domain(value: Any) -> str:
+    """A DNS domain as resolved's Domains= and the lab's resolvers read it: RFC 1123 labels, lower case."""
+    text = _require_text(value, "a DNS domain such as corp.example")
+    if not _HOSTNAME_RE.fullmatch(text) or text.endswith(".") or "." not in text:
+        raise ValueError("expected a DNS domain such as corp.example: labels of letters, digits and '-' "
+                         "separated by '.'")
+    return text.lower()
+
+
 def split_host_port(text: str) -> tuple[str, int]:
     """'host:port' or '[v6]:port' (already validated) -> (host without brackets, port)."""
     host, _, port = text.rpartition(":")
@@ -343,3 +352,4 @@ InterfaceName = Annotated[
 TimezoneName = Annotated[
     str, PlainValidator(check_timezone_name), _string_schema("IANA time zone", "Europe/Amsterdam")
 ]
+DomainName = Annotated[str, PlainValidator(check_domain), _string_schema("DNS domain", "corp.example")]

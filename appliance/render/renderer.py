@@ -10,10 +10,11 @@ import jinja2
 from .. import __version__
 from ..dataplane import config as dp
 from ..dataplane.config import RTPROT_APPLIANCE, rule_families
-from ..profile.model import Profile, UserspaceDataplane
+from ..profile.model import Profile, StaticIPv4, UserspaceDataplane
 from ..secrets import ApplianceKeys, needs_socks5_password
 from .context import (
     CREDSTORE,
+    LINK_GROUPS,
     NFT_TABLE,
     PRIVATE_KEY_CREDENTIAL,
     SOCKS5_PASSWORD_CREDENTIAL,
@@ -144,7 +145,8 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
     # No rule for DHCPv4 replies: networkd's client reads them from a packet socket (before nftables)
     # until it has a lease, and its unicast renewals' replies are conntrack's "established".
     t.file("etc/nftables.conf", tpl("nftables.conf.j2", dhcpv6=_any(ctx, "ipv6", "ra"),
-                                     forwarding=ctx.kernel_forwarding, socks5=_socks5_opening(p, ctx)), mode=0o755)
+                                     forwarding=ctx.kernel_forwarding, socks5=_socks5_opening(p, ctx),
+                                     lan_group=LINK_GROUPS["lan"]), mode=0o755)
     if p.userspace:
         t.file("etc/systemd/system/appliance-userspace.service", tpl("userspace.service.j2"))
         t.file("etc/sysusers.d/appliance.conf",
@@ -156,11 +158,27 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
     t.file("etc/systemd/system/systemd-networkd.service.d/20-firewall-first.conf", _FIREWALL_FIRST)
     t.file("etc/systemd/system/systemd-udev-trigger.service.d/10-appliance.conf", _UDEV_TRIGGER)
     t.file("etc/sysctl.d/90-appliance.conf", tpl("sysctl.conf.j2"))
+    if dns_listeners(p) or p.dns.upstreams:
+        t.file("etc/systemd/resolved.conf.d/appliance.conf", tpl("resolved.conf.j2", listen=dns_listeners(p)))
     t.file("etc/ssh/sshd_config.d/10-appliance.conf", tpl("sshd.conf.j2"))
     t.file("etc/systemd/system-preset/10-appliance.preset", tpl("preset.j2", units=enabled_units(p)))
     t.file(DATAPLANE_JSON, dataplane_config(p, ctx).dumps())
     _secrets(t, p, keys)
     return t
+
+
+# where resolved's own stub listens: the userspace dataplane relays peers' DNS there
+RESOLVED_STUB = "127.0.0.53"
+
+
+def dns_listeners(p: Profile) -> list[str]:
+    """Addresses resolved answers on besides its loopback stub: the tunnel's (kernel mode: the host
+    holds them on wg0; in userspace mode the netstack relays them to the stub) and the LAN's."""
+    found = [str(a.ip) for a in p.wireguard.addresses] if p.dns.serve and p.kernel_mode else []
+    lan = p.interfaces.lan
+    if p.dns.lan and lan is not None and isinstance(lan.ipv4, StaticIPv4):
+        found.append(str(lan.ipv4.address.ip))
+    return found
 
 
 def _first_on_cpu(why: str, service: str = "") -> str:
@@ -254,4 +272,13 @@ def dataplane_config(p: Profile, ctx: Context) -> dp.DataplaneConfig:
         filter=tuple(r.to_dataplane() for r in ctx.forward_rules) if userspace else (),
         # the appliance's own services peers may reach on its tunnel address (shields down); in kernel
         # mode whatever listens on that address, here only these, relayed to loopback
-        services=(dp.Service("tcp", p.system.ssh.port),) if userspace and not p.firewall.shields_up else ())
+        services=_userspace_services(p) if userspace else ())
+
+
+def _userspace_services(p: Profile) -> tuple[dp.Service, ...]:
+    """The appliance's own services peers reach on its tunnel address in userspace mode: SSH unless
+    shields are up, and the resolver (resolved's stub) when the profile serves DNS, shields or not."""
+    services = [] if p.firewall.shields_up else [dp.Service("tcp", p.system.ssh.port)]
+    if p.dns.serve:
+        services += [dp.Service(proto, 53, RESOLVED_STUB) for proto in ("udp", "tcp")]
+    return tuple(services)

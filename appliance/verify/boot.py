@@ -42,6 +42,7 @@ from .vm import MGMT_MAC, VM, Nic, running
 UPLINK_LEASE = "198.18.30.128"  # the lab's DHCP server reserves it for UPLINK_MAC
 WAN_NET = "198.18.30.0/24"
 PORTS = [22, 443, 7000, 8080]
+LAB_DOMAIN = "lab.example"
 REARM_S = 1.0  # how often a lab peer whose handshake is unanswered starts a new one (WireGuard: 5 s)
 SUITE = Path(__file__).with_name("boot_suite.py")
 
@@ -258,7 +259,10 @@ class BootTest:
             leases = lab.dir / "dnsmasq.leases"
             # --no-ping: no other host lives on this network, and dnsmasq's address-in-use check
             # would hold every first lease back by 3 s (PING_WAIT)
-            dnsmasq = lab.spawn(wan, ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0",
+            # the lab's DNS server too (its address goes out with the lease): it knows LAB_NAME and logs
+            # every query with its source
+            dnsmasq = lab.spawn(wan, ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=53", "--no-resolv",
+                                      "--no-hosts", f"--address=/{LAB_DOMAIN}/{WAN_GATEWAY}", "--log-queries",
                                       "--interface=tapu", "--bind-interfaces",
                                       "--dhcp-range=198.18.30.100,198.18.30.150,255.255.255.0,1h",
                                       f"--dhcp-host={UPLINK_MAC},{UPLINK_LEASE}",
@@ -387,6 +391,11 @@ class BootTest:
             "lab": {"dir": str(lab.dir), "wan": wan, "lan": lan_ns, "arrivals": str(arrivals), "probe": probe.__file__,
                     "peers": {x.name: {"ns": x.ns, "tunnel_ip": x.tunnel_ip} for x in peers}},
             "snat": p.routing.snat and p.kernel_mode,
+            # the appliance's upstream resolver is the lab's when its uplink takes DHCP and no
+            # upstreams are named: then a peer's query must reach the lab's server through it
+            "dns": {"serve": p.dns.serve, "check": isinstance(p.interfaces.uplink.ipv4, str)
+                    and not p.dns.upstreams if p.interfaces.uplink else False,
+                    "name": f"www.{LAB_DOMAIN}", "answer": WAN_GATEWAY},
             "cases": [c.to_json() for c in traffic_cases(
                 p, peers, lan, {WAN_GATEWAY: uplink_ip, **({lan: _lan_ip(p)} if lan else {})})],
         }

@@ -126,6 +126,31 @@ def test_shields_up(host: Any) -> None:
         assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.skipif(not X["dns"]["check"], reason="the appliance's upstream resolver is not the lab's")
+def test_peers_resolve_through_the_tunnel() -> None:
+    """A peer asks the appliance's tunnel address (what `appliance peer` puts in DNS =); the lab's DNS
+    server answers, and its log shows the query came from the appliance. Without dns.serve, nothing
+    answers there."""
+    ns = next(iter(LAB["peers"].values()))["ns"]
+    dns = X["dns"]
+    result = probe(ns, "dns", X["tunnel_address"], dns["name"], "5")
+    if result.returncode != 0 and dns["serve"]:  # resolved's first query waits for its upstream
+        result = probe(ns, "dns", X["tunnel_address"], dns["name"], "5")
+    if not dns["serve"]:
+        assert result.returncode != 0, "the appliance answered DNS though the profile serves none"
+        return
+    assert result.returncode == 0 and dns["answer"] in result.stdout, result.stdout + result.stderr
+    with open(os.path.join(LAB["dir"], "dnsmasq.log")) as f:
+        log = f.read()
+    assert f"query[A] {dns['name']} from {X['uplink_ip']}" in log, log[-2000:]
+
+
+def test_no_resolver_on_the_uplink() -> None:
+    """Never an open resolver: a query to the uplink's address from the uplink's side gets no answer."""
+    result = lab(LAB["wan"], sys.executable, LAB["probe"], "dns", X["uplink_ip"], "www.example.net", "2")
+    assert result.returncode != 0, result.stdout
+
+
 def _case_id(c: dict[str, Any]) -> str:
     return f"{c['peer']}-{c['proto']}{'/' + str(c['port']) if c['port'] else ''}-{c['target'].replace(' ', '_')}"
 

@@ -8,6 +8,8 @@
   probe.py connect HOST PORT [TIMEOUT]  open a TCP connection to any server; exit 0 if it was accepted
   probe.py udp HOST PORT    send a datagram, expect the echo within 3 s
   probe.py raw HOST PROTO N send N raw IP packets of protocol PROTO (132 SCTP, 47 GRE)
+  probe.py dns SERVER NAME [TIMEOUT]  an A query (UDP, recursion desired); prints the addresses,
+                            exit 0 if there is at least one
 
 Arrivals of non-TCP/UDP protocols are counted at the far end with nftables counters instead."""
 
@@ -100,6 +102,41 @@ def udp(host: str, port: int, timeout: float = 3) -> None:
         expect(s.recvfrom(100)[0] == b"appliance-probe", "no echo")
 
 
+def dns(server: str, name: str, timeout: float = 5) -> None:
+    """An A query for name, by hand (RFC 1035): a header with RD set, one question; the answer's A
+    records printed one per line."""
+    qid = int(time.monotonic() * 1000) & 0xFFFF
+    question = b"".join(bytes([len(label)]) + label.encode() for label in name.rstrip(".").split(".")) + b"\0"
+    query = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + question + struct.pack("!HH", 1, 1)
+    with socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(query, (server, 53))
+        reply = s.recvfrom(4096)[0]
+    rid, flags, qd, an = struct.unpack("!HHHH", reply[:8])
+    expect(rid == qid and flags & 0x8000 and flags & 0xF == 0, f"no good answer (flags {flags:#06x})")
+    pos = 12
+    for _ in range(qd):  # skip the question(s)
+        pos = _skip_name(reply, pos) + 4
+    found = []
+    for _ in range(an):
+        pos = _skip_name(reply, pos)
+        rtype, _cls, _ttl, length = struct.unpack("!HHIH", reply[pos:pos + 10])
+        pos += 10
+        if rtype == 1 and length == 4:
+            found.append(socket.inet_ntoa(reply[pos:pos + 4]))
+        pos += length
+    print("\n".join(found), flush=True)
+    expect(bool(found), "no A record in the answer")
+
+
+def _skip_name(msg: bytes, pos: int) -> int:
+    while msg[pos]:
+        if msg[pos] & 0xC0 == 0xC0:  # a pointer ends the name
+            return pos + 2
+        pos += msg[pos] + 1
+    return pos + 1
+
+
 def crc32c(data: bytes) -> int:
     crc = 0xFFFFFFFF
     for byte in data:
@@ -143,6 +180,8 @@ if __name__ == "__main__":
         connect(args[0], int(args[1]), *(float(a) for a in args[2:3]))
     elif cmd == "udp":
         udp(args[0], int(args[1]), *(float(a) for a in args[2:3]))
+    elif cmd == "dns":
+        dns(args[0], args[1], *(float(a) for a in args[2:3]))
     elif cmd == "raw":
         raw(args[0], int(args[1]), int(args[2]))
     else:

@@ -80,8 +80,9 @@ type rule struct {
 
 // service is one of the appliance's own services that peers may reach on its tunnel address.
 type service struct {
-	Proto string `json:"proto"`
-	Port  uint16 `json:"port"`
+	Proto   string `json:"proto"`
+	Port    uint16 `json:"port"`
+	Address string `json:"address"` // where it listens on the host; empty: loopback
 }
 
 // policy is the userspace counterpart of the kernel mode's forward_from_peers and
@@ -123,9 +124,8 @@ func loadConfig(path string) (*config, error) {
 	}
 	c := &config{iface: f.Wireguard.Interface, mtu: f.Wireguard.MTU, socks5: f.Socks5}
 	c.policy.shieldsUp = f.Firewall.ShieldsUp
-	if !c.policy.shieldsUp {
-		c.policy.services = f.Services
-	}
+	// the renderer lists only what peers may reach: SSH unless shields are up, the resolver always
+	c.policy.services = f.Services
 	if f.Socks5Auth != nil && !checkOnly {
 		pass, err := readCredential(f.Socks5Auth.PasswordCredential)
 		if err != nil {
@@ -227,14 +227,15 @@ func (p *policy) isAppliance(dst netip.Addr) bool {
 	return p.isOwn(dst) || dst.IsLoopback() || dst.IsUnspecified() || p.local.has(dst)
 }
 
-// serves says whether peers may reach the appliance's own service proto/port.
-func (p *policy) serves(proto string, port uint16) bool {
+// serves says where on the host peers reach the appliance's own service proto/port: its address
+// (empty: loopback), and false when the profile does not offer it.
+func (p *policy) serves(proto string, port uint16) (string, bool) {
 	for _, s := range p.services {
 		if s.Proto == proto && s.Port == port {
-			return true
+			return s.Address, true
 		}
 	}
-	return false
+	return "", false
 }
 
 // localAddrs is the host's own addresses, read again when older than a second (a DHCP lease may

@@ -28,19 +28,23 @@ type relay struct {
 
 // target is where a peer's flow to dst:port is re-originated, or false when the policy refuses it.
 // The appliance itself (its tunnel address, or any other of its addresses) stands for its own
-// services: only those the profile offers peers, reached on loopback, and none with shields up.
+// services: only those the profile offers peers (the renderer leaves SSH out with shields up),
+// reached on the host's loopback.
 // Never any other loopback service: the SOCKS5 proxy, a local resolver or an admin port bound to
 // 127.0.0.1 stay out of the peers' reach, as in kernel mode.
 func (r *relay) target(proto string, src, dst netip.Addr, port uint16) (string, bool) {
 	if r.pol.isAppliance(dst) {
-		if r.pol.shieldsUp || !r.pol.serves(proto, port) {
+		at, ok := r.pol.serves(proto, port)
+		if !ok {
 			return "", false
 		}
-		loop := "127.0.0.1"
-		if dst.Is6() {
-			loop = "::1"
+		if at == "" {
+			at = "127.0.0.1"
+			if dst.Is6() {
+				at = "::1"
+			}
 		}
-		return net.JoinHostPort(loop, strconv.Itoa(int(port))), true
+		return net.JoinHostPort(at, strconv.Itoa(int(port))), true
 	}
 	if !r.pol.forward(proto, src, dst, port) {
 		return "", false
