@@ -246,3 +246,21 @@ def test_watcher_brings_nothing_up_before_the_firewall(topo: Topology) -> None:
         assert forward == "1" and key not in ("", "(none)")
     finally:
         Lab.stop(watcher)
+
+
+def test_metrics_read_the_real_device(topo: Topology) -> None:
+    """`appliance-dataplane metrics --print` in the appliance's namespace, against the running
+    wireguard-go after the traffic above: Prometheus' parser reads it, the client's handshake and
+    bytes are there, and the private key is not."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = topo.lab.run(topo.appl, [sys.executable, "-m", "appliance.dataplane", "--config", topo.config, "metrics",
+                                   "--print"]).stdout
+    assert topo.dp["wireguard"]["private_key_file"] and "PRIVATE" not in out
+    key = Path(topo.dp["wireguard"]["private_key_file"]).read_text().strip()
+    assert key not in out
+    families = {f.name: f for f in text_string_to_metric_families(out)}
+    client = {s.labels["peer"]: s.value for s in families["wireguard_peer_received_bytes"].samples}["client"]
+    handshake = {s.labels["peer"]: s.value
+                 for s in families["wireguard_peer_last_handshake_timestamp_seconds"].samples}["client"]
+    assert client > 0 and handshake > 0

@@ -135,6 +135,9 @@ CASES = [
          extra=["dns: {domains: [corp.example]}"]),
     Case("dns-lan-without-static", {14: ['    match: {mac: "52:54:00:12:34:02"}'], 15: ["    ipv4: dhcp"]}, 34,
          "dns.lan", "static ipv4", extra=["dns: {lan: true}"]),
+    Case("metrics-on-ssh-port", {}, 34, "metrics.port", "sshd's", extra=["metrics: {listen_on: [tunnel], port: 22}"]),
+    Case("metrics-on-the-uplink", {}, 34, "metrics.listen_on[0]", "'tunnel' or 'lan'",
+         extra=["metrics: {listen_on: [uplink]}"]),
     Case("socks5-foreign-address", {28: ['dataplane: {mode: userspace, socks5: "10.9.9.9:1080"}']}, 28,
          "dataplane.socks5", "not an address of this appliance"),
 ]

@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
                                               "unprivileged")
     p_user.add_argument("--netstack", type=Path, help="the appliance-netstack binary")
     p_user.add_argument("--interval", type=float, default=30.0)
+    p_metrics = sub.add_parser("metrics", help="serve Prometheus metrics on the sockets systemd passes "
+                                               "(appliance-metrics.socket); --print: once, to stdout")
+    p_metrics.add_argument("--print", action="store_true")
     args = ap.parse_args(argv)
     try:
         if args.command == "watch":
@@ -146,6 +149,14 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(userspace.run(lambda: _with_credentials(load(args.config)), args.config,
                                    binary=args.netstack or userspace.NETSTACK,
                                    uapi_dir=args.uapi_dir, interval=args.interval, notify=_notify))
+        if args.command == "metrics":
+            from . import metrics
+
+            if args.print:
+                print(metrics.collect(load(args.config)), end="")
+            else:
+                metrics.serve(args.config, metrics.listening_sockets())
+            return
         from .reconcile import apply
 
         res = apply(load(args.config), dry=args.command == "status", uapi_dir=args.uapi_dir)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .errors import format_path
-from .model import TUNNEL_INTERFACE, NetInterface, Profile, StaticIPv4, StaticIPv6
+from .model import TUNNEL_INTERFACE, NetInterface, Profile, StaticIPv4, StaticIPv6, UserspaceDataplane
 from .types import IPNetwork, split_host_port
 
 Path = tuple[str | int, ...]
@@ -34,6 +34,7 @@ def cross_checks(p: Profile) -> list[Finding]:
         *_routing(p),
         *_acl(p),
         *_dns(p),
+        *_metrics(p),
     ]
 
 
@@ -339,3 +340,21 @@ def _dns(p: Profile) -> Iterator[Finding]:
         if domain in seen:
             yield Finding(("dns", "domains", i), f"domain {domain} is listed twice (dns.domains[{seen[domain]}])")
         seen.setdefault(domain, i)
+
+
+def _metrics(p: Profile) -> Iterator[Finding]:
+    m = p.metrics
+    lan = p.interfaces.lan
+    for i, where in enumerate(m.listen_on):
+        if where in m.listen_on[:i]:
+            yield Finding(("metrics", "listen_on", i), f"'{where}' is listed twice")
+        if where == "lan" and not (lan is not None and isinstance(lan.ipv4, StaticIPv4)):
+            yield Finding(("metrics", "listen_on", i), "the LAN endpoint needs interfaces.lan with a static ipv4 "
+                                                       "address to listen on")
+    if not m.listen_on:
+        return
+    taken = {p.system.ssh.port: "sshd's (system.ssh.port)", 53: "the resolver's (dns)"}
+    if isinstance(p.dataplane, UserspaceDataplane):
+        taken[p.dataplane.socks5_address[1]] = "the SOCKS5 proxy's"
+    if m.port in taken:
+        yield Finding(("metrics", "port"), f"port {m.port} is {taken[m.port]}: pick another, e.g. 9586")

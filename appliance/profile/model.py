@@ -231,6 +231,13 @@ class Dns(Strict):
         default_factory=list, description="the LAN's resolvers for `domains`, e.g. 192.168.10.53")
 
 
+class Metrics(Strict):
+    listen_on: list[Literal["tunnel", "lan"]] = Field(
+        default_factory=list, description="where the Prometheus endpoint listens (and the firewall opens it): the "
+                                          "tunnel address, the LAN's static address; empty: no endpoint")
+    port: Port = Field(9586, description="its TCP port")
+
+
 class Profile(Strict):
     name: Name = Field(description="hostname and image name")
     roles: list[Role] = Field(min_length=1, description="exit-node and/or subnet-router")
@@ -241,6 +248,7 @@ class Profile(Strict):
     routing: Routing = Field(default_factory=Routing, description="policy routing, SNAT and MSS clamping")
     firewall: Firewall = Field(default_factory=Firewall, description="forwarding ACLs and shields-up")
     dns: Dns = Field(default_factory=Dns, description="a resolver for peers (never on the uplink)")
+    metrics: Metrics = Field(default_factory=Metrics, description="Prometheus metrics (never on the uplink)")
 
     @property
     def is_exit_node(self) -> bool:

@@ -158,6 +158,11 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
     t.file("etc/systemd/system/systemd-networkd.service.d/20-firewall-first.conf", _FIREWALL_FIRST)
     t.file("etc/systemd/system/systemd-udev-trigger.service.d/10-appliance.conf", _UDEV_TRIGGER)
     t.file("etc/sysctl.d/90-appliance.conf", tpl("sysctl.conf.j2"))
+    if p.metrics.listen_on:
+        t.file("etc/systemd/system/appliance-metrics.socket", tpl("metrics.socket.j2", listen=metrics_listeners(p)))
+        t.file("etc/systemd/system/appliance-metrics.service", tpl("metrics.service.j2"))
+        t.symlink("etc/systemd/system/sockets.target.wants/appliance-metrics.socket",
+                  "/etc/systemd/system/appliance-metrics.socket")
     if dns_listeners(p) or p.dns.upstreams:
         t.file("etc/systemd/resolved.conf.d/appliance.conf", tpl("resolved.conf.j2", listen=dns_listeners(p)))
     t.file("etc/ssh/sshd_config.d/10-appliance.conf", tpl("sshd.conf.j2"))
@@ -178,6 +183,22 @@ def dns_listeners(p: Profile) -> list[str]:
     lan = p.interfaces.lan
     if p.dns.lan and lan is not None and isinstance(lan.ipv4, StaticIPv4):
         found.append(str(lan.ipv4.address.ip))
+    return found
+
+
+def metrics_listeners(p: Profile) -> list[str]:
+    """ListenStream= addresses of the metrics endpoint: the tunnel's (kernel mode; in userspace mode
+    the netstack relays the tunnel address's port to loopback) and the LAN's."""
+    port = p.metrics.port
+    found = []
+    if "tunnel" in p.metrics.listen_on:
+        if p.kernel_mode:
+            found += [f"{a.ip}:{port}" if a.version == 4 else f"[{a.ip}]:{port}" for a in p.wireguard.addresses]
+        else:
+            found.append(f"127.0.0.1:{port}")
+    lan = p.interfaces.lan
+    if "lan" in p.metrics.listen_on and lan is not None and isinstance(lan.ipv4, StaticIPv4):
+        found.append(f"{lan.ipv4.address.ip}:{port}")
     return found
 
 
@@ -281,4 +302,6 @@ def _userspace_services(p: Profile) -> tuple[dp.Service, ...]:
     services = [] if p.firewall.shields_up else [dp.Service("tcp", p.system.ssh.port)]
     if p.dns.serve:
         services += [dp.Service(proto, 53, RESOLVED_STUB) for proto in ("udp", "tcp")]
+    if "tunnel" in p.metrics.listen_on:
+        services.append(dp.Service("tcp", p.metrics.port, "127.0.0.1"))
     return tuple(services)

@@ -393,6 +393,8 @@ class BootTest:
             "snat": p.routing.snat and p.kernel_mode,
             # the appliance's upstream resolver is the lab's when its uplink takes DHCP and no
             # upstreams are named: then a peer's query must reach the lab's server through it
+            "metrics": {"listen_on": list(p.metrics.listen_on), "port": p.metrics.port,
+                        "lan_address": _lan_ip(p) if "lan" in p.metrics.listen_on else ""},
             "dns": {"serve": p.dns.serve, "check": isinstance(p.interfaces.uplink.ipv4, str)
                     and not p.dns.upstreams if p.interfaces.uplink else False,
                     "name": f"www.{LAB_DOMAIN}", "answer": WAN_GATEWAY},

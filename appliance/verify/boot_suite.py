@@ -197,3 +197,40 @@ def test_mss_clamped(host: Any) -> None:
     out = probe(ns, "tcp", case["dst"], str(case["port"])).stdout
     mss = int(out.split("mss=")[1].split()[0])
     assert mss <= X["wg_mtu"] - 40, f"MSS {mss} not clamped to the tunnel MTU {X['wg_mtu']}"
+
+
+def _scrape(ns: str, address: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    host = f"[{address}]" if ":" in address else address
+    result = probe(ns, "http", f"http://{host}:{X['metrics']['port']}/metrics")
+    assert result.returncode == 0, result.stderr
+    return {f.name: [(s.labels, s.value) for s in f.samples] for f in text_string_to_metric_families(result.stdout)}
+
+
+@pytest.mark.skipif(not X["metrics"]["listen_on"], reason="the profile has no metrics endpoint")
+def test_metrics_after_traffic() -> None:
+    """Scraped where the profile says (a peer through the tunnel, the LAN host), parsed with
+    Prometheus' own parser, after the traffic above: the firewall and the tunnel are up, and a peer's
+    handshake and byte counters have moved."""
+    where = X["metrics"]["listen_on"]
+    peers = LAB["peers"]
+    scrapes = []
+    if "tunnel" in where:
+        scrapes.append(_scrape(next(iter(peers.values()))["ns"], X["tunnel_address"]))
+    if "lan" in where:
+        scrapes.append(_scrape(LAB["lan"], X["metrics"]["lan_address"]))
+    for m in scrapes:
+        assert m["appliance_firewall_loaded"][0][1] == 1 and m["appliance_tunnel_up"][0][1] == 1
+        assert m["appliance_info"][0][0]["mode"] == X["mode"]
+        handshakes = {labels["peer"]: v for labels, v in m["wireguard_peer_last_handshake_timestamp_seconds"]}
+        received = {labels["peer"]: v for labels, v in m["wireguard_peer_received_bytes"]}
+        assert set(handshakes) == set(peers), handshakes
+        assert any(v > 0 for v in handshakes.values()) and any(v > 0 for v in received.values()), (handshakes,
+                                                                                                   received)
+
+
+def test_no_metrics_on_the_uplink() -> None:
+    """The metrics port (whatever the profile) is closed from the uplink's side."""
+    result = lab(LAB["wan"], sys.executable, LAB["probe"], "connect", X["uplink_ip"], str(X["metrics"]["port"]), "2")
+    assert result.returncode != 0, "the metrics port answers on the uplink"

@@ -8,6 +8,7 @@
   probe.py connect HOST PORT [TIMEOUT]  open a TCP connection to any server; exit 0 if it was accepted
   probe.py udp HOST PORT    send a datagram, expect the echo within 3 s
   probe.py raw HOST PROTO N send N raw IP packets of protocol PROTO (132 SCTP, 47 GRE)
+  probe.py http URL          GET it; the body to stdout, exit 0 on 200
   probe.py dns SERVER NAME [TIMEOUT]  an A query (UDP, recursion desired); prints the addresses,
                             exit 0 if there is at least one
 
@@ -137,6 +138,14 @@ def _skip_name(msg: bytes, pos: int) -> int:
     return pos + 1
 
 
+def http(url: str, timeout: float = 10) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310 (a lab's own address)
+        expect(reply.status == 200, f"HTTP {reply.status}")
+        sys.stdout.write(reply.read().decode())
+
+
 def crc32c(data: bytes) -> int:
     crc = 0xFFFFFFFF
     for byte in data:
@@ -180,6 +189,8 @@ if __name__ == "__main__":
         connect(args[0], int(args[1]), *(float(a) for a in args[2:3]))
     elif cmd == "udp":
         udp(args[0], int(args[1]), *(float(a) for a in args[2:3]))
+    elif cmd == "http":
+        http(args[0])
     elif cmd == "dns":
         dns(args[0], args[1], *(float(a) for a in args[2:3]))
     elif cmd == "raw":
