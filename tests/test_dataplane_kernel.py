@@ -20,7 +20,7 @@ import pytest
 from appliance.profile import load_profile
 from appliance.render import render
 from appliance.secrets import SecretStore, generate_private_key, public_key
-from appliance.verify import probe
+from appliance.verify import dplab, probe
 from appliance.verify.netns import Lab, protocol_counters, start_peer, start_wireguard_go, wait_for
 from conftest import REPO, require_tool
 
@@ -264,3 +264,67 @@ def test_metrics_read_the_real_device(topo: Topology) -> None:
     handshake = {s.labels["peer"]: s.value
                  for s in families["wireguard_peer_last_handshake_timestamp_seconds"].samples}["client"]
     assert client > 0 and handshake > 0
+
+
+def _v6_lab(tag: str, extra: str = "") -> dplab.DataplaneLab:
+    """dplab's kernel mode (wireguard-go, the rendered ruleset and sysctls, the reconciler), dual
+    stack: the peer's ULA tunnel address fd7a:115c:a1e0:9::2, upstream 2001:db8:60::/64."""
+    for tool in ("wireguard-go", "wg", "nft", "ping"):
+        require_tool(tool)
+    d = dplab.start("kernel", tag=tag, extra=extra)
+    try:
+        d.lab.run(d.server, ["nft", "-f", "-"], input=protocol_counters("s0"))
+        d.lab.serve(d.server, str(PORT), d.lab.dir / "arrivals.jsonl", "upstream")
+        return d
+    except BaseException:
+        d.close()
+        raise
+
+
+def _v6_traffic(d: dplab.DataplaneLab) -> set[tuple[str, str]]:
+    """TCP, UDP and ICMPv6 echo from the peer to upstream over IPv6, and SCTP (layer 3: kernel mode
+    passes every protocol): what arrived, as (protocol, source)."""
+    lab = d.lab
+    before = lab.run(d.server, ["nft", "-j", "list", "table", "inet", "count"]).stdout
+    lab.run(d.client, [sys.executable, PROBE, "tcp", dplab.SERVER6, str(PORT)])
+    lab.run(d.client, [sys.executable, PROBE, "udp", dplab.SERVER6, str(PORT)])
+    lab.run(d.client, ["ping", "-c", "2", "-i", "0.2", "-W", "2", dplab.SERVER6])
+    lab.run(d.client, [sys.executable, PROBE, "raw", dplab.SERVER6, "132", "3"])
+
+    def arrived(proto: str) -> int:
+        after = lab.run(d.server, ["nft", "-j", "list", "table", "inet", "count"]).stdout
+        return _counter(after, proto) - _counter(before, proto)
+
+    wait_for(lambda: arrived('"icmpv6"') >= 2 and arrived("sctp") >= 3, 5, 0.1)
+    return {(a["proto"], a["src"]) for a in lab.arrivals()}
+
+
+def test_ipv6_from_a_ula_tunnel_is_masqueraded(tmp_path: Path) -> None:
+    """NAT66 by default for a ULA tunnel: upstream sees the appliance's IPv6 address; the MSS of
+    IPv6 TCP is clamped too (the peer's tunnel MTU is the appliance's; clamping keeps it at 1420 - 60)."""
+    d = _v6_lab("6n")
+    try:
+        assert _v6_traffic(d) == {("tcp", dplab.APPLIANCE_UPLINK6), ("udp", dplab.APPLIANCE_UPLINK6)}
+        mss = d.lab.run(d.client, [sys.executable, PROBE, "tcp", dplab.SERVER6, str(PORT)]).stdout
+        assert int(mss.split("mss=")[1]) <= 1420 - 60, mss
+        ruleset = d.lab.run(d.appliance, ["nft", "list", "table", "inet", "appliance"]).stdout
+        masquerade = [line.strip() for line in ruleset.splitlines() if "masquerade" in line]
+        assert len(masquerade) == 1 and "nfproto" not in masquerade[0], ruleset  # one rule, both families
+    finally:
+        d.close()
+
+
+def test_ipv6_routed_with_nat66_off_while_ipv4_stays_masqueraded(tmp_path: Path) -> None:
+    """routing.nat66: false (a globally routed tunnel prefix): upstream sees the peer's own IPv6
+    address and routes it back via the appliance, while IPv4 is still SNATed (the control)."""
+    d = _v6_lab("6r", "routing: {nat66: false}\n")
+    try:
+        d.lab.run(d.server, ["ip", "-6", "route", "add", "fd7a:115c:a1e0:9::/64", "via", dplab.APPLIANCE_UPLINK6])
+        assert _v6_traffic(d) == {("tcp", "fd7a:115c:a1e0:9::2"), ("udp", "fd7a:115c:a1e0:9::2")}
+        d.lab.run(d.client, [sys.executable, PROBE, "tcp", dplab.SERVER, str(PORT)])
+        assert ("tcp", dplab.APPLIANCE_UPLINK) in {(a["proto"], a["src"]) for a in d.lab.arrivals()}
+        ruleset = d.lab.run(d.appliance, ["nft", "list", "table", "inet", "appliance"]).stdout
+        assert [line.split()[:3] for line in ruleset.splitlines() if "masquerade" in line] == [
+            ["meta", "nfproto", "ipv4"]], ruleset
+    finally:
+        d.close()

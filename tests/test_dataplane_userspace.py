@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from appliance.verify import dplab, probe
-from appliance.verify.dplab import SERVER, UID, DataplaneLab
+from appliance.verify.dplab import APPLIANCE_UPLINK6, SERVER, SERVER6, UID, DataplaneLab
 from appliance.verify.netns import protocol_counters, wait_for
 from conftest import require_tool
 
@@ -27,6 +27,8 @@ pytestmark = pytest.mark.root
 PROBE = str(Path(probe.__file__))
 TUNNEL_ADDRESS = "100.64.9.1"  # the appliance's, in dplab's profile
 UPLINK_ADDRESS = "198.18.60.1"  # the appliance's other address, on the uplink (the peer reaches it by the tunnel)
+TUNNEL_ADDRESS6 = "fd7a:115c:a1e0:9::1"
+PEER6 = "fd7a:115c:a1e0:9::2"
 SERVICE = 7200  # the labs' SSH port: the one service the appliance offers peers
 PRIVATE_HOST = "192.168.77.2"  # upstream, on a private network
 
@@ -51,7 +53,8 @@ def _start(tag: str, extra: str = "", socks5: str = "127.0.0.1:1080") -> Datapla
     try:
         # no kernel forwarding on the host: every packet of a peer ends in the userspace stack
         assert d.lab.run(d.appliance, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "0"
-        d.lab.run(d.server, ["nft", "-f", "-"], input=protocol_counters("s0", echo_from="198.18.60.1"))
+        d.lab.run(d.server, ["nft", "-f", "-"], input=protocol_counters("s0", echo_from="198.18.60.1",
+                                                                      echo6_from=APPLIANCE_UPLINK6))
         # a host on a private network, as the uplink's LAN or a cloud's metadata service would be
         d.lab.run(d.server, ["ip", "addr", "add", f"{PRIVATE_HOST}/32", "dev", "s0"])
         d.lab.serve(d.server, "7000,7001", d.lab.dir / "arrivals.jsonl", "upstream")
@@ -82,11 +85,26 @@ def test_tcp_udp_ping_reoriginated_from_the_host(rootless: Rootless) -> None:
     assert not any(str(a["src"]).startswith("100.64.") for a in rootless.lab.arrivals())
 
 
+def test_ipv6_tcp_udp_ping_reoriginated_from_the_host(rootless: Rootless) -> None:
+    """IPv6 through the netstack: a peer's flows from its ULA tunnel address leave from the host's
+    own IPv6 address (what NAT66 gives in kernel mode), ping included."""
+    lab = rootless.lab
+    before = len(lab.arrivals())
+    lab.run(rootless.peer, [sys.executable, PROBE, "tcp", SERVER6, "7000"])
+    lab.run(rootless.peer, [sys.executable, PROBE, "udp", SERVER6, "7000"])
+    assert rootless.ping(SERVER6)
+    counters = lab.run(rootless.up, ["nft", "list", "table", "inet", "count"]).stdout
+    assert f"saddr {APPLIANCE_UPLINK6} icmpv6 type echo-request counter packets 0 " not in counters, counters
+    seen = {(a["proto"], a["src"]) for a in lab.arrivals()[before:]}
+    assert seen == {("tcp", APPLIANCE_UPLINK6), ("udp", APPLIANCE_UPLINK6)}, seen
+
+
 def test_ping_of_a_host_that_is_down_gets_no_answer(rootless: Rootless) -> None:
     """The echo reply comes from the real target, not from the appliance: the same ping is answered
-    for a host that is up, and not for one that is down."""
-    assert rootless.ping(SERVER)
+    for a host that is up, and not for one that is down, in both families."""
+    assert rootless.ping(SERVER) and rootless.ping(SERVER6)
     assert not rootless.ping("198.18.60.77")
+    assert not rootless.ping("2001:db8:60::77")
 
 
 def test_other_protocols_do_not_pass(rootless: Rootless) -> None:
@@ -130,8 +148,10 @@ def test_socks5_reaches_the_tunnel(rootless: Rootless) -> None:
     lab = rootless.lab
     lab.serve(rootless.peer, "7100", lab.dir / "peer-arrivals.jsonl", "peer-server")
     lab.run(rootless.host, [sys.executable, PROBE, "socks", "127.0.0.1:1080", "100.64.9.2", "7100"])
-    arrivals = (lab.dir / "peer-arrivals.jsonl").read_text()
-    assert '"src": "100.64.9.1"' in arrivals  # it came out of the tunnel, from the appliance's tunnel address
+    lab.run(rootless.host, [sys.executable, PROBE, "socks", "127.0.0.1:1080", PEER6, "7100"])
+    # out of the tunnel, from the appliance's tunnel address of each family
+    seen = {a["src"] for a in lab.arrivals("peer-arrivals.jsonl")}
+    assert seen == {"100.64.9.1", TUNNEL_ADDRESS6}, seen
 
 
 def test_peers_reach_the_appliances_own_services(rootless: Rootless) -> None:
@@ -140,10 +160,11 @@ def test_peers_reach_the_appliances_own_services(rootless: Rootless) -> None:
     others."""
     lab = rootless.lab
     lab.serve(rootless.host, str(SERVICE), lab.dir / "host-arrivals.jsonl", "host-server")
-    for address in (TUNNEL_ADDRESS, UPLINK_ADDRESS):
+    for address in (TUNNEL_ADDRESS, UPLINK_ADDRESS, TUNNEL_ADDRESS6, APPLIANCE_UPLINK6):
         lab.run(rootless.peer, [sys.executable, PROBE, "tcp", address, str(SERVICE)])
-    assert (lab.dir / "host-arrivals.jsonl").read_text().count('"proto": "tcp"') == 2
+    assert (lab.dir / "host-arrivals.jsonl").read_text().count('"proto": "tcp"') == 4
     assert rootless.ping(UPLINK_ADDRESS) and rootless.ping(TUNNEL_ADDRESS)
+    assert rootless.ping(APPLIANCE_UPLINK6) and rootless.ping(TUNNEL_ADDRESS6)
 
 
 def test_peers_reach_no_other_service_of_the_appliance(rootless: Rootless) -> None:
@@ -152,15 +173,17 @@ def test_peers_reach_no_other_service_of_the_appliance(rootless: Rootless) -> No
     lab = rootless.lab
     log = lab.dir / "loopback-arrivals.jsonl"
     lab.serve(rootless.host, "7300", log, "loopback-server", bind="127.0.0.1")
+    lab.serve(rootless.host, "7300", log, "loopback6-server", bind="::1")
     lab.serve(rootless.host, "7301", log, "other-server")
-    for address in (TUNNEL_ADDRESS, UPLINK_ADDRESS):
+    for address in (TUNNEL_ADDRESS, UPLINK_ADDRESS, TUNNEL_ADDRESS6, APPLIANCE_UPLINK6):
         for port in (7300, 7301, 1080):
             assert not rootless.connects(address, port), f"a peer reached {address}:{port}"
     assert not log.exists() or not log.read_text()
     # control: the services are up, and reached from the appliance itself
     lab.run(rootless.host, [sys.executable, PROBE, "tcp", "127.0.0.1", "7300"])
     lab.run(rootless.host, [sys.executable, PROBE, "tcp", "127.0.0.1", "7301"])
-    assert log.read_text().count('"proto": "tcp"') == 2
+    lab.run(rootless.host, [sys.executable, PROBE, "tcp", "::1", "7300"])
+    assert log.read_text().count('"proto": "tcp"') == 3
 
 
 def test_socks5_leads_into_the_tunnel_only(rootless: Rootless) -> None:
@@ -168,7 +191,8 @@ def test_socks5_leads_into_the_tunnel_only(rootless: Rootless) -> None:
     appliance's own loopback services (test_socks5_reaches_the_tunnel is the control)."""
     lab = rootless.lab
     before = len(lab.arrivals())
-    for host, port in ((SERVER, 7000), ("127.0.0.1", SERVICE), (TUNNEL_ADDRESS, SERVICE)):
+    for host, port in ((SERVER, 7000), ("127.0.0.1", SERVICE), (TUNNEL_ADDRESS, SERVICE), (SERVER6, 7000),
+                       ("::1", SERVICE), (TUNNEL_ADDRESS6, SERVICE)):
         refused = lab.run(rootless.host, [sys.executable, PROBE, "socks", "127.0.0.1:1080", host, str(port)],
                           check=False)
         assert refused.returncode != 0, f"the proxy reached {host}:{port}"
@@ -286,9 +310,9 @@ def test_shields_up_covers_every_address_of_the_appliance(shielded: Rootless) ->
     wait_for(lambda: shielded.connects(SERVER, 7000), 30, 0.5)  # control: the way through is open
     assert shielded.ping(SERVER)
     lab.serve(shielded.host, str(SERVICE), lab.dir / "host.jsonl", "hs")
-    for address in (TUNNEL_ADDRESS, UPLINK_ADDRESS):
+    assert shielded.connects(SERVER6, 7000) and shielded.ping(SERVER6)
+    for address in (TUNNEL_ADDRESS, UPLINK_ADDRESS, TUNNEL_ADDRESS6, APPLIANCE_UPLINK6):
         assert not shielded.connects(address, SERVICE), f"a peer reached the appliance at {address}"
-    for address in (TUNNEL_ADDRESS, UPLINK_ADDRESS):
         assert not shielded.ping(address), f"the appliance answered a peer's ping at {address}"
     assert not (lab.dir / "host.jsonl").exists() or not (lab.dir / "host.jsonl").read_text()
 

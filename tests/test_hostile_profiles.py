@@ -129,6 +129,9 @@ CASES = [
     Case("userspace-no-snat", {28: ['dataplane: {mode: userspace}'], 29: ["routing: {advertise_routes: "
                                                                        "[192.168.10.0/24], snat: false}"]}, 29,
          "routing.snat", "needs dataplane mode: kernel"),
+    Case("userspace-no-nat66", {28: ['dataplane: {mode: userspace}'], 29: ["routing: {advertise_routes: "
+                                                                        "[192.168.10.0/24], nat66: false}"]}, 29,
+         "routing.nat66", "needs dataplane mode: kernel"),
     Case("dns-domain-newline", {}, 34, "dns.domains[0]", "DNS domain",
          extra=['dns: {domains: ["corp.example\\nDNS=6.6.6.6"], lan_resolvers: [192.168.10.53]}']),
     Case("dns-split-without-resolvers", {}, 34, "dns.lan_resolvers", "takes both",

@@ -280,3 +280,29 @@ def test_dns_for_peers_and_the_lan(fixed_keys: ApplianceKeys, tmp_path: Path) ->
     t = render(q, fixed_keys)
     assert "etc/systemd/resolved.conf.d/appliance.conf" not in t and "dport 53" not in t.text("etc/nftables.conf")
     assert "DNS =" not in client_config(q, q.wireguard.peers[0], "x" * 43 + "=", None)
+
+
+@pytest.mark.parametrize(("routing", "tunnel6", "families", "rule"), [
+    ("{}", "fd7a:115c:a1e0::1/128", {4, 6}, 'iifname "wg0" oifname != "wg0" counter masquerade comment "snat"'),
+    ("{}", "2001:db8:77::1/128", {4}, 'meta nfproto ipv4 iifname "wg0" oifname != "wg0" counter masquerade'),
+    ("{nat66: true}", "2001:db8:77::1/128", {4, 6}, 'iifname "wg0" oifname != "wg0" counter masquerade'),
+    ("{snat: false}", "fd7a:115c:a1e0::1/128", set(), ""),
+    ("{snat: false, nat66: true}", "fd7a:115c:a1e0::1/128", {6},
+     'meta nfproto ipv6 iifname "wg0" oifname != "wg0" counter masquerade comment "nat66"'),
+    ("{nat66: false}", "fd7a:115c:a1e0::1/128", {4}, "meta nfproto ipv4 iifname"),
+])
+def test_nat66_for_ula_tunnels_routed_for_global_ones(fixed_keys: ApplianceKeys, tmp_path: Path, routing: str,
+                                                      tunnel6: str, families: set[int], rule: str) -> None:
+    """IPv6 is masqueraded by default only when the tunnel's IPv6 addresses are ULAs (they cannot be
+    routed back from the internet); a globally routed tunnel prefix is routed as it is."""
+    shutil.copy(Path(__file__).parent.parent / "profiles/exit-node.yaml", tmp_path)
+    profile = tmp_path / "nat66.yaml"
+    peer6 = tunnel6.replace("::1/128", "::2/128")
+    profile.write_text(f"extends: exit-node.yaml\nrouting: {routing}\nwireguard:\n  addresses: [100.64.0.1/32, "
+                       f'"{tunnel6}"]\n  peers:\n    - {{name: laptop, public_key: '
+                       f'bcZjDEJDw0GrFhwIcsNVVp7ZP6lqfbJdYMtZEZC+Cz0=, allowed_ips: [100.64.0.2/32, "{peer6}"]}}\n')
+    p = load_profile(profile).profile
+    assert p.masquerade_families == families
+    nft = render(p, fixed_keys).text("etc/nftables.conf")
+    masquerades = [line.strip() for line in nft.splitlines() if "masquerade" in line]
+    assert len(masquerades) == (1 if families else 0) and all(m.startswith(rule) for m in masquerades), nft

@@ -178,9 +178,11 @@ def _dataplane(p: Profile) -> Iterator[Finding]:
                       "userspace mode runs wireguard-go without privileges; kernel WireGuard needs mode: kernel")
     if dp.mode != "userspace":
         return
-    if not p.routing.snat:
-        yield Finding(("routing", "snat"), "userspace mode re-originates peers' flows from the appliance's own "
-                                           "address (as SNAT does, always): snat: false needs dataplane mode: kernel")
+    for key, value in (("snat", p.routing.snat), ("nat66", p.routing.nat66)):
+        if value is False:
+            yield Finding(("routing", key), "userspace mode re-originates peers' flows from the appliance's "
+                                            f"own address (as SNAT does, always): {key}: false needs dataplane "
+                                            "mode: kernel")
     where = ("dataplane", "socks5")
     ip, port = dp.socks5_address
     if ip.is_unspecified:

@@ -183,7 +183,10 @@ class Routing(Strict):
     snat: bool = Field(True, description="masquerade peer traffic leaving the uplink/LAN to the appliance's address "
                                          "(kernel mode; userspace mode always re-originates flows from it); "
                                          "false: the networks behind must route the tunnel back via the appliance")
-    mss_clamp: bool = Field(True, description="clamp TCP MSS of forwarded SYNs to the path MTU")
+    nat66: bool | None = Field(
+        None, description="masquerade peers' IPv6 traffic (NAT66, kernel mode); default: as snat when the tunnel's "
+                          "IPv6 addresses are ULAs (fc00::/7), off (routed) when the tunnel prefix is globally routed")
+    mss_clamp: bool = Field(True, description="clamp TCP MSS of forwarded SYNs (IPv4 and IPv6) to the path MTU")
 
     @field_validator("table")
     @classmethod
@@ -277,6 +280,16 @@ class Profile(Strict):
     def wireguard_go_tun(self) -> bool:
         """Kernel mode with wireguard-go on a TUN device, its own unit."""
         return self.kernel_mode and self.dataplane.wireguard == "wireguard-go"
+
+    @property
+    def masquerade_families(self) -> frozenset[int]:
+        """The IP versions whose peer traffic kernel mode masquerades (routing.snat for IPv4,
+        routing.nat66 for IPv6). Userspace mode re-originates every flow from its own sockets."""
+        r = self.routing
+        ula = ipaddress.ip_network("fc00::/7")
+        nat66 = r.nat66 if r.nat66 is not None else r.snat and all(
+            a.ip in ula for a in self.wireguard.addresses if a.version == 6)
+        return frozenset(v for v, on in ((4, r.snat), (6, nat66)) if on)
 
     def links(self) -> list[tuple[str, NetInterface]]:
         """The NICs the profile declares, by role, uplink first."""

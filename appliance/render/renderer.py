@@ -214,7 +214,7 @@ def boot_modules(p: Profile) -> list[str]:
     sets, payload matches and `tcp option maxseg`/`rt mtu` are built into nf_tables). wireguard-go's
     tun is loaded by its own unit."""
     modules = ["nf_tables", "nft_ct"]
-    if p.kernel_mode and p.routing.snat:
+    if p.kernel_mode and p.masquerade_families:
         modules += ["nft_chain_nat", "nft_masq"]
     if p.kernel_wireguard:
         modules.append("wireguard")

@@ -5,7 +5,8 @@ client (a WireGuard peer) <-> appliance <-> server, with the appliance's datapla
   kernel:    wireguard-go on the appliance, the rendered ruleset, the reconciler (kernel mode)
   userspace: the rootless dataplane (appliance-netstack: wireguard-go + gVisor's stack) as an unprivileged uid
 
-Addresses: client-appliance 198.18.50.0/24, appliance-server 198.18.60.0/24, tunnel 100.64.9.0/24."""
+Addresses: client-appliance 198.18.50.0/24, appliance-server 198.18.60.0/24 and 2001:db8:60::/64,
+tunnel 100.64.9.0/24 and fd7a:115c:a1e0:9::/64 (a ULA: the appliance masquerades it, NAT66)."""
 
 from __future__ import annotations
 
@@ -30,18 +31,23 @@ from .netns import Lab, LabCommandFailed, start_peer, start_wireguard_go, wait_f
 UID = 64123  # the unprivileged dataplane user of the userspace lab (no passwd entry needed)
 SERVER = "198.18.60.2"
 APPLIANCE_UPLINK = "198.18.60.1"
+SERVER6 = "2001:db8:60::2"
+APPLIANCE_UPLINK6 = "2001:db8:60::1"
 ENDPOINT = "198.18.50.1"
 
 PROFILE = """\
 name: dplab
 roles: [exit-node]
 interfaces:
-  uplink: {{match: {{name: "a1"}}, ipv4: {{address: 198.18.60.1/24, gateway: 198.18.60.2}}}}
+  uplink:
+    match: {{name: "a1"}}
+    ipv4: {{address: 198.18.60.1/24, gateway: 198.18.60.2}}
+    ipv6: {{address: "2001:db8:60::1/64", gateway: "2001:db8:60::2"}}
 wireguard:
-  addresses: [100.64.9.1/32]
+  addresses: [100.64.9.1/32, "fd7a:115c:a1e0:9::1/128"]
   mtu: {mtu}
   peers:
-    - {{name: client, public_key: "{client}", allowed_ips: [100.64.9.2/32]}}
+    - {{name: client, public_key: "{client}", allowed_ips: [100.64.9.2/32, "fd7a:115c:a1e0:9::2/128"]}}
 dataplane: {dataplane}
 {extra}"""
 
@@ -66,6 +72,10 @@ def _topology(lab: Lab) -> tuple[str, str, str]:
     lab.veth((client, "c0", "198.18.50.2/24"), (appl, "a0", f"{ENDPOINT}/24"))
     lab.veth((appl, "a1", f"{APPLIANCE_UPLINK}/24"), (server, "s0", f"{SERVER}/24"))
     lab.run(appl, ["ip", "route", "add", "default", "via", SERVER])
+    # nodad: usable at once (duplicate address detection would hold them back ~2 s)
+    lab.run(appl, ["ip", "addr", "add", f"{APPLIANCE_UPLINK6}/64", "dev", "a1", "nodad"])
+    lab.run(server, ["ip", "addr", "add", f"{SERVER6}/64", "dev", "s0", "nodad"])
+    lab.run(appl, ["ip", "-6", "route", "add", "default", "via", SERVER6])
     return client, appl, server
 
 
@@ -169,3 +179,4 @@ def _client(lab: Lab, ns: str, profile: Path, key: str, wireguard_go: str) -> No
                error=LabCommandFailed).stdout
     start_peer(lab, ns, "wgc", conf, mtu=1420, binary=wireguard_go)
     lab.run(ns, ["ip", "route", "add", "default", "dev", "wgc"])
+    lab.run(ns, ["ip", "-6", "route", "add", "default", "dev", "wgc"])

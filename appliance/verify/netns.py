@@ -130,16 +130,19 @@ class Lab:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def protocol_counters(ifname: str, echo_from: str | None = None) -> str:
+def protocol_counters(ifname: str, echo_from: str | None = None, echo6_from: str | None = None) -> str:
     """An nftables table counting what arrives on ifname of the protocols that only a layer-3
-    dataplane passes (SCTP, GRE) and ICMP (echo requests from echo_from, when given)."""
+    dataplane passes (SCTP, GRE, either family), ICMP (echo requests from echo_from, when given) and
+    ICMPv6 echo requests (from echo6_from, when given; never neighbour discovery)."""
     icmp = f"icmp type echo-request ip saddr {echo_from}" if echo_from else "meta l4proto icmp"
+    icmp6 = f"ip6 saddr {echo6_from} " if echo6_from else ""
     return f"""table inet count {{
     chain pre {{
         type filter hook prerouting priority -300; policy accept;
         iifname "{ifname}" meta l4proto sctp counter
         iifname "{ifname}" meta l4proto gre counter
         iifname "{ifname}" {icmp} counter
+        iifname "{ifname}" {icmp6}icmpv6 type echo-request counter
     }}
 }}
 """

@@ -1,7 +1,8 @@
 """Traffic probes for lab tests, run inside namespaces as `python3 probe.py ...`.
 
   probe.py serve PORTS LOG [BIND]  TCP and UDP echo on each of PORTS (comma-separated), on BIND
-                            (default 0.0.0.0); appends {"proto", "src", "port"} per arrival to LOG
+                            (default: every IPv4 and IPv6 address); appends {"proto", "src", "port"}
+                            per arrival to LOG
   probe.py tcp HOST PORT [TIMEOUT]  connect, send, expect the echo; prints the MSS; exit 0 on success
   probe.py socks PROXY HOST PORT [USER:PASSWORD]  through a SOCKS5 proxy (host:port) to the echo
                             server at HOST:PORT, with RFC 1929 authentication when given
@@ -31,33 +32,40 @@ def expect(condition: bool, why: str) -> None:
         sys.exit(f"probe: {why}")
 
 
-def serve(ports: list[int], log: str, bind: str = "0.0.0.0") -> None:
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def serve(ports: list[int], log: str, bind: str = "") -> None:
     sel = selectors.DefaultSelector()
-    for port in ports:
-        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        tcp.bind((bind, port))
-        tcp.listen(16)
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        udp.bind((bind, port))
-        sel.register(tcp, selectors.EVENT_READ, ("tcp", port))
-        sel.register(udp, selectors.EVENT_READ, ("udp", port))
+    # one socket per family (IPV6_V6ONLY), so an IPv4 source is logged as itself, not as ::ffff:a.b.c.d
+    for address in [bind] if bind else ["0.0.0.0", "::"]:
+        for port in ports:
+            for kind, proto in ((socket.SOCK_STREAM, "tcp"), (socket.SOCK_DGRAM, "udp")):
+                sock = socket.socket(_family(address), kind)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if _family(address) == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address, port))
+                if proto == "tcp":
+                    sock.listen(16)
+                sel.register(sock, selectors.EVENT_READ, (proto, port))
     print("ready", flush=True)
     while True:
         for key, _ in sel.select():
             proto, port = key.data
-            sock = key.fileobj
-            if not isinstance(sock, socket.socket):
+            ready = key.fileobj
+            if not isinstance(ready, socket.socket):
                 continue
             try:
                 if proto == "tcp":
-                    conn, addr = sock.accept()
+                    conn, addr = ready.accept()
                     conn.settimeout(5)
                     conn.sendall(conn.recv(65536))
                     conn.close()
                 else:
-                    data, addr = sock.recvfrom(65536)
-                    sock.sendto(data, addr)
+                    data, addr = ready.recvfrom(65536)
+                    ready.sendto(data, addr)
             except OSError:
                 continue
             with open(log, "a") as f:
@@ -84,11 +92,22 @@ def socks(proxy: str, host: str, port: int, credentials: str = "") -> None:
         else:
             s.sendall(b"\x05\x01\x00")
             expect(s.recv(2) == b"\x05\x00", "proxy refused the greeting")
-        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack("!H", port))
-        reply = s.recv(10)
+        address = b"\x04" + socket.inet_pton(socket.AF_INET6, host) if ":" in host else b"\x01" + socket.inet_aton(host)
+        s.sendall(b"\x05\x01\x00" + address + struct.pack("!H", port))
+        reply = _read(s, 4)
         expect(reply[:2] == b"\x05\x00", f"proxy could not connect: {reply!r}")
+        _read(s, {1: 4, 4: 16}.get(reply[3], 0) + 2)  # the proxy's bound address and port
         s.sendall(b"appliance-probe")
         expect(s.recv(100) == b"appliance-probe", "no echo")
+
+
+def _read(s: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        expect(bool(chunk), "the proxy closed the connection")
+        data += chunk
+    return data
 
 
 def connect(host: str, port: int, timeout: float = 3) -> None:
@@ -97,7 +116,7 @@ def connect(host: str, port: int, timeout: float = 3) -> None:
 
 
 def udp(host: str, port: int, timeout: float = 3) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(host), socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
         s.sendto(b"appliance-probe", (host, port))
         expect(s.recvfrom(100)[0] == b"appliance-probe", "no echo")
@@ -109,7 +128,7 @@ def dns(server: str, name: str, timeout: float = 5) -> None:
     qid = int(time.monotonic() * 1000) & 0xFFFF
     question = b"".join(bytes([len(label)]) + label.encode() for label in name.rstrip(".").split(".")) + b"\0"
     query = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + question + struct.pack("!HH", 1, 1)
-    with socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(server), socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
         s.sendto(query, (server, 53))
         reply = s.recvfrom(4096)[0]
@@ -168,7 +187,7 @@ def raw(host: str, proto: int, n: int) -> None:
         132: sctp_init(),
         47: struct.pack("!HH", 0, 0x0800) + b"\x45" + b"\0" * 27,  # GRE carrying a stub IPv4 header
     }
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, proto) as s:
+    with socket.socket(_family(host), socket.SOCK_RAW, proto) as s:
         for i in range(n):
             if i:
                 # a pause between them: packets of one new flow decrypted on several CPUs at once
