@@ -67,3 +67,54 @@ def test_without_snat_the_far_end_sees_the_peer(tmp_path: Path) -> None:
         tunnel_ips = {x.name: x.tunnel_ip for x in peers}
         for c in cases:
             assert c.source == (tunnel_ips[c.peer] if want_peer else "192.168.10.1"), c
+
+
+def test_ipv6_cases_follow_the_profile(tmp_path: Path) -> None:
+    """The exit node's uplink takes router advertisements and its peers have ULA tunnel addresses:
+    IPv6 cases to the upstream, expected from the appliance's SLAAC address (NAT66); with nat66 off,
+    from the peer's own; with the uplink's IPv6 off, there are none."""
+    from appliance.verify.cases import WAN_GATEWAY6, uplink_ipv6
+
+    exit_node = load_profile(PROFILES / "exit-node.yaml").profile
+    routed = _variant(tmp_path, "exit-node.yaml", "routing: {nat66: false}\n")
+    no_v6 = _variant(tmp_path, "exit-node.yaml", "interfaces: {uplink: {ipv6: \"off\"}}\n")
+    for p, from_peer in ((exit_node, False), (routed, True), (no_v6, None)):
+        lab, peers = lab_variant(p, SSH)
+        uplink6 = uplink_ipv6(lab)
+        cases = [c for c in traffic_cases(lab, peers, None, {WAN_GATEWAY6: uplink6 or ""}) if c.dst == WAN_GATEWAY6]
+        if from_peer is None:
+            assert uplink6 is None and not cases
+            continue
+        assert uplink6 == "2001:db8:30:0:5054:ff:fe12:3401"  # EUI-64 of the lab's uplink MAC
+        assert {c.proto for c in cases} == {"tcp", "udp", "icmp", "sctp", "gre"}
+        assert all(c.expect == "arrive" for c in cases)
+        own = {x.name: x.tunnel_ip6 for x in peers}
+        assert all(c.source == (own[c.peer] if from_peer else uplink6) for c in cases if c.proto in ("tcp", "udp"))
+
+
+def test_ipv6_lan_of_a_subnet_router(tmp_path: Path) -> None:
+    """A dual-stack LAN: its IPv6 host is a case for peers with an IPv6 tunnel address, allowed by the
+    ACL's IPv6 rule only (here: admin's), and the v6 upstream is never offered."""
+    p = _variant(tmp_path, "subnet-router.yaml", """\
+interfaces:
+  uplink: {ipv6: ra}
+  lan: {ipv6: {address: "fd00:10::1/64"}}
+wireguard:
+  addresses: [100.64.1.1/32, "fd7a:115c:a1e0:1::1/128"]
+  peers:
+    - {name: admin, public_key: 7R7iar3rzyJTmsBW9abcsUcXtMQJkN+EXPp7u32l4kg=,
+       allowed_ips: [100.64.1.2/32, "fd7a:115c:a1e0:1::2/128"]}
+    - {name: contractor, public_key: K96DZC4rXOjZrtOcKzO5/XmhczSwYZHPDHk7snb5xkw=, allowed_ips: [100.64.1.3/32]}
+routing: {advertise_routes: [192.168.10.0/24, "fd00:10::/64"]}
+firewall:
+  acl:
+    - {peers: [admin], to: ["192.168.10.0/24", "fd00:10::/64"], proto: any}
+    - {peers: [contractor], to: ["192.168.10.20/32:443"], proto: tcp}
+""")
+    lab, peers = lab_variant(p, SSH)
+    lan6 = lan_host(lab, 6)
+    assert lan6 == "fd00:10::14"
+    cases = traffic_cases(lab, peers, lan_host(lab), {}, lan6)
+    v6 = [c for c in cases if ":" in c.dst]
+    assert {c.peer for c in v6} == {"admin"}  # the contractor has no IPv6 tunnel address
+    assert {(c.target, c.expect) for c in v6} == {("lan host", "arrive"), ("not advertised", "blocked")}

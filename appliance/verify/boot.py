@@ -6,7 +6,8 @@ key is replaced by a key the lab holds (so the lab can be every peer, with that 
 lab's SSH key is authorised, the NICs are matched by the lab's MACs, and a QEMU management NIC gets
 an address (no routes) so testinfra can log in over 127.0.0.1.
 
-  wan  (the internet / upstream): the uplink TAP, DHCP (dnsmasq), the upstream server
+  wan  (the internet / upstream): the uplink TAP, DHCP and router advertisements (dnsmasq), the
+       upstream server (IPv4, and IPv6 when the uplink has it)
   lan  (subnet routers): the LAN TAP and a LAN host
   peer-N: one namespace per declared peer, wireguard-go with the config `appliance peer` prints"""
 
@@ -29,11 +30,24 @@ from ..errors import LabError
 from ..image import BuildOptions, Cache, ProfileInfo, build_loaded, image_spec
 from ..peer_config import client_config, routes_for_peer
 from ..profile import Profile
+from ..profile.model import StaticIPv6
 from ..render import ConfigTree
 from ..runner import CommandFailed, run
 from ..secrets import SecretStore, appliance_keys, public_key
 from . import probe
-from .cases import LAN_MAC, UPLINK_MAC, WAN_GATEWAY, LabPeer, lab_variant, lan_host, masquerades, traffic_cases
+from .cases import (
+    LAN_MAC,
+    UPLINK_MAC,
+    WAN_GATEWAY,
+    WAN_GATEWAY6,
+    WAN_PREFIX6,
+    LabPeer,
+    lab_variant,
+    lan_host,
+    masquerades,
+    traffic_cases,
+    uplink_ipv6,
+)
 from .netns import Lab, LabCommandFailed, protocol_counters, split_wg_quick, start_peer, wait_for
 from .static import verify_tree
 from .suite import run_suite
@@ -206,7 +220,10 @@ class BootTest:
         wan = lab.ns("wan")
         lan_ns = lab.ns("lan") if p.interfaces.lan else None
         arrivals = lab.dir / "arrivals.jsonl"
-        lab.run(wan, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        # no duplicate address detection on the lab's side: the router's link-local address (which its
+        # advertisements come from) is usable the moment the uplink's TAP arrives
+        lab.run(wan, ["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
+                      "net.ipv6.conf.default.accept_dad=0"])
         lab.run(wan, ["nft", "-f", "-"], input=protocol_counters("tapu"))
         for i, peer in enumerate(peers):
             peer.ns = lab.ns(f"p{i}")
@@ -220,29 +237,37 @@ class BootTest:
                 _attach(lab, wan, nics[0].tap, "tapu")
                 # the whole lab is ready while the appliance boots: its first answer is timed, not the lab's start
                 uplink_ip, leased = self._uplink(lab, wan, p, arrivals, vm)
-                lan = lan_host(p)
+                lan, lan6 = lan_host(p), lan_host(p, 6)
                 if lan_ns and lan:
-                    self._lan(lab, lan_ns, nics[1].tap, p, lan, arrivals)
+                    self._lan(lab, lan_ns, nics[1].tap, p, lan, lan6, arrivals)
                 for peer in peers:
                     self._peer(lab, p, peer, uplink_ip)
-                if not masquerades(p):  # what a network must do for an appliance that does not SNAT
-                    self._routes_back(lab, p, [(wan, uplink_ip)] + ([(lan_ns, _lan_ip(p))] if lan_ns and lan else []))
+                # what a network must do for an appliance that does not SNAT
+                for version, up, down in ((4, uplink_ip, _lan_ip(p) if lan_ns and lan else None),
+                                          (6, uplink_ipv6(p), _lan_ip(p, 6) if lan_ns and lan6 else None)):
+                    if not masquerades(p, version):
+                        self._routes_back(lab, p, version, [(wan, up)] + ([(lan_ns, down)] if lan_ns and down else []))
                 leased()
                 self._wait_up(lab, p, peers, vm, report.timings)
-            expect = self._expectations(p, peers, uplink_ip, lan, lab, wan, lan_ns, arrivals)
+                self._wait_ipv6(lab, wan, p, vm, report.timings)
+            expect = self._expectations(p, peers, uplink_ip, (lan, lan6), lab, wan, lan_ns, arrivals)
             with self.step("testinfra suite and traffic through the tunnel"):
                 t0 = time.monotonic()
                 self._suite(report, vm.ssh_port, expect)
                 report.timings["suite"] = round(time.monotonic() - t0, 1)
         return report
 
-    def _lan(self, lab: Lab, ns: str, tap: str, p: Profile, host: str, arrivals: Path) -> None:
+    def _lan(self, lab: Lab, ns: str, tap: str, p: Profile, host: str, host6: str | None, arrivals: Path) -> None:
         _attach(lab, ns, tap, "tapl")
         lan_if = p.interfaces.lan
         if lan_if is None or isinstance(lan_if.ipv4, str):
             raise LabError("the lab's LAN host needs a static IPv4 address on interfaces.lan")
         lab.run(ns, ["ip", "addr", "add", f"{host}/{lan_if.ipv4.address.network.prefixlen}", "dev", "tapl"])
         lab.run(ns, ["ip", "route", "add", "default", "via", str(lan_if.ipv4.address.ip)])
+        if host6 and not isinstance(lan_if.ipv6, str):
+            lab.run(ns, ["ip", "addr", "add", f"{host6}/{lan_if.ipv6.address.network.prefixlen}", "dev", "tapl",
+                         "nodad"])
+            lab.run(ns, ["ip", "-6", "route", "add", "default", "via", str(lan_if.ipv6.address.ip)])
         lab.run(ns, ["nft", "-f", "-"], input=protocol_counters("tapl"))
         lab.serve(ns, ",".join(map(str, PORTS)), arrivals, "lan-server")
 
@@ -254,6 +279,10 @@ class BootTest:
         if uplink is None:
             raise LabError("the lab boots appliances with an uplink (interfaces.uplink)")
         lab.serve(wan, ",".join(map(str, PORTS)), arrivals, "upstream-server")
+        ra = _uplink_ipv6(lab, wan, uplink.ipv6)
+        if ra and not isinstance(uplink.ipv4, str):
+            lab.spawn(wan, ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0", "--interface=tapu",
+                            "--bind-interfaces", *ra], "dnsmasq-ra")
         if isinstance(uplink.ipv4, str):
             lab.run(wan, ["ip", "addr", "add", f"{WAN_GATEWAY}/24", "dev", "tapu"])
             leases = lab.dir / "dnsmasq.leases"
@@ -267,7 +296,7 @@ class BootTest:
                                       "--dhcp-range=198.18.30.100,198.18.30.150,255.255.255.0,1h",
                                       f"--dhcp-host={UPLINK_MAC},{UPLINK_LEASE}",
                                       f"--dhcp-option=option:router,{WAN_GATEWAY}", f"--dhcp-leasefile={leases}",
-                                      "--dhcp-authoritative", "--no-ping"], "dnsmasq")
+                                      "--dhcp-authoritative", "--no-ping", *ra], "dnsmasq")
 
             def done() -> bool:  # or nothing more will come: the VM (a kernel panic) or dnsmasq ended
                 return (dnsmasq.poll() is not None or not vm.running()
@@ -290,6 +319,8 @@ class BootTest:
             return UPLINK_LEASE, leased
         gw = uplink.ipv4.gateway or next(h for h in uplink.ipv4.address.network.hosts() if h != uplink.ipv4.address.ip)
         lab.run(wan, ["ip", "addr", "add", f"{gw}/{uplink.ipv4.address.network.prefixlen}", "dev", "tapu"])
+        if str(gw) != WAN_GATEWAY:  # the upstream server, beyond the gateway
+            lab.run(wan, ["ip", "addr", "add", f"{WAN_GATEWAY}/32", "dev", "tapu"])
         return str(uplink.ipv4.address.ip), lambda: None
 
     def _peer(self, lab: Lab, p: Profile, peer: LabPeer, uplink_ip: str) -> None:
@@ -306,19 +337,21 @@ class BootTest:
         start_peer(lab, peer.ns, "wgp", conf, mtu=1500)
         lab.run(peer.ns, ["ip", "route", "add", f"{uplink_ip}/32", "via", _gateway(lab, peer.ns)])
         for net in routes_for_peer(p):
-            if net.version == 4:
-                lab.run(peer.ns, ["ip", "route", "replace", str(net), "dev", "wgp"])
+            if net.version == 4 or peer.tunnel_ip6:
+                lab.run(peer.ns, ["ip", f"-{net.version}", "route", "replace", str(net), "dev", "wgp"])
         if not p.is_exit_node:  # a peer that sends more than it was offered: the appliance must refuse
             lab.run(peer.ns, ["ip", "route", "add", f"{WAN_GATEWAY}/32", "dev", "wgp"])
+            if peer.tunnel_ip6:
+                lab.run(peer.ns, ["ip", "-6", "route", "add", f"{WAN_GATEWAY6}/128", "dev", "wgp"])
 
     @staticmethod
-    def _routes_back(lab: Lab, p: Profile, hosts: list[tuple[str, str]]) -> None:
-        """Without SNAT the far end sees peers' own tunnel addresses: its network routes them back via
-        the appliance (README, "Routing without SNAT"), here each lab host that replies."""
-        nets = sorted({str(n) for peer in p.wireguard.peers for n in peer.allowed_ips if n.version == 4})
+    def _routes_back(lab: Lab, p: Profile, version: int, hosts: list[tuple[str, str | None]]) -> None:
+        """Without SNAT (or NAT66) the far end sees peers' own tunnel addresses: its network routes them
+        back via the appliance (README, "Routing without SNAT"), here each lab host that replies."""
+        nets = sorted({str(n) for peer in p.wireguard.peers for n in peer.allowed_ips if n.version == version})
         for ns, via in hosts:
-            for net in nets:
-                lab.run(ns, ["ip", "route", "replace", net, "via", via])
+            for net in nets if via else []:
+                lab.run(ns, ["ip", f"-{version}", "route", "replace", net, "via", str(via)])
 
     def _wait_up(self, lab: Lab, p: Profile, peers: list[LabPeer], vm: VM, timings: dict[str, float]) -> None:
         """Until SSH answers and a peer has completed a handshake; each time is taken when it happens.
@@ -357,6 +390,21 @@ class BootTest:
             raise LabError(f"{e}: no {' and no '.join(m.removeprefix('boot_to_') for m in missing)}"
                                  + self._diagnose(vm.ssh_port)) from None
 
+    def _wait_ipv6(self, lab: Lab, wan: str, p: Profile, vm: VM, timings: dict[str, float]) -> None:
+        """Until the uplink's IPv6 address answers from the uplink's side: SLAAC waits for the lab's
+        router advertisement and duplicate address detection, which may end after the tunnel is up;
+        the suite's IPv6 cases need it. A static address is there at once."""
+        address = uplink_ipv6(p)
+        if address is None:
+            return
+        try:
+            wait_for(lambda: lab.run(wan, ["ping", "-c", "1", "-W", "0.5", address], check=False).returncode == 0,
+                     60, 0.2)
+        except LabError as e:
+            raise LabError(f"{e}: the uplink's IPv6 address {address} does not answer"
+                           + self._diagnose(vm.ssh_port)) from None
+        timings["boot_to_ipv6"] = round(vm.seconds(), 1)
+
     def _diagnose(self, ssh_port: int) -> str:
         """What the appliance says about itself, when SSH answers: failed units, jobs still waiting
         (a boot that hangs), the links and the dataplane's log."""
@@ -373,14 +421,18 @@ class BootTest:
             return f"\n(the appliance's own account of it did not come: {e})"
         return "\nthe appliance's failed units, waiting jobs, links and logs:\n" + str(ssh.stdout + ssh.stderr).strip()
 
-    def _expectations(self, p: Profile, peers: list[LabPeer], uplink_ip: str, lan: str | None, lab: Lab,
-                      wan: str, lan_ns: str | None, arrivals: Path) -> dict[str, Any]:
+    def _expectations(self, p: Profile, peers: list[LabPeer], uplink_ip: str, lans: tuple[str | None, str | None],
+                      lab: Lab, wan: str, lan_ns: str | None, arrivals: Path) -> dict[str, Any]:
         spec = image_spec(p)
         dp = p.dataplane
+        lan, lan6 = lans
+        uplink6 = uplink_ipv6(p)
+        sources = {WAN_GATEWAY: uplink_ip, **({WAN_GATEWAY6: uplink6} if uplink6 else {}),
+                   **({lan: _lan_ip(p)} if lan else {}), **({lan6: _lan_ip(p, 6)} if lan6 else {})}
         return {
             "name": p.name, "roles": list(p.roles), "mode": dp.mode, "implementation": dp.wireguard,
             "units": sorted({*spec.enable_units, *spec.appliance_units}),
-            "uplink_mac": UPLINK_MAC, "uplink_ip": uplink_ip,
+            "uplink_mac": UPLINK_MAC, "uplink_ip": uplink_ip, "uplink_ip6": uplink6 or "",
             "offload": {"rx-udp-gro-forwarding": p.interfaces.uplink.offload.udp_gro_forwarding if p.interfaces.uplink
                         else True, "rx-gro-list": False},
             "table": p.routing.table, "rule_priority": p.routing.rule_priority,
@@ -389,8 +441,9 @@ class BootTest:
             "tunnel_address": str(p.wireguard.addresses[0].ip), "shields_up": p.firewall.shields_up,
             "mss_clamp": p.routing.mss_clamp, "wg_mtu": p.wireguard.mtu,
             "lab": {"dir": str(lab.dir), "wan": wan, "lan": lan_ns, "arrivals": str(arrivals), "probe": probe.__file__,
-                    "peers": {x.name: {"ns": x.ns, "tunnel_ip": x.tunnel_ip} for x in peers}},
-            "snat": p.routing.snat and p.kernel_mode,
+                    "peers": {x.name: {"ns": x.ns, "tunnel_ip": x.tunnel_ip} for x in peers},
+                    "far_end": {"upstream": wan, "not advertised": wan, "lan host": lan_ns}},
+            "masquerade": sorted(p.masquerade_families) if p.kernel_mode else [],
             # the appliance's upstream resolver is the lab's when its uplink takes DHCP and no
             # upstreams are named: then a peer's query must reach the lab's server through it
             "metrics": {"listen_on": list(p.metrics.listen_on), "port": p.metrics.port,
@@ -398,8 +451,7 @@ class BootTest:
             "dns": {"serve": p.dns.serve, "check": isinstance(p.interfaces.uplink.ipv4, str)
                     and not p.dns.upstreams if p.interfaces.uplink else False,
                     "name": f"www.{LAB_DOMAIN}", "answer": WAN_GATEWAY},
-            "cases": [c.to_json() for c in traffic_cases(
-                p, peers, lan, {WAN_GATEWAY: uplink_ip, **({lan: _lan_ip(p)} if lan else {})})],
+            "cases": [c.to_json() for c in traffic_cases(p, peers, lan, sources, lan6)],
         }
 
     def _suite(self, report: BootReport, port: int, expect: dict[str, Any]) -> None:
@@ -417,13 +469,28 @@ def _attach(lab: Lab, ns: str, tap: str, name: str) -> None:
     lab.run(ns, ["ip", "link", "set", name, "up"])
 
 
+def _uplink_ipv6(lab: Lab, wan: str, ipv6: str | StaticIPv6) -> list[str]:
+    """IPv6 on the uplink's side as the profile has it: the lab's router (addresses, and for "ra" the
+    dnsmasq options that advertise the prefix for SLAAC and the router as the default route)."""
+    if ipv6 == "ra":
+        lab.run(wan, ["ip", "addr", "add", f"{WAN_GATEWAY6}/64", "dev", "tapu", "nodad"])
+        return ["--enable-ra", f"--dhcp-range={WAN_PREFIX6.split('/')[0]},ra-only,64,1h", "--ra-param=tapu,10,1800"]
+    if not isinstance(ipv6, str):  # the gateway, and the upstream server beyond it
+        gw6 = str(ipv6.gateway or WAN_GATEWAY6)
+        lab.run(wan, ["ip", "addr", "add", f"{gw6}/{ipv6.address.network.prefixlen}", "dev", "tapu", "nodad"])
+        if gw6 != WAN_GATEWAY6:
+            lab.run(wan, ["ip", "addr", "add", f"{WAN_GATEWAY6}/128", "dev", "tapu", "nodad"])
+    return []
+
+
 def _gateway(lab: Lab, ns: str) -> str:
     out = lab.run(ns, ["ip", "-j", "route", "show", "default"]).stdout
     return str(json.loads(out)[0]["gateway"])
 
 
-def _lan_ip(p: Profile) -> str:
+def _lan_ip(p: Profile, version: int = 4) -> str:
     lan = p.interfaces.lan
-    if lan is None or isinstance(lan.ipv4, str):
-        raise LabError("the lab's LAN host needs a static IPv4 address on interfaces.lan")
-    return str(lan.ipv4.address.ip)
+    cfg = None if lan is None else lan.ipv4 if version == 4 else lan.ipv6
+    if cfg is None or isinstance(cfg, str):
+        raise LabError(f"the lab's LAN host needs a static IPv{version} address on interfaces.lan")
+    return str(cfg.address.ip)

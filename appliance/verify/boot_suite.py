@@ -47,8 +47,6 @@ def counter(ns: str, proto: str) -> int:
     raise AssertionError(f"no {proto} counter in {ns}")
 
 
-def far_end(dst: str) -> str:
-    return str(LAB["lan"] if dst != "198.18.30.1" else LAB["wan"])
 
 
 def test_system_is_running(host: Any) -> None:
@@ -71,8 +69,10 @@ def test_ruleset_loaded(host: Any) -> None:
     assert "chain input" in ruleset
     if KERNEL:
         assert "forward_from_peers" in ruleset
-        # the profile says whether the appliance masquerades: with snat off, nothing may
-        assert ("masquerade" in ruleset) == X["snat"], ruleset
+        # the profile says whether the appliance masquerades, and which IP versions (snat, nat66)
+        rules = [line.split() for line in ruleset.splitlines() if "masquerade" in line]
+        families = {4, 6} if rules and "nfproto" not in rules[0] else {4 if "ipv4" in r else 6 for r in rules}
+        assert sorted(families if rules else set()) == X["masquerade"], ruleset
 
 
 @pytest.mark.skipif(not KERNEL, reason="userspace mode has no kernel routes to peers")
@@ -145,14 +145,30 @@ def test_peers_resolve_through_the_tunnel() -> None:
     assert f"query[A] {dns['name']} from {X['uplink_ip']}" in log, log[-2000:]
 
 
-def test_no_resolver_on_the_uplink() -> None:
+UPLINK_ADDRESSES = [a for a in (X["uplink_ip"], X["uplink_ip6"]) if a]
+
+
+@pytest.mark.parametrize("address", UPLINK_ADDRESSES)
+def test_no_resolver_on_the_uplink(address: str) -> None:
     """Never an open resolver: a query to the uplink's address from the uplink's side gets no answer."""
-    result = lab(LAB["wan"], sys.executable, LAB["probe"], "dns", X["uplink_ip"], "www.example.net", "2")
+    result = lab(LAB["wan"], sys.executable, LAB["probe"], "dns", address, "www.example.net", "2")
     assert result.returncode != 0, result.stdout
 
 
+@pytest.mark.skipif(not X["uplink_ip6"], reason="the uplink has no IPv6")
+def test_uplink_ipv6_address(host: Any) -> None:
+    """The uplink has the IPv6 address the profile gives it (static, or SLAAC from the lab's router
+    advertisements) and an IPv6 default route; the suite's IPv6 cases expect traffic from it."""
+    addresses = json.loads(host.check_output("ip -j -6 addr show scope global"))
+    found = [a["local"] for link in addresses for a in link.get("addr_info", []) if "local" in a]
+    assert X["uplink_ip6"] in found, found
+    assert json.loads(host.check_output("ip -j -6 route show default")), "no IPv6 default route"
+
+
 def _case_id(c: dict[str, Any]) -> str:
-    return f"{c['peer']}-{c['proto']}{'/' + str(c['port']) if c['port'] else ''}-{c['target'].replace(' ', '_')}"
+    port = f"/{c['port']}" if c["port"] else ""
+    family = "-ipv6" if ":" in c["dst"] else ""
+    return f"{c['peer']}-{c['proto']}{port}-{c['target'].replace(' ', '_')}{family}"
 
 
 @pytest.mark.parametrize("case", X["cases"], ids=[_case_id(c) for c in X["cases"]])
@@ -171,8 +187,8 @@ def test_traffic(case: dict[str, Any]) -> None:
         else:
             assert result.returncode != 0 and not new, "a packet the profile does not allow arrived"
         return
-    far = far_end(dst)
-    counted = "icmp" if proto == "icmp" else proto
+    far = LAB["far_end"][case["target"]]
+    counted = ("icmpv6" if ":" in dst else "icmp") if proto == "icmp" else proto
     before = counter(far, counted)
     if proto == "icmp":
         result = lab(ns, "ping", "-c", "2", "-i", "0.3", "-W", "2", dst)
@@ -230,7 +246,8 @@ def test_metrics_after_traffic() -> None:
                                                                                                    received)
 
 
-def test_no_metrics_on_the_uplink() -> None:
+@pytest.mark.parametrize("address", UPLINK_ADDRESSES)
+def test_no_metrics_on_the_uplink(address: str) -> None:
     """The metrics port (whatever the profile) is closed from the uplink's side."""
-    result = lab(LAB["wan"], sys.executable, LAB["probe"], "connect", X["uplink_ip"], str(X["metrics"]["port"]), "2")
+    result = lab(LAB["wan"], sys.executable, LAB["probe"], "connect", address, str(X["metrics"]["port"]), "2")
     assert result.returncode != 0, "the metrics port answers on the uplink"
