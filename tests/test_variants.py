@@ -39,6 +39,8 @@ SETTINGS: list[tuple[str, Callable[[Profile], object], set[object]]] = [
     ("NAT66 (kernel mode, dual stack)", lambda p: 6 in p.masquerade_families if p.kernel_mode and _dual_stack(p)
      else None, {True, False, None}),
     ("routing.mss_clamp", lambda p: p.routing.mss_clamp, {True, False}),
+    ("uplink offload.udp_gro_forwarding", lambda p: p.interfaces.uplink.offload.udp_gro_forwarding
+     if p.interfaces.uplink else None, {True, False}),
     ("firewall.shields_up", lambda p: p.firewall.shields_up, {True, False}),
     ("firewall.acl", lambda p: bool(p.firewall.acl), {True, False}),
     ("firewall.block_local_networks", lambda p: p.firewall.block_local_networks, {True, False}),

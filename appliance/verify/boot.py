@@ -427,14 +427,17 @@ class BootTest:
         dp = p.dataplane
         lan, lan6 = lans
         uplink6 = uplink_ipv6(p)
+        uplink = p.interfaces.uplink
+        if uplink is None:
+            raise LabError("the lab boots appliances with an uplink (interfaces.uplink)")
         sources = {WAN_GATEWAY: uplink_ip, **({WAN_GATEWAY6: uplink6} if uplink6 else {}),
                    **({lan: _lan_ip(p)} if lan else {}), **({lan6: _lan_ip(p, 6)} if lan6 else {})}
         return {
             "name": p.name, "roles": list(p.roles), "mode": dp.mode, "implementation": dp.wireguard,
             "units": sorted({*spec.enable_units, *spec.appliance_units}),
             "uplink_mac": UPLINK_MAC, "uplink_ip": uplink_ip, "uplink_ip6": uplink6 or "",
-            "offload": {"rx-udp-gro-forwarding": p.interfaces.uplink.offload.udp_gro_forwarding if p.interfaces.uplink
-                        else True, "rx-gro-list": False},
+            "offload": {"rx-udp-gro-forwarding": uplink.offload.udp_gro_forwarding,
+                        "rx-gro-list": uplink.offload.gro_list},
             "table": p.routing.table, "rule_priority": p.routing.rule_priority,
             "routes": sorted(str(n) for peer in p.wireguard.peers for n in peer.allowed_ips if n.version == 4),
             "peer_keys": sorted(x.public_key for x in p.wireguard.peers),
@@ -448,8 +451,7 @@ class BootTest:
             # upstreams are named: then a peer's query must reach the lab's server through it
             "metrics": {"listen_on": list(p.metrics.listen_on), "port": p.metrics.port,
                         "lan_address": _lan_ip(p) if "lan" in p.metrics.listen_on else ""},
-            "dns": {"serve": p.dns.serve, "check": isinstance(p.interfaces.uplink.ipv4, str)
-                    and not p.dns.upstreams if p.interfaces.uplink else False,
+            "dns": {"serve": p.dns.serve, "check": isinstance(uplink.ipv4, str) and not p.dns.upstreams,
                     "name": f"www.{LAB_DOMAIN}", "answer": WAN_GATEWAY},
             "cases": [c.to_json() for c in traffic_cases(p, peers, lan, sources, lan6)],
         }
