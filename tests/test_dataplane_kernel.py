@@ -8,10 +8,11 @@ is configured from `appliance peer` output. Packets are checked where they arriv
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -328,3 +329,61 @@ def test_ipv6_routed_with_nat66_off_while_ipv4_stays_masqueraded(tmp_path: Path)
             ["meta", "nfproto", "ipv4"]], ruleset
     finally:
         d.close()
+
+
+BANNER = """import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(8); print("ready", flush=True)
+while True:
+    c, _ = s.accept(); c.sendall(b"SSH-2.0-lab\\r\\n"); c.close()
+"""
+
+
+def test_health_follows_the_profile(topo: Topology, tmp_path: Path) -> None:
+    """`appliance-dataplane health` against the real firewall, links and wireguard-go of the lab:
+    healthy as rendered (an SSH banner on the profile's port standing in for sshd); each planted
+    fault (a firewall table that is not loaded, an uplink that is not there, a peer the device does
+    not have, nothing on the SSH port, a peer that never shook hands) makes it unhealthy, naming the
+    check, and the verdict lands in the state directory."""
+    from appliance.dataplane.health import HealthConfig
+
+    lab = topo.lab
+    proc = lab.spawn(topo.appl, [sys.executable, "-c", BANNER, "2222"], "sshd-banner")
+    wait_for(lambda: "ready" in lab.log("sshd-banner") or proc.poll() is not None, 10, 0.05)
+    assert topo.ping(1)  # the client has shaken hands
+
+    def health(dp: dict[str, Any] | None = None, **kw: Any) -> tuple[int, dict[str, Any]]:
+        cfg = tmp_path / "dataplane.json"
+        cfg.write_text(json.dumps(dp or topo.dp))
+        hc = tmp_path / "health.json"
+        hc.write_text(HealthConfig(**{"ssh_port": 2222, "grace": 10, **kw}).dumps())
+        state = tmp_path / "state"
+        shutil.rmtree(state, ignore_errors=True)
+        run = lab.run(topo.appl, [sys.executable, "-m", "appliance.dataplane", "--config", cfg, "health",
+                                  "--health-config", hc, "--state-dir", state, "--grace", "1"], check=False)
+        verdict = json.loads((state / "health.json").read_text())
+        assert (run.returncode == 0) == verdict["healthy"], run.stdout + run.stderr
+        return run.returncode, verdict
+
+    rc, verdict = health()
+    assert rc == 0 and verdict["healthy"] and verdict["problems"] == {}, verdict
+    assert health(handshake_with=("client",), within=10)[0] == 0
+
+    def broken(change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        dp: dict[str, Any] = json.loads(json.dumps(topo.dp))
+        change(dp)
+        return dp
+
+    faults = {
+        "firewall": broken(lambda d: d["firewall"].update(table="inet not-loaded")),
+        "uplink": broken(lambda d: d["interfaces"]["uplink"]["match"].update(mac="52:54:00:ff:ff:ff")),
+        "tunnel": broken(lambda d: d["wireguard"]["peers"].append({**d["wireguard"]["peers"][0], "name": "ghost",
+                                                                   "public_key": public_key(generate_private_key())})),
+    }
+    for check, dp in faults.items():
+        rc, verdict = health(dp)
+        assert rc == 1 and set(verdict["problems"]) == {check}, verdict
+    rc, verdict = health(ssh_port=2223)
+    assert rc == 1 and set(verdict["problems"]) == {"ssh"}, verdict
+    rc, verdict = health(handshake_with=("spare",), within=1)
+    assert rc == 1 and verdict["problems"] == {"handshake": "no handshake yet with spare"}, verdict

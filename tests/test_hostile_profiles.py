@@ -129,6 +129,8 @@ CASES = [
     Case("userspace-no-snat", {28: ['dataplane: {mode: userspace}'], 29: ["routing: {advertise_routes: "
                                                                        "[192.168.10.0/24], snat: false}"]}, 29,
          "routing.snat", "needs dataplane mode: kernel"),
+    Case("health-unknown-peer", {}, 34, "health.handshake_with[0]", "no peer named 'hq'",
+         extra=["health: {handshake_with: [hq]}"]),
     Case("userspace-no-nat66", {28: ['dataplane: {mode: userspace}'], 29: ["routing: {advertise_routes: "
                                                                         "[192.168.10.0/24], nat66: false}"]}, 29,
          "routing.nat66", "needs dataplane mode: kernel"),

@@ -306,3 +306,24 @@ def test_nat66_for_ula_tunnels_routed_for_global_ones(fixed_keys: ApplianceKeys,
     nft = render(p, fixed_keys).text("etc/nftables.conf")
     masquerades = [line.strip() for line in nft.splitlines() if "masquerade" in line]
     assert len(masquerades) == (1 if families else 0) and all(m.startswith(rule) for m in masquerades), nft
+
+
+def test_health_config_follows_the_profile(fixed_keys: ApplianceKeys, tmp_path: Path) -> None:
+    """health.json: the SSH port, the grace time and handshakes the profile asks for, and a default
+    route expected only when the uplink gets one; the unit is required by boot-complete.target."""
+    from appliance.dataplane.health import HealthConfig
+
+    exit_node = render(load_profile(PROFILES / "exit-node.yaml").profile, fixed_keys)
+    h = HealthConfig.from_json(json.loads(exit_node.text("etc/appliance/health.json")))
+    assert h == HealthConfig(22, 120, True, (), 60)
+    unit = exit_node.text("etc/systemd/system/appliance-health.service")
+    assert "Before=boot-complete.target" in unit and "RequiredBy=boot-complete.target" in unit
+    assert "etc/systemd/system/boot-complete.target.requires/appliance-health.service" in exit_node
+    shutil.copy(PROFILES / "exit-node.yaml", tmp_path)
+    profile = tmp_path / "static.yaml"
+    profile.write_text("extends: exit-node.yaml\nsystem: {ssh: {port: 2200}}\n"
+                       "interfaces: {uplink: {ipv4: {address: 198.51.100.2/24}, ipv6: \"off\"}}\n"
+                       "health: {grace: 300, handshake_with: [phone], within: 30}\n")
+    t = render(load_profile(profile).profile, fixed_keys)
+    h = HealthConfig.from_json(json.loads(t.text("etc/appliance/health.json")))
+    assert h == HealthConfig(2200, 300, False, ("phone",), 30)

@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     p_metrics = sub.add_parser("metrics", help="serve Prometheus metrics on the sockets systemd passes "
                                                "(appliance-metrics.socket); --print: once, to stdout")
     p_metrics.add_argument("--print", action="store_true")
+    p_health = sub.add_parser("health", help="check this boot's health as the profile defines it (firewall, "
+                                             "uplink, tunnel, SSH, handshakes); exit 1 if unhealthy")
+    p_health.add_argument("--health-config", type=Path, default=Path("/etc/appliance/health.json"))
+    p_health.add_argument("--state-dir", type=Path, help="where health.json goes (default: $STATE_DIRECTORY)")
+    p_health.add_argument("--grace", type=int, help="seconds to wait for the checks (default: the profile's)")
     args = ap.parse_args(argv)
     try:
         if args.command == "watch":
@@ -157,6 +162,10 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 metrics.serve(args.config, metrics.listening_sockets())
             return
+        if args.command == "health":
+            from . import health
+
+            sys.exit(health.main(load(args.config), args.health_config, args.state_dir, args.grace))
         from .reconcile import apply
 
         res = apply(load(args.config), dry=args.command == "status", uapi_dir=args.uapi_dir)

@@ -6,6 +6,7 @@ this runs on the device, whose Python has no pydantic. Keys are never in it, onl
 from __future__ import annotations
 
 import base64
+import fnmatch
 import ipaddress
 import json
 from collections.abc import Iterable
@@ -100,6 +101,12 @@ class LinkConfig:
     def to_json(self) -> dict[str, Any]:
         match = {k: v for k, v in (("name", self.match_name), ("mac", self.match_mac)) if v is not None}
         return {"match": match, "group": self.group, "offload": dict(self.offload)}
+
+    def matches(self, link: dict[str, Any]) -> bool:
+        """Whether a link of `ip -j link show` is this one (by MAC, or by name or glob)."""
+        if self.match_mac:
+            return str(link.get("address", "")).lower() == self.match_mac.lower()
+        return self.match_name is not None and fnmatch.fnmatchcase(str(link.get("ifname", "")), self.match_name)
 
     @classmethod
     def from_json(cls, role: str, raw: dict[str, Any]) -> LinkConfig:

@@ -9,7 +9,6 @@ are up. The first line of the dump holds the private key: it is never kept, logg
 
 from __future__ import annotations
 
-import fnmatch
 import http.server
 import json
 import os
@@ -68,8 +67,7 @@ def _uplink_features(cfg: DataplaneConfig) -> list[tuple[dict[str, str], float]]
     for want in cfg.links:
         for link in links:
             name = link.get("ifname", "")
-            if (want.match_mac and link.get("address") == want.match_mac) or (
-                    want.match_name and fnmatch.fnmatchcase(name, want.match_name)):
+            if want.matches(link):
                 features = _run(["ethtool", "-k", name]).stdout
                 for feature in want.offload:
                     on = f"{feature}: on" in features

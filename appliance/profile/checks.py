@@ -35,6 +35,7 @@ def cross_checks(p: Profile) -> list[Finding]:
         *_acl(p),
         *_dns(p),
         *_metrics(p),
+        *_health(p),
     ]
 
 
@@ -303,6 +304,14 @@ def _routing(p: Profile) -> Iterator[Finding]:
             if a.version == net.version and a.ip in net:
                 yield Finding(("routing", "advertise_routes", i),
                               f"{net} contains the appliance's tunnel address {a.ip}: peers reach it already")
+
+
+def _health(p: Profile) -> Iterator[Finding]:
+    names = {peer.name for peer in p.wireguard.peers}
+    for i, name in enumerate(p.health.handshake_with):
+        if name not in names:
+            yield Finding(("health", "handshake_with", i),
+                          f"no peer named '{name}' in wireguard.peers (known: {', '.join(sorted(names))})")
 
 
 def _acl(p: Profile) -> Iterator[Finding]:

@@ -241,6 +241,16 @@ class Metrics(Strict):
     port: Port = Field(9586, description="its TCP port")
 
 
+class Health(Strict):
+    grace: int = Field(120, ge=10, le=3600, description="seconds after boot in which the firewall, the uplink "
+                                                          "(address, default route), the tunnel (port, peers) and "
+                                                          "sshd must be up for the boot to count as healthy")
+    handshake_with: list[Name] = Field(
+        default_factory=list, description="peers of which one must complete a handshake for a healthy boot "
+                                          "(devices that dial out); empty: no handshake needed")
+    within: int = Field(60, ge=10, le=3600, description="seconds for that handshake")
+
+
 class Profile(Strict):
     name: Name = Field(description="hostname and image name")
     roles: list[Role] = Field(min_length=1, description="exit-node and/or subnet-router")
@@ -252,6 +262,8 @@ class Profile(Strict):
     firewall: Firewall = Field(default_factory=Firewall, description="forwarding ACLs and shields-up")
     dns: Dns = Field(default_factory=Dns, description="a resolver for peers (never on the uplink)")
     metrics: Metrics = Field(default_factory=Metrics, description="Prometheus metrics (never on the uplink)")
+    health: Health = Field(default_factory=Health, description="what a healthy boot is (appliance-health.service, "
+                                                               "required by boot-complete.target)")
 
     @property
     def is_exit_node(self) -> bool:

@@ -10,6 +10,7 @@ import jinja2
 from .. import __version__
 from ..dataplane import config as dp
 from ..dataplane.config import RTPROT_APPLIANCE, rule_families
+from ..dataplane.health import HealthConfig
 from ..profile.model import Profile, StaticIPv4, UserspaceDataplane
 from ..secrets import ApplianceKeys, needs_socks5_password
 from .context import (
@@ -28,6 +29,7 @@ from .context import (
 from .tree import ConfigTree
 
 DATAPLANE_JSON = "etc/appliance/dataplane.json"
+HEALTH_JSON = "etc/appliance/health.json"
 NFTABLES_DROPIN = "etc/systemd/system/nftables.service.d/10-appliance.conf"
 MODPROBE = "ExecStartPre=/usr/sbin/modprobe -a"
 # Not modules-load.d: systemd-sysctl waits for systemd-modules-load and networkd for systemd-sysctl,
@@ -85,7 +87,7 @@ def enabled_units(p: Profile) -> list[str]:
 
 def appliance_units(p: Profile) -> list[str]:
     """The appliance's own units, shipped and enabled by the rendered tree."""
-    units = ["appliance-dataplane.service"]
+    units = ["appliance-dataplane.service", "appliance-health.service"]
     if p.wireguard_go_tun:
         units.append("appliance-wireguard-go.service")
     if p.userspace:
@@ -168,8 +170,23 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
     t.file("etc/ssh/sshd_config.d/10-appliance.conf", tpl("sshd.conf.j2"))
     t.file("etc/systemd/system-preset/10-appliance.preset", tpl("preset.j2", units=enabled_units(p)))
     t.file(DATAPLANE_JSON, dataplane_config(p, ctx).dumps())
+    t.file(HEALTH_JSON, health_config(p).dumps())
+    t.file("etc/systemd/system/appliance-health.service", tpl("health.service.j2"))
+    t.symlink("etc/systemd/system/boot-complete.target.requires/appliance-health.service",
+              "/etc/systemd/system/appliance-health.service")
     _secrets(t, p, keys)
     return t
+
+
+def health_config(p: Profile) -> HealthConfig:
+    """What appliance-health.service checks: the profile's SSH port, grace time and handshakes, and
+    whether the uplink gets a default route (DHCP, router advertisements or a gateway)."""
+    uplink = p.interfaces.uplink
+    default_route = uplink is not None and any(
+        cfg in ("dhcp", "ra") or (not isinstance(cfg, str) and cfg.gateway is not None)
+        for cfg in (uplink.ipv4, uplink.ipv6))
+    h = p.health
+    return HealthConfig(p.system.ssh.port, h.grace, default_route, tuple(h.handshake_with), h.within)
 
 
 # where resolved's own stub listens: the userspace dataplane relays peers' DNS there

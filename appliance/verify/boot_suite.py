@@ -60,6 +60,14 @@ def test_unit_active(host: Any, unit: str) -> None:
     assert host.service(unit).is_running or host.run(f"systemctl is-active {unit}").stdout.strip() == "active"
 
 
+def test_boot_is_healthy(host: Any) -> None:
+    """appliance-health (required by boot-complete.target) found this boot healthy as the profile
+    defines it, and kept its verdict for this boot."""
+    verdict = json.loads(host.file("/var/lib/appliance/health.json").content_string)
+    assert verdict["healthy"] and not verdict["problems"], verdict
+    assert verdict["boot_id"] == host.file("/proc/sys/kernel/random/boot_id").content_string.strip()
+
+
 def test_forwarding_sysctl(host: Any) -> None:
     assert host.sysctl("net.ipv4.ip_forward") == (1 if KERNEL else 0)
 
