@@ -64,3 +64,22 @@ def test_broken_image_is_caught_by_traffic() -> None:
     for proto in ("tcp", "udp", "icmp"):  # what must have arrived from the appliance's address did not
         assert any(f"-{proto}" in f and "ipv6" not in f for f in traffic), report.failures
         assert any(f"-{proto}" in f and f.endswith("-ipv6]") for f in traffic), report.failures  # nor NAT66
+
+
+def test_unhealthy_boot_is_not_blessed() -> None:
+    """A boot whose health check fails (here: it expects sshd on a port nothing listens on) is not
+    marked good: boot-complete.target fails, systemd-bless-boot does not run, and the entry keeps
+    its boot counter (systemd-boot would choose it twice more, then another entry). Everything
+    else, traffic included, still passes: only the health verdict and what follows from it fail."""
+    from appliance.dataplane.health import HealthConfig
+
+    def unhealthy(tree: ConfigTree) -> None:
+        del tree.entries["etc/appliance/health.json"]
+        tree.file("etc/appliance/health.json", HealthConfig(ssh_port=1, grace=10).dumps())
+
+    report = boot("exit-node", sabotage=unhealthy)
+    failed = {f.split("[")[0] for f in report.failures}
+    assert failed == {"test_boot_is_healthy", "test_boot_is_blessed", "test_system_is_running",
+                      "test_unit_active"}, report.failures
+    assert [f for f in report.failures if f.startswith("test_unit_active")] == [
+        "test_unit_active[appliance-health.service]"], report.failures

@@ -101,12 +101,20 @@ def test_partition_table(exit_node: dict[str, Any], tools: ToolsTree) -> None:
     assert (root["start"] + root["size"]) * 512 <= img.stat().st_size
 
 
-def test_esp_holds_the_uki(exit_node: dict[str, Any], tools: ToolsTree, tmp_path: Path) -> None:
+def test_esp_holds_the_loader_and_the_uki(exit_node: dict[str, Any], tools: ToolsTree, tmp_path: Path) -> None:
+    """systemd-boot as the removable-media loader, its configuration (no menu, no editor), and the UKI
+    under EFI/Linux with boot counting's +3 in its name."""
     img = exit_node["images"] / "exit-node.img"
-    listing = in_tools(tools, ["sh", "-c", f"MTOOLS_SKIP_CHECK=1 mdir -b -i {img}@@1048576 ::/EFI/BOOT"], [img.parent])
-    assert "BOOTX64.EFI" in listing
-    in_tools(tools, ["sh", "-c", f"MTOOLS_SKIP_CHECK=1 mcopy -i {img}@@1048576 ::/EFI/BOOT/BOOTX64.EFI {tmp_path}/"],
-             [img.parent, tmp_path])
+
+    def esp(cmd: str) -> str:
+        return in_tools(tools, ["sh", "-c", f"MTOOLS_SKIP_CHECK=1 {cmd}"], [img.parent, tmp_path])
+
+    assert "::/EFI/Linux/exit-node+3.efi" in esp(f"mdir -b -i {img}@@1048576 ::/EFI/Linux").split()
+    esp(f"mcopy -i {img}@@1048576 ::/EFI/BOOT/BOOTX64.EFI ::/loader/loader.conf ::/EFI/Linux/exit-node+3.efi "
+        f"{tmp_path}/")
+    assert b"systemd-boot" in (tmp_path / "BOOTX64.EFI").read_bytes()
+    assert "editor no" in (tmp_path / "loader.conf").read_text().splitlines()
+    (tmp_path / "exit-node+3.efi").rename(tmp_path / "BOOTX64.EFI")
     sections = in_tools(tools, ["ukify", "--json=short", "inspect", str(tmp_path / "BOOTX64.EFI")], [tmp_path])
     uki = json.loads(sections)
     assert uki[".cmdline"]["text"].strip() == kernel_cmdline(DiskIds.for_name("exit-node"), vm=True)
@@ -337,12 +345,10 @@ def test_image_tools_accept_edge_values(exit_node: dict[str, Any], tmp_path: Pat
     test's edge values render (test_hostile_strings.EDGE_VALUES)."""
     from test_hostile_strings import edge_trees
 
-    from appliance.image import image_spec
-    from appliance.image.rootfs import newest_base
-    from appliance.profile import load_profile
+    from appliance.image.rootfs import BaseTree
 
-    base = newest_base(Cache(CACHE), image_spec(load_profile(PROFILES / "exit-node.yaml").profile))
-    assert base is not None and base.entry.key == exit_node["manifest"]["base_key"]
+    # the exit node's own base (another build of the same spec, e.g. without a lock, may be newer)
+    base = BaseTree(next(e for e in Cache(CACHE).entries() if e.key == exit_node["manifest"]["base_key"]))
     for what, root in edge_trees(tmp_path / "edge"):
         tree = tmp_path / "tree"
         subprocess.run(["cp", "-al", str(base.tree), str(tree)], check=True)

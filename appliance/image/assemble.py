@@ -1,7 +1,9 @@
 """Assembly: a GPT disk image on a plain file, without loop devices or mounts.
 
-  ESP (FAT32, mkfs.vfat --invariant, filled with mtools): the Unified Kernel Image as
-      EFI/BOOT/BOOTX64.EFI, i.e. kernel + initramfs + command line naming root=UUID=...
+  ESP (FAT32, mkfs.vfat --invariant, filled with mtools): systemd-boot as EFI/BOOT/BOOTX64.EFI and
+      the Unified Kernel Image (kernel + initramfs + command line naming root=UUID=...) as
+      EFI/Linux/NAME+TRIES.efi: systemd-boot counts the tries down, the booted system blesses the
+      entry once appliance-health has passed (boot-complete.target, systemd-bless-boot)
   root (ext4, mkfs.ext4 -d from the staged tree, fixed UUID and hash seed)
   GPT laid out by sfdisk with GUIDs derived from the appliance name.
 
@@ -94,11 +96,43 @@ def build_uki(tools: ToolsTree, kernel: Path, initrd: Path, os_release: Path, cm
     os.utime(out, (sde, sde))
 
 
-def build_esp(tools: ToolsTree, uki: Path, out: Path, ids: DiskIds, size: int, sde: int, log: BuildLog) -> None:
+BOOT_TRIES = 3  # boots a new entry gets before systemd-boot stops choosing it
+SYSTEMD_BOOT = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi"  # in the tools tree (systemd-boot-efi)
+# no menu (timeout 0: a key held at boot still shows it), no editing of the kernel command line
+# (it would let anyone at the console boot into a shell), nothing but the appliance's own entries
+LOADER_CONF = "timeout 0\neditor no\nauto-entries no\nauto-firmware no\n"
+
+
+def uki_entry(name: str, tries: int = BOOT_TRIES) -> str:
+    """The UKI's file name on the ESP: systemd-boot's boot counting reads +TRIES from it."""
+    return f"EFI/Linux/{name}+{tries}.efi"
+
+
+def esp_mount_units(ids: DiskIds) -> dict[str, str]:
+    """The ESP on /efi, mounted for systemd-bless-boot only (after the boot is complete, off the
+    tunnel's way up): it renames the entry systemd-boot counted. Nothing else mounts it."""
+    return {
+        "etc/systemd/system/efi.mount": (
+            "[Unit]\nDescription=EFI System Partition (boot counting)\n"
+            "Documentation=man:systemd-bless-boot.service(8)\n\n"
+            f"[Mount]\nWhat=/dev/disk/by-partuuid/{ids.esp}\nWhere=/efi\nType=vfat\n"
+            "Options=umask=0077,noatime,nosuid,nodev,noexec\n"),
+        "etc/systemd/system/systemd-bless-boot.service.d/10-appliance-esp.conf":
+            "[Unit]\n# the ESP holds the entry it renames\nRequires=efi.mount\nAfter=efi.mount\n",
+    }
+
+
+def build_esp(tools: ToolsTree, uki: Path, out: Path, ids: DiskIds, size: int, sde: int, log: BuildLog,
+              entry: str) -> None:
+    (uki.parent / "loader.conf").write_text(LOADER_CONF)
     script = (
         f"mkfs.vfat -F 32 -n ESP -i {ids.esp_serial} --invariant -C {out} {size // 1024} >/dev/null && "
-        f"mmd -i {out} ::/EFI ::/EFI/BOOT && mcopy -m -i {out} {uki} ::/EFI/BOOT/BOOTX64.EFI")
+        f"mmd -i {out} ::/EFI ::/EFI/BOOT ::/EFI/Linux ::/loader && "
+        f"mcopy -m -i {out} {SYSTEMD_BOOT} ::/EFI/BOOT/BOOTX64.EFI && "
+        f"mcopy -m -i {out} {uki.parent / 'loader.conf'} ::/loader/loader.conf && "
+        f"mcopy -m -i {out} {uki} ::/{entry}")
     # mtools stamps the directories it makes with SOURCE_DATE_EPOCH instead of the time of the build
+    os.utime(uki.parent / "loader.conf", (sde, sde))
     tools.run(["sh", "-c", script], binds=[out.parent, uki.parent], log=log, what="ESP (mkfs.vfat, mtools)",
               env={"MTOOLS_SKIP_CHECK": "1", "SOURCE_DATE_EPOCH": str(sde)})
 

@@ -24,8 +24,10 @@ from .assemble import (
     build_esp,
     build_root_fs,
     build_uki,
+    esp_mount_units,
     kernel_cmdline,
     layout_for,
+    uki_entry,
     write_disk,
 )
 from .cache import Cache, CacheKind, content_key
@@ -41,7 +43,7 @@ from .spec import ImageSpec
 from .stage import remove_tree, stage_tree, tree_bytes
 from .tools import ToolsTree, build_tools, tools_key
 
-ESP_RECIPE = 2  # bump when the way the ESP is made changes
+ESP_RECIPE = 3  # bump when the way the ESP is made changes
 DEFAULT_SOURCE_DATE_EPOCH = 1735689600  # 2025-01-01: used when neither lock nor environment sets one
 
 Step = Callable[[str], AbstractContextManager[None]]
@@ -227,6 +229,8 @@ def _netstack(ctx: BuildContext) -> None:
 
 
 def _stage(ctx: BuildContext) -> None:
+    for path, text in esp_mount_units(DiskIds.for_name(ctx.spec.name)).items():
+        ctx.config.file(path, text)
     ctx.work.mkdir(parents=True, exist_ok=True)
     ctx.tree = stage_tree(ctx.need(ctx.base, "the base tree"), ctx.config, ctx.work / "tree", ctx.sde, ctx.log)
 
@@ -257,15 +261,18 @@ def _esp(ctx: BuildContext) -> None:
     ctx.cmdline = cmdline = kernel_cmdline(ctx.ids, vm=ctx.spec.vm)
     ids, sde, log = ctx.ids, ctx.sde, ctx.log
 
+    entry = uki_entry(ctx.spec.name)
+
     def make(tmp: Path) -> dict[str, object]:
-        build_uki(tools, base.kernel, base.initrd, base.tree / "usr/lib/os-release", cmdline, tmp / "BOOTX64.EFI",
+        build_uki(tools, base.kernel, base.initrd, base.tree / "usr/lib/os-release", cmdline, tmp / "uki.efi",
                   sde, log)
-        build_esp(tools, tmp / "BOOTX64.EFI", tmp / "esp.img", ids, ESP_SIZE, sde, log)
-        (tmp / "BOOTX64.EFI").unlink()
-        return {"cmdline": cmdline, "base": base.entry.key}
+        build_esp(tools, tmp / "uki.efi", tmp / "esp.img", ids, ESP_SIZE, sde, log, entry)
+        (tmp / "uki.efi").unlink()
+        (tmp / "loader.conf").unlink()
+        return {"cmdline": cmdline, "base": base.entry.key, "entry": entry}
 
     key = content_key({"base": base.entry.key, "cmdline": cmdline, "serial": ids.esp_serial, "sde": sde,
-                       "recipe": ESP_RECIPE})
+                       "recipe": ESP_RECIPE, "entry": entry})
     ctx.esp = ctx.opts.cache.get_or_build(CacheKind.ESP, key, make).path / "esp.img"
 
 

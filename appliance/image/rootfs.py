@@ -21,7 +21,7 @@ from .run import BuildLog, ImageError, run
 from .spec import INITRAMFS_VM, ImageSpec
 from .tools import ToolsTree
 
-BASE_RECIPE = 11  # bump when the hooks below change what a base tree contains
+BASE_RECIPE = 12  # bump when the hooks below change what a base tree contains
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def _customize_hooks(spec: ImageSpec, files: Path) -> list[str]:
         # out on purpose (udev names devices without it)
         f'systemctl --root="$1" mask {shlex.join(MASKED_UNITS)}',
         # generators run before the first unit starts, each a process of its own
-        'mkdir -p "$1/etc/systemd/system-generators"',
+        'mkdir -p "$1/etc/systemd/system-generators" "$1/efi"',
         *(f'ln -sf /dev/null "$1/etc/systemd/system-generators/{g}"' for g in MASKED_GENERATORS),
         'ln -sf ../run/systemd/resolve/stub-resolv.conf "$1/etc/resolv.conf"',
         'rm -f "$1/etc/apt/preferences.d/appliance-lock"',
@@ -186,9 +186,14 @@ MASKED_UNITS = ["systemd-hwdb-update.service", "ldconfig.service", "systemd-jour
                 "systemd-binfmt.service", "modprobe@drm.service", "modprobe@efi_pstore.service",
                 "systemd-pstore.service", "systemd-network-generator.service",
                 # udev rules from credentials: the appliance passes none
-                "systemd-udev-load-credentials.service"]
+                "systemd-udev-load-credentials.service",
+                # systemd-boot's random seed and self-update would mount the ESP early at every
+                # boot; the ESP is written only by image updates and by boot counting
+                "systemd-boot-random-seed.service", "systemd-boot-update.service"]
 # root is on the command line and fstab is empty, there is no TPM, hibernation, SysV script, rc.local,
-# offline update or kernel-command-line unit, and SSH listens on the network, not on vsock
+# offline update or kernel-command-line unit, and SSH listens on the network, not on vsock. (The ESP
+# is mounted by the image's own efi.mount, for systemd-bless-boot only: gpt-auto's would be an
+# automount, and autofs is not loaded.)
 MASKED_GENERATORS = ["systemd-gpt-auto-generator", "systemd-hibernate-resume-generator", "systemd-rc-local-generator",
                      "systemd-ssh-generator", "systemd-system-update-generator", "systemd-sysv-generator",
                      "systemd-tpm2-generator", "systemd-run-generator"]

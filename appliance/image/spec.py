@@ -30,6 +30,9 @@ class Initramfs(StrEnum):
 BASE_PACKAGES = [
     "systemd", "systemd-sysv", "systemd-resolved", "udev", "dbus", "openssh-server", "nftables", "iproute2",
     "ethtool", "kmod", "login", "linux-sysctl-defaults", "zstd", "python3", "python3-pyroute2",
+    # systemd-bless-boot and its generator: a boot systemd-boot counts is marked good after
+    # boot-complete.target (which appliance-health.service gates)
+    "systemd-boot",
 ]
 # The initramfs only has to find the root file system. Hardware gets initramfs-tools with its "most"
 # (every storage driver, udev). A VM gets tiny-initramfs: one static init that loads the modules below

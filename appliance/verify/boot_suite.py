@@ -68,6 +68,16 @@ def test_boot_is_healthy(host: Any) -> None:
     assert verdict["boot_id"] == host.file("/proc/sys/kernel/random/boot_id").content_string.strip()
 
 
+def test_boot_is_blessed(host: Any) -> None:
+    """systemd-boot counted this boot (the entry was NAME+3.efi on the ESP), and once appliance-health
+    had passed (boot-complete.target) systemd-bless-boot marked it good: the counter is gone from
+    the entry's name. Startup is over when the suite runs (test_system_is_running waits for it)."""
+    host.run("timeout 90 systemctl is-system-running --wait")
+    bless = host.run("systemctl is-active systemd-bless-boot.service").stdout.strip()
+    entries = host.run("ls /efi/EFI/Linux").stdout.split()
+    assert bless == "active" and entries == [f"{X['name']}.efi"], (bless, entries)
+
+
 def test_forwarding_sysctl(host: Any) -> None:
     assert host.sysctl("net.ipv4.ip_forward") == (1 if KERNEL else 0)
 
