@@ -124,7 +124,7 @@ def test_esp_holds_the_loader_and_the_uki(exit_node: dict[str, Any], tools: Tool
     assert uki[".initrd"]["size"] < 1 * 2**20
     files = in_tools(tools, ["sh", "-c", f"cd {tmp_path} && objcopy -O binary --only-section=.initrd BOOTX64.EFI "
                                          "initrd && cpio -it --quiet < initrd"], [tmp_path]).split()
-    assert {"init", "modules", "virtio_blk.ko", "virtio_net.ko"} <= set(files), files
+    assert {"init", "modules", "virtio_blk.ko", "virtio_net.ko", "i6300esb.ko", "watchdog.ko"} <= set(files), files
 
 
 def debugfs(tools: ToolsTree, img: Path, request: str) -> str:

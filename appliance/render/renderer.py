@@ -160,6 +160,7 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
     t.file("etc/systemd/system/systemd-networkd.service.d/20-firewall-first.conf", _FIREWALL_FIRST)
     t.file("etc/systemd/system/systemd-udev-trigger.service.d/10-appliance.conf", _UDEV_TRIGGER)
     t.file("etc/sysctl.d/90-appliance.conf", tpl("sysctl.conf.j2"))
+    t.file("etc/systemd/system.conf.d/10-appliance-watchdog.conf", _WATCHDOG)
     if p.metrics.listen_on:
         t.file("etc/systemd/system/appliance-metrics.socket", tpl("metrics.socket.j2", listen=metrics_listeners(p)))
         t.file("etc/systemd/system/appliance-metrics.service", tpl("metrics.service.j2"))
@@ -224,6 +225,12 @@ def _first_on_cpu(why: str, service: str = "") -> str:
     shares a few (or emulated) CPUs: its [Service] section, with `service` lines first. The
     appliance's own units say the same."""
     return f"[Service]\n{service}# {why}: it comes first when the CPU is short\nCPUWeight=1000\nNice=-10\n"
+
+
+# PID 1 keeps the hardware watchdog (where the board has one) fed: a hung kernel or PID 1 is reset
+# and the boot counts as a failed try; a reboot that hangs is cut short too
+_WATCHDOG = ("[Manager]\n# a hung system is reset: with boot counting, a failed try\n"
+             "RuntimeWatchdogSec=30s\nRebootWatchdogSec=2min\n")
 
 
 def boot_modules(p: Profile) -> list[str]:

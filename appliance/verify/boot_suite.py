@@ -78,6 +78,14 @@ def test_boot_is_blessed(host: Any) -> None:
     assert bless == "active" and entries == [f"{X['name']}.efi"], (bless, entries)
 
 
+def test_hardware_watchdog_armed(host: Any) -> None:
+    """PID 1 holds the lab VM's watchdog (i6300esb, loaded by the initramfs) with the image's 30 s:
+    a hung system would be reset, a failed boot try."""
+    wd = "/sys/class/watchdog/watchdog0"
+    state = host.run(f"cat {wd}/identity {wd}/state {wd}/timeout").stdout.split("\n")
+    assert state[:3] == ["i6300ESB timer", "active", "30"], state
+
+
 def test_forwarding_sysctl(host: Any) -> None:
     assert host.sysctl("net.ipv4.ip_forward") == (1 if KERNEL else 0)
 

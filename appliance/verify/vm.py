@@ -97,6 +97,8 @@ class VM:
             cmd += ["-netdev", f"tap,id=lab{i},ifname={nic.tap},script=no,downscript=no",
                     "-device", f"virtio-net-pci,netdev=lab{i},mac={nic.mac},romfile="]
         cmd += ["-object", "rng-random,id=rng,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng",
+                # a hardware watchdog, as boards have: a hung system is reset (a failed boot try)
+                "-device", "i6300esb", "-action", "watchdog=reset",
                 "-display", "none"]
         # an interactive console multiplexes QEMU's monitor (Ctrl-A C); a lab's goes to a file
         cmd += ["-serial", console] if console else ["-monitor", "none", "-serial", f"file:{self.console}"]
