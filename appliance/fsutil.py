@@ -1,24 +1,6 @@
-"""Writing a file so that it is never seen half-written and never with a wider mode than asked:
-a temporary sibling, made with the final mode before the first byte, synced, then renamed over."""
+"""atomic_write for the host side: the one implementation lives in the on-device package, the
+lowest layer, which the image ships on its own."""
 
-from __future__ import annotations
+from .dataplane.atomic import atomic_write
 
-import os
-import tempfile
-from pathlib import Path
-
-
-def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
-    """path gets data whole or not at all; its mode is `mode` from the first byte (0600 for secrets)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = ["atomic_write"]

@@ -50,16 +50,19 @@ def test_variant_passes(variant: Path) -> None:
 
 def test_broken_image_is_caught_by_traffic() -> None:
     """Remove the SNAT rule from the rendered tree before the build: every file check still agrees
-    with that tree, so only the traffic checks (source address at the far end) can catch it."""
+    with that tree, so only the traffic checks (source address at the far end) can catch it. The
+    watchdog setting goes too: the check that PID 1 holds the VM's watchdog must catch that."""
     def drop_snat(tree: ConfigTree) -> None:
         path = "etc/nftables.conf"
         text = tree.text(path)
         assert "masquerade" in text
         del tree.entries[path]
         tree.file(path, "\n".join(ln for ln in text.splitlines() if "masquerade" not in ln) + "\n", mode=0o755)
+        del tree.entries["etc/systemd/system.conf.d/10-appliance-watchdog.conf"]
 
     report = boot("exit-node", sabotage=drop_snat)
     assert not report.ok
+    assert "test_hardware_watchdog_armed" in report.failures, report.failures
     traffic = [f for f in report.failures if f.startswith("test_traffic")]
     for proto in ("tcp", "udp", "icmp"):  # what must have arrived from the appliance's address did not
         assert any(f"-{proto}" in f and "ipv6" not in f for f in traffic), report.failures

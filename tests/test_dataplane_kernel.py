@@ -300,7 +300,7 @@ def _v6_traffic(d: dplab.DataplaneLab) -> set[tuple[str, str]]:
     return {(a["proto"], a["src"]) for a in lab.arrivals()}
 
 
-def test_ipv6_from_a_ula_tunnel_is_masqueraded(tmp_path: Path) -> None:
+def test_ipv6_from_a_ula_tunnel_is_masqueraded() -> None:
     """NAT66 by default for a ULA tunnel: upstream sees the appliance's IPv6 address; the MSS of
     IPv6 TCP is clamped too (the peer's tunnel MTU is the appliance's; clamping keeps it at 1420 - 60)."""
     d = _v6_lab("6n")
@@ -315,7 +315,7 @@ def test_ipv6_from_a_ula_tunnel_is_masqueraded(tmp_path: Path) -> None:
         d.close()
 
 
-def test_ipv6_routed_with_nat66_off_while_ipv4_stays_masqueraded(tmp_path: Path) -> None:
+def test_ipv6_routed_with_nat66_off_while_ipv4_stays_masqueraded() -> None:
     """routing.nat66: false (a globally routed tunnel prefix): upstream sees the peer's own IPv6
     address and routes it back via the appliance, while IPv4 is still SNATed (the control)."""
     d = _v6_lab("6r", "routing: {nat66: false}\n")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import uapi
 from .config import DEFAULT_CONFIG, ConfigError, DataplaneConfig, load
+from .health import HEALTH_CONFIG
 
 if TYPE_CHECKING:
     from .reconcile import Result
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     p_metrics.add_argument("--print", action="store_true")
     p_health = sub.add_parser("health", help="check this boot's health as the profile defines it (firewall, "
                                              "uplink, tunnel, SSH, handshakes); exit 1 if unhealthy")
-    p_health.add_argument("--health-config", type=Path, default=Path("/etc/appliance/health.json"))
+    p_health.add_argument("--health-config", type=Path, default=HEALTH_CONFIG)
     p_health.add_argument("--state-dir", type=Path, help="where health.json goes (default: $STATE_DIRECTORY)")
     p_health.add_argument("--grace", type=int, help="seconds to wait for the checks (default: the profile's)")
     args = ap.parse_args(argv)

@@ -14,6 +14,7 @@ status` and for whoever looks after a rollback. Standard library only (the image
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write
 from .config import DataplaneConfig, LinkConfig
 
 HEALTH_CONFIG = Path("/etc/appliance/health.json")
@@ -179,19 +181,14 @@ def record(verdict: Verdict, state_dir: Path) -> Path:
             "boot_id": boot_id.read_text().strip() if boot_id.exists() else ""}
     state_dir.mkdir(parents=True, exist_ok=True)
     target = state_dir / STATE_FILE
-    tmp = target.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(target)
+    atomic_write(target, json.dumps(data, sort_keys=True) + "\n")
     return target
 
 
 def main(cfg: DataplaneConfig, health_config: Path, state_dir: Path | None, grace: int | None) -> int:
     h = HealthConfig.from_json(json.loads(health_config.read_text()))
     if grace is not None:
-        h = HealthConfig(h.ssh_port, grace, h.default_route, h.handshake_with, h.within)
+        h = dataclasses.replace(h, grace=grace)
     verdict = wait_healthy(cfg, h, say=lambda m: print(m, flush=True))
     where = state_dir or Path(os.environ.get("STATE_DIRECTORY", "/var/lib/appliance").split(":")[0])
     record(verdict, where)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import uapi
+from .atomic import atomic_write
 from .config import ConfigError, DataplaneConfig
 from .device import wanted_device
 from .wgstate import diff
@@ -65,9 +66,7 @@ def _remember_endpoints(sock: Path, endpoints: dict[bytes, str], path: Path | No
     if path is None or all(endpoints.get(k) == v for k, v in seen.items()):
         return
     endpoints.update(seen)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({base64.b64encode(k).decode(): v for k, v in endpoints.items()}))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({base64.b64encode(k).decode(): v for k, v in endpoints.items()}))
 
 
 def _answers(sock: Path) -> bool:

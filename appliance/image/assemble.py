@@ -124,17 +124,21 @@ def esp_mount_units(ids: DiskIds) -> dict[str, str]:
 
 def build_esp(tools: ToolsTree, uki: Path, out: Path, ids: DiskIds, size: int, sde: int, log: BuildLog,
               entry: str) -> None:
-    (uki.parent / "loader.conf").write_text(LOADER_CONF)
+    conf = out.with_name("loader.conf")
+    conf.write_text(LOADER_CONF)
+    os.utime(conf, (sde, sde))  # mcopy -m keeps it
     script = (
         f"mkfs.vfat -F 32 -n ESP -i {ids.esp_serial} --invariant -C {out} {size // 1024} >/dev/null && "
         f"mmd -i {out} ::/EFI ::/EFI/BOOT ::/EFI/Linux ::/loader && "
         f"mcopy -m -i {out} {SYSTEMD_BOOT} ::/EFI/BOOT/BOOTX64.EFI && "
-        f"mcopy -m -i {out} {uki.parent / 'loader.conf'} ::/loader/loader.conf && "
+        f"mcopy -m -i {out} {conf} ::/loader/loader.conf && "
         f"mcopy -m -i {out} {uki} ::/{entry}")
     # mtools stamps the directories it makes with SOURCE_DATE_EPOCH instead of the time of the build
-    os.utime(uki.parent / "loader.conf", (sde, sde))
-    tools.run(["sh", "-c", script], binds=[out.parent, uki.parent], log=log, what="ESP (mkfs.vfat, mtools)",
-              env={"MTOOLS_SKIP_CHECK": "1", "SOURCE_DATE_EPOCH": str(sde)})
+    try:
+        tools.run(["sh", "-c", script], binds=[out.parent, uki.parent], log=log, what="ESP (mkfs.vfat, mtools)",
+                  env={"MTOOLS_SKIP_CHECK": "1", "SOURCE_DATE_EPOCH": str(sde)})
+    finally:
+        conf.unlink(missing_ok=True)
 
 
 def build_root_fs(tools: ToolsTree, tree: Path, out: Path, ids: DiskIds, size: int, sde: int, log: BuildLog) -> None:

@@ -115,12 +115,12 @@ class BuildContext:
     work: Path
     paths: dict[str, Path]
     tmp: dict[str, Path]
+    ids: DiskIds  # from the appliance's name: the staged tree (ESP mount) and the disk need them
     t_start: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
     tools: ToolsTree | None = None
     base: BaseTree | None = None
     tree: Path | None = None
-    ids: DiskIds | None = None
     cmdline: str = ""
     esp: Path | None = None
     layout: Layout | None = None
@@ -165,7 +165,8 @@ def _context(spec: ImageSpec, config: ConfigTree, profile: ProfileInfo, opts: Bu
         spec=spec, config=config, profile=profile, opts=opts, step=step, log=log, out_dir=out_dir,
         archive=Archive.from_env(), lock=lock, sde=sde,
         work=opts.cache.root.resolve() / "work" / f"{spec.name}-{os.getpid()}", paths=paths,
-        tmp={k: p.with_name(f".{p.name}.tmp-{os.getpid()}") for k, p in paths.items()})
+        tmp={k: p.with_name(f".{p.name}.tmp-{os.getpid()}") for k, p in paths.items()},
+        ids=DiskIds.for_name(spec.name))
 
 
 def _build(spec: ImageSpec, config: ConfigTree, profile: ProfileInfo, opts: BuildOptions, step: Step,
@@ -229,7 +230,7 @@ def _netstack(ctx: BuildContext) -> None:
 
 
 def _stage(ctx: BuildContext) -> None:
-    for path, text in esp_mount_units(DiskIds.for_name(ctx.spec.name)).items():
+    for path, text in esp_mount_units(ctx.ids).items():
         ctx.config.file(path, text)
     ctx.work.mkdir(parents=True, exist_ok=True)
     ctx.tree = stage_tree(ctx.need(ctx.base, "the base tree"), ctx.config, ctx.work / "tree", ctx.sde, ctx.log)
@@ -257,7 +258,6 @@ def _check_tree(ctx: BuildContext) -> None:
 def _esp(ctx: BuildContext) -> None:
     """The ESP depends only on the base (kernel, initramfs) and the command line: cached on both."""
     base, tools = ctx.need(ctx.base, "the base tree"), ctx.need(ctx.tools, "the tools tree")
-    ctx.ids = DiskIds.for_name(ctx.spec.name)
     ctx.cmdline = cmdline = kernel_cmdline(ctx.ids, vm=ctx.spec.vm)
     ids, sde, log = ctx.ids, ctx.sde, ctx.log
 
@@ -268,7 +268,6 @@ def _esp(ctx: BuildContext) -> None:
                   sde, log)
         build_esp(tools, tmp / "uki.efi", tmp / "esp.img", ids, ESP_SIZE, sde, log, entry)
         (tmp / "uki.efi").unlink()
-        (tmp / "loader.conf").unlink()
         return {"cmdline": cmdline, "base": base.entry.key, "entry": entry}
 
     key = content_key({"base": base.entry.key, "cmdline": cmdline, "serial": ids.esp_serial, "sde": sde,
@@ -279,13 +278,13 @@ def _esp(ctx: BuildContext) -> None:
 def _root_fs(ctx: BuildContext) -> None:
     tree = ctx.need(ctx.tree, "the staged tree")
     ctx.layout = layout_for(tree_bytes(tree))
-    build_root_fs(ctx.need(ctx.tools, "the tools tree"), tree, ctx.work / "root.img", ctx.need(ctx.ids, "disk ids"),
+    build_root_fs(ctx.need(ctx.tools, "the tools tree"), tree, ctx.work / "root.img", ctx.ids,
                   ctx.layout.root_size, ctx.sde, ctx.log)
 
 
 def _disk(ctx: BuildContext) -> None:
     write_disk(ctx.need(ctx.tools, "the tools tree"), ctx.tmp["img"], ctx.need(ctx.esp, "the ESP"),
-               ctx.work / "root.img", ctx.need(ctx.layout, "the layout"), ctx.need(ctx.ids, "disk ids"), ctx.log)
+               ctx.work / "root.img", ctx.need(ctx.layout, "the layout"), ctx.ids, ctx.log)
     if not ctx.opts.keep_tree:
         remove_tree(ctx.need(ctx.tree, "the staged tree"))
 

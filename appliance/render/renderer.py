@@ -10,7 +10,7 @@ import jinja2
 from .. import __version__
 from ..dataplane import config as dp
 from ..dataplane.config import RTPROT_APPLIANCE, rule_families
-from ..dataplane.health import HealthConfig
+from ..dataplane.health import HEALTH_CONFIG, HealthConfig
 from ..profile.model import Profile, StaticIPv4, UserspaceDataplane
 from ..secrets import ApplianceKeys, needs_socks5_password
 from .context import (
@@ -29,7 +29,7 @@ from .context import (
 from .tree import ConfigTree
 
 DATAPLANE_JSON = "etc/appliance/dataplane.json"
-HEALTH_JSON = "etc/appliance/health.json"
+HEALTH_JSON = str(HEALTH_CONFIG).lstrip("/")
 NFTABLES_DROPIN = "etc/systemd/system/nftables.service.d/10-appliance.conf"
 MODPROBE = "ExecStartPre=/usr/sbin/modprobe -a"
 # Not modules-load.d: systemd-sysctl waits for systemd-modules-load and networkd for systemd-sysctl,

@@ -246,7 +246,8 @@ class BootTest:
                 for version, up, down in ((4, uplink_ip, _lan_ip(p) if lan_ns and lan else None),
                                           (6, uplink_ipv6(p), _lan_ip(p, 6) if lan_ns and lan6 else None)):
                     if not masquerades(p, version):
-                        self._routes_back(lab, p, version, [(wan, up)] + ([(lan_ns, down)] if lan_ns and down else []))
+                        hosts = [(ns, via) for ns, via in ((wan, up), (lan_ns, down)) if ns and via]
+                        self._routes_back(lab, p, version, hosts)
                 leased()
                 self._wait_up(lab, p, peers, vm, report.timings)
                 self._wait_ipv6(lab, wan, p, vm, report.timings)
@@ -345,13 +346,13 @@ class BootTest:
                 lab.run(peer.ns, ["ip", "-6", "route", "add", f"{WAN_GATEWAY6}/128", "dev", "wgp"])
 
     @staticmethod
-    def _routes_back(lab: Lab, p: Profile, version: int, hosts: list[tuple[str, str | None]]) -> None:
+    def _routes_back(lab: Lab, p: Profile, version: int, hosts: list[tuple[str, str]]) -> None:
         """Without SNAT (or NAT66) the far end sees peers' own tunnel addresses: its network routes them
         back via the appliance (README, "Routing without SNAT"), here each lab host that replies."""
         nets = sorted({str(n) for peer in p.wireguard.peers for n in peer.allowed_ips if n.version == version})
         for ns, via in hosts:
-            for net in nets if via else []:
-                lab.run(ns, ["ip", f"-{version}", "route", "replace", net, "via", str(via)])
+            for net in nets:
+                lab.run(ns, ["ip", f"-{version}", "route", "replace", net, "via", via])
 
     def _wait_up(self, lab: Lab, p: Profile, peers: list[LabPeer], vm: VM, timings: dict[str, float]) -> None:
         """Until SSH answers and a peer has completed a handshake; each time is taken when it happens.
