@@ -46,7 +46,7 @@ def build(profile: Path, cache: Path, out: Path, secrets: Path) -> tuple[float, 
 
 def row(label: str, seconds: float, m: dict[str, Any]) -> dict[str, Any]:
     stages = m["build"]["stages"]
-    assembly = sum(stages.get(k, 0) for k in ("esp", "root_fs", "disk", "outputs"))
+    assembly = sum(stages.get(k, 0) for k in ("esp", "data_fs", "root_fs", "disk", "outputs"))
     return {"run": label, "seconds": round(seconds, 1), "assembly_s": round(assembly, 1),
             "outside_assembly_s": round(seconds - assembly, 1), "stages": stages}
 

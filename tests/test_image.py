@@ -1,5 +1,6 @@
 """`appliance build`: a real Debian trixie image, checked without mounting anything: the partition
-table with sfdisk, the ESP with mtools and `ukify inspect`, the root file system with debugfs.
+table with sfdisk, the ESP with mtools and `ukify inspect`, the root file system with dump.erofs and the
+data partition with debugfs.
 
 Builds share one cache ($APPLIANCE_TEST_CACHE, default ~/.cache/appliance-tests): the first run
 builds the tools and root trees (about a minute), later builds reuse them."""
@@ -22,8 +23,17 @@ from xml.etree import ElementTree
 import pytest
 
 from appliance.image import Cache
-from appliance.image.assemble import ESP_TYPE, ROOT_X86_64_TYPE, DiskIds, kernel_cmdline
 from appliance.image.debian import Archive
+from appliance.image.disk import (
+    DATA_TYPE,
+    ESP_TYPE,
+    ROOT_X86_64_TYPE,
+    DiskIds,
+    Slot,
+    kernel_cmdline,
+    layout,
+    system_files,
+)
 from appliance.image.outputs import sha256
 from appliance.image.run import NULL_LOG
 from appliance.image.tools import ToolsTree, build_tools
@@ -78,7 +88,7 @@ def test_outputs_and_manifest(exit_node: dict[str, Any]) -> None:
     assert 0 < int(bmap.findtext("MappedBlocksCount") or 0) < int(bmap.findtext("BlocksCount") or 0)
     assert m["packages"]["systemd"].startswith("257") and "linux-image-cloud-amd64" in m["packages"]
     assert m["profile"]["digest"] and len(m["config_digest"]) == 64
-    for stage in ("tools", "base", "stage", "verify_tree", "esp", "root_fs", "disk", "outputs"):
+    for stage in ("tools", "base", "stage", "verify_tree", "esp", "data_fs", "root_fs", "disk", "outputs"):
         assert stage in m["build"]["stages"]
     assert not list(images.glob(".*tmp-*"))
 
@@ -92,13 +102,22 @@ def test_progress_per_stage(exit_node: dict[str, Any]) -> None:
 def test_partition_table(exit_node: dict[str, Any], tools: ToolsTree) -> None:
     img = exit_node["images"] / "exit-node.img"
     table = json.loads(in_tools(tools, ["sfdisk", "--json", str(img)], [img.parent]))["partitiontable"]
-    ids = DiskIds.for_name("exit-node")
+    ids, lay = DiskIds.for_name("exit-node"), layout()
     assert table["label"] == "gpt" and table["id"].lower() == ids.disk
-    esp, root = table["partitions"]
+    esp, root_a, root_b, data = table["partitions"]
     assert (esp["type"], esp["uuid"].lower(), esp["start"]) == (ESP_TYPE, ids.esp, 2048)
-    assert (root["type"], root["uuid"].lower(), root["name"]) == (ROOT_X86_64_TYPE, ids.root_part, "root")
     assert esp["size"] * 512 == 128 * 2**20
-    assert (root["start"] + root["size"]) * 512 <= img.stat().st_size
+    for slot, root in ((Slot.A, root_a), (Slot.B, root_b)):
+        assert (root["type"], root["uuid"].lower(), root["name"]) == (ROOT_X86_64_TYPE, ids.slot_partition(slot),
+                                                                      f"root-{slot}")
+        assert (root["start"] * 512, root["size"] * 512) == (lay.slot_offset(slot), lay.slot_size)
+    assert (data["type"], data["uuid"].lower(), data["name"]) == (DATA_TYPE, ids.data_part, "data")
+    assert (data["start"] + data["size"]) * 512 <= img.stat().st_size
+    # slot B is empty in a fresh image: a hole, which the .bmap leaves out
+    bmap = ElementTree.parse(exit_node["images"] / "exit-node.img.bmap").getroot()
+    mapped = [tuple(int(x) * 4096 for x in (r.text or "").strip().split("-")) for r in bmap.iter("Range")]
+    b_start, b_end = lay.slot_offset(Slot.B), lay.slot_offset(Slot.B) + lay.slot_size
+    assert not [r for r in mapped if r[0] < b_end and r[-1] >= b_start], mapped
 
 
 def test_esp_holds_the_loader_and_the_uki(exit_node: dict[str, Any], tools: ToolsTree, tmp_path: Path) -> None:
@@ -109,45 +128,73 @@ def test_esp_holds_the_loader_and_the_uki(exit_node: dict[str, Any], tools: Tool
     def esp(cmd: str) -> str:
         return in_tools(tools, ["sh", "-c", f"MTOOLS_SKIP_CHECK=1 {cmd}"], [img.parent, tmp_path])
 
-    assert "::/EFI/Linux/exit-node+3.efi" in esp(f"mdir -b -i {img}@@1048576 ::/EFI/Linux").split()
-    esp(f"mcopy -i {img}@@1048576 ::/EFI/BOOT/BOOTX64.EFI ::/loader/loader.conf ::/EFI/Linux/exit-node+3.efi "
+    assert esp(f"mdir -b -i {img}@@1048576 ::/EFI/Linux").split() == ["::/EFI/Linux/exit-node-1+3.efi"]
+    esp(f"mcopy -i {img}@@1048576 ::/EFI/BOOT/BOOTX64.EFI ::/loader/loader.conf ::/EFI/Linux/exit-node-1+3.efi "
         f"{tmp_path}/")
     assert b"systemd-boot" in (tmp_path / "BOOTX64.EFI").read_bytes()
     assert "editor no" in (tmp_path / "loader.conf").read_text().splitlines()
-    (tmp_path / "exit-node+3.efi").rename(tmp_path / "BOOTX64.EFI")
+    (tmp_path / "exit-node-1+3.efi").rename(tmp_path / "BOOTX64.EFI")
     sections = in_tools(tools, ["ukify", "--json=short", "inspect", str(tmp_path / "BOOTX64.EFI")], [tmp_path])
     uki = json.loads(sections)
-    assert uki[".cmdline"]["text"].strip() == kernel_cmdline(DiskIds.for_name("exit-node"), vm=True)
+    cmdline = uki[".cmdline"]["text"].strip()
+    assert cmdline == kernel_cmdline(DiskIds.for_name("exit-node"), Slot.A, vm=True)
+    assert {"root=/dev/vda2", "rootfstype=erofs", "ro"} <= set(cmdline.split())
     assert uki[".uname"]["text"].strip() == exit_node["manifest"]["kernel"]["version"]
     assert uki[".linux"]["size"] > 5 * 2**20
     # board: qemu boots with tiny-initramfs: its init, the disk and NIC drivers, nothing else
     assert uki[".initrd"]["size"] < 1 * 2**20
     files = in_tools(tools, ["sh", "-c", f"cd {tmp_path} && objcopy -O binary --only-section=.initrd BOOTX64.EFI "
                                          "initrd && cpio -it --quiet < initrd"], [tmp_path]).split()
-    assert {"init", "modules", "virtio_blk.ko", "virtio_net.ko", "i6300esb.ko", "watchdog.ko"} <= set(files), files
+    assert {"init", "modules", "virtio_blk.ko", "virtio_net.ko", "i6300esb.ko", "watchdog.ko", "erofs.ko"} <= set(files)
+
+
+def erofs(tools: ToolsTree, img: Path, *request: str) -> str:
+    """dump.erofs on slot A's root file system."""
+    offset = layout().slot_offset(Slot.A)
+    return in_tools(tools, ["dump.erofs", f"--offset={offset}", *request, str(img)], [img.parent])
 
 
 def debugfs(tools: ToolsTree, img: Path, request: str) -> str:
-    offset = 129 * 2**20
-    return in_tools(tools, ["debugfs", "-R", request, f"{img}?offset={offset}"], [img.parent])
+    """debugfs on the data partition."""
+    return in_tools(tools, ["debugfs", "-R", request, f"{img}?offset={layout().data_offset}"], [img.parent])
 
 
 def test_root_filesystem(exit_node: dict[str, Any], tools: ToolsTree) -> None:
     img = exit_node["images"] / "exit-node.img"
-    key = debugfs(tools, img, "stat /etc/credstore/network.wireguard.private.wg0")
-    assert "Mode:  0600" in key and "User:     0   Group:     0" in key
-    assert "Mode:  0700" in debugfs(tools, img, "stat /etc/credstore")
-    nft = debugfs(tools, img, "cat /etc/nftables.conf")
+    assert "0xE0F5E1E2" in erofs(tools, img, "-s")  # erofs: read-only by construction
+    key = erofs(tools, img, "--path=/etc/credstore/network.wireguard.private.wg0")
+    assert "Access: 0600/" in key and "Uid: 0   Gid: 0" in key
+    assert "Access: 0700/" in erofs(tools, img, "--path=/etc/credstore")
+    nft = erofs(tools, img, "--cat", "--path=/etc/nftables.conf")
     assert 'iifname "wg0" oifname != "wg0" counter masquerade' in nft
-    etc_ssh = debugfs(tools, img, "ls -l /etc/ssh")
+    etc_ssh = erofs(tools, img, "--ls", "--path=/etc/ssh")
     assert "ssh_host_" not in etc_ssh and "sshd_config.d" in etc_ssh
-    assert "Size: 0" in debugfs(tools, img, "stat /etc/machine-id")
-    wants = debugfs(tools, img, "ls -l /etc/systemd/system/multi-user.target.wants")
+    assert erofs(tools, img, "--cat", "--path=/etc/machine-id").strip() == DiskIds.for_name("exit-node").machine_id
+    wants = erofs(tools, img, "--ls", "--path=/etc/systemd/system/multi-user.target.wants")
     assert "systemd-networkd.service" in wants and "ssh.service" in wants
-    assert "nftables.service" in debugfs(tools, img, "ls -l /etc/systemd/system/sysinit.target.wants")
-    assert "vmlinuz" not in debugfs(tools, img, "ls -l /boot")
-    hostname = debugfs(tools, img, "cat /etc/hostname")
-    assert hostname.strip().endswith("exit-node")
+    assert "nftables.service" in erofs(tools, img, "--ls", "--path=/etc/systemd/system/sysinit.target.wants")
+    assert "vmlinuz" not in erofs(tools, img, "--ls", "--path=/boot")
+    assert erofs(tools, img, "--cat", "--path=/etc/hostname").strip().endswith("exit-node")
+    # /var is only a mount point in the root (and /var/tmp, for PrivateTmp=disconnected before it is
+    # mounted); dpkg's database stays with the root it describes
+    assert names(erofs(tools, img, "--ls", "--path=/var")) == [".", "..", "tmp"]
+    assert names(erofs(tools, img, "--ls", "--path=/var/tmp")) == [".", ".."]
+    assert "status" in names(erofs(tools, img, "--ls", "--path=/usr/lib/appliance/dpkg"))
+
+
+def names(listing: str) -> list[str]:
+    """The file names in dump.erofs --ls output (after its NID TYPE FILENAME header)."""
+    rows = listing.split("FILENAME", 1)[1].splitlines()
+    return [row.split()[2] for row in rows if len(row.split()) == 3]
+
+
+def test_data_partition(exit_node: dict[str, Any], tools: ToolsTree) -> None:
+    """The data partition holds the tree's /var (mounted there), without dpkg's database."""
+    img = exit_node["images"] / "exit-node.img"
+    assert f"Filesystem UUID:          {DiskIds.for_name('exit-node').data_fs}" in debugfs(tools, img, "stats")
+    lib = debugfs(tools, img, "ls -l /lib")
+    assert " systemd" in lib and " dpkg" not in lib
+    assert "ssh" not in debugfs(tools, img, "ls /lib").split()  # host keys are made on the device
 
 
 def test_private_key_only_in_root_only_file(exit_node: dict[str, Any]) -> None:
@@ -179,7 +226,7 @@ def test_rebuild_is_bit_identical_and_config_only_rebuild_is_quick(exit_node: di
     assert m["base_key"] == first["base_key"]
     assert m["outputs"]["exit-node.img"]["sha256"] != first["outputs"]["exit-node.img"]["sha256"]
     stages = m["build"]["stages"]
-    outside_assembly = sum(v for k, v in stages.items() if k not in ("esp", "root_fs", "disk", "outputs"))
+    outside_assembly = sum(v for k, v in stages.items() if k not in ("esp", "data_fs", "root_fs", "disk", "outputs"))
     assert outside_assembly <= 5.0, stages
 
 
@@ -326,6 +373,8 @@ def test_tree_verification_catches_a_broken_tree(exit_node: dict[str, Any], tmp_
     try:
         p = load_profile(PROFILES / "exit-node.yaml").profile
         config = render(p, SecretStore(exit_node["secrets"]).appliance_keys(p.name, ["phone"]))
+        for path, text in system_files(DiskIds.for_name(p.name)).items():  # as the build's own stage adds them
+            config.file(path, text)
         expect = tree_expectations(config, image_spec(p))
         assert verify_tree(tree, expect, tmp_path / "v1").ok
         os.chmod(tree / "etc/credstore/network.wireguard.private.wg0", 0o644)

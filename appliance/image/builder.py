@@ -17,21 +17,10 @@ from typing import Any, Protocol
 
 from ..profile import Profile
 from ..render.tree import ConfigTree
-from .assemble import (
-    ESP_SIZE,
-    DiskIds,
-    Layout,
-    build_esp,
-    build_root_fs,
-    build_uki,
-    esp_mount_units,
-    kernel_cmdline,
-    layout_for,
-    uki_entry,
-    write_disk,
-)
+from .assemble import build_data_fs, build_esp, build_root_fs, build_uki, write_disk
 from .cache import Cache, CacheKind, content_key
 from .debian import Archive
+from .disk import ESP_SIZE, DiskIds, Layout, Slot, kernel_cmdline, layout, system_files, uki_entry
 from .lock import Lock
 from .manifest import BuildManifest, OutputFile, ProfileInfo
 from .netstack import IMAGE_PATH as NETSTACK_PATH
@@ -40,7 +29,7 @@ from .outputs import allocated, bmap, compress, sha256, write_manifest
 from .rootfs import BaseTree, build_base, newest_base
 from .run import BuildLog, ImageError, require_root
 from .spec import ImageSpec
-from .stage import remove_tree, stage_tree, tree_bytes
+from .stage import remove_tree, split_var, stage_tree
 from .tools import ToolsTree, build_tools, tools_key
 
 ESP_RECIPE = 3  # bump when the way the ESP is made changes
@@ -230,7 +219,7 @@ def _netstack(ctx: BuildContext) -> None:
 
 
 def _stage(ctx: BuildContext) -> None:
-    for path, text in esp_mount_units(ctx.ids).items():
+    for path, text in system_files(ctx.ids).items():
         ctx.config.file(path, text)
     ctx.work.mkdir(parents=True, exist_ok=True)
     ctx.tree = stage_tree(ctx.need(ctx.base, "the base tree"), ctx.config, ctx.work / "tree", ctx.sde, ctx.log)
@@ -258,7 +247,7 @@ def _check_tree(ctx: BuildContext) -> None:
 def _esp(ctx: BuildContext) -> None:
     """The ESP depends only on the base (kernel, initramfs) and the command line: cached on both."""
     base, tools = ctx.need(ctx.base, "the base tree"), ctx.need(ctx.tools, "the tools tree")
-    ctx.cmdline = cmdline = kernel_cmdline(ctx.ids, vm=ctx.spec.vm)
+    ctx.cmdline = cmdline = kernel_cmdline(ctx.ids, Slot.A, vm=ctx.spec.vm)
     ids, sde, log = ctx.ids, ctx.sde, ctx.log
 
     entry = uki_entry(ctx.spec.name)
@@ -275,16 +264,27 @@ def _esp(ctx: BuildContext) -> None:
     ctx.esp = ctx.opts.cache.get_or_build(CacheKind.ESP, key, make).path / "esp.img"
 
 
+def _data_fs(ctx: BuildContext) -> None:
+    """/var's content goes to the data partition; the root keeps an empty /var."""
+    ctx.layout = layout()
+    var = split_var(ctx.need(ctx.tree, "the staged tree"), ctx.work / "var", ctx.sde, ctx.log)
+    build_data_fs(ctx.need(ctx.tools, "the tools tree"), var, ctx.work / "data.img", ctx.ids, ctx.layout.data_size,
+                  ctx.sde, ctx.log)
+
+
 def _root_fs(ctx: BuildContext) -> None:
-    tree = ctx.need(ctx.tree, "the staged tree")
-    ctx.layout = layout_for(tree_bytes(tree))
-    build_root_fs(ctx.need(ctx.tools, "the tools tree"), tree, ctx.work / "root.img", ctx.ids,
-                  ctx.layout.root_size, ctx.sde, ctx.log)
+    lay = ctx.need(ctx.layout, "the layout")
+    out = ctx.work / "root.img"
+    build_root_fs(ctx.need(ctx.tools, "the tools tree"), ctx.need(ctx.tree, "the staged tree"), out, ctx.ids,
+                  ctx.sde, ctx.log)
+    if out.stat().st_size > lay.slot_size:
+        raise ImageError(f"the root file system ({out.stat().st_size // 2**20} MiB) does not fit a root slot "
+                         f"({lay.slot_size // 2**20} MiB): leave packages out of system.packages")
 
 
 def _disk(ctx: BuildContext) -> None:
     write_disk(ctx.need(ctx.tools, "the tools tree"), ctx.tmp["img"], ctx.need(ctx.esp, "the ESP"),
-               ctx.work / "root.img", ctx.need(ctx.layout, "the layout"), ctx.ids, ctx.log)
+               ctx.work / "root.img", ctx.work / "data.img", ctx.need(ctx.layout, "the layout"), ctx.ids, ctx.log)
     if not ctx.opts.keep_tree:
         remove_tree(ctx.need(ctx.tree, "the staged tree"))
 
@@ -300,11 +300,11 @@ def _outputs(ctx: BuildContext) -> None:
 
 def _finish(ctx: BuildContext) -> None:
     """The manifest, then every output renamed into place, the image last; the lock written."""
-    base, layout = ctx.need(ctx.base, "the base tree"), ctx.need(ctx.layout, "the layout")
+    base, lay = ctx.need(ctx.base, "the base tree"), ctx.need(ctx.layout, "the layout")
     ctx.manifest = BuildManifest.of_build(
         spec=ctx.spec, config_digest=ctx.config.digest(), profile=ctx.profile, base=base,
         tools_key=tools_key(ctx.archive), suite=ctx.archive.suite, sde=ctx.sde, cmdline=ctx.cmdline,
-        outputs=ctx.outputs, disk_size=layout.disk_size, t_start=ctx.t_start, stages=ctx.timings)
+        outputs=ctx.outputs, disk_size=lay.disk_size, t_start=ctx.t_start, stages=ctx.timings)
     write_manifest(ctx.tmp["manifest"], ctx.manifest.to_json())
     for k in ("manifest", "bmap", "zst", "img"):
         os.replace(ctx.tmp[k], ctx.paths[k])
@@ -320,7 +320,8 @@ STEPS = [
     BuildStep("verify root tree (testinfra, chroot)", "verify_tree", _check_tree,
               lambda ctx: ctx.opts.check_tree is not None),
     BuildStep("ESP with unified kernel image", "esp", _esp),
-    BuildStep("root file system (mkfs.ext4 -d)", "root_fs", _root_fs),
+    BuildStep("data partition (mkfs.ext4 -d /var)", "data_fs", _data_fs),
+    BuildStep("root file system (mkfs.erofs)", "root_fs", _root_fs),
     BuildStep("GPT disk image", "disk", _disk),
     BuildStep("zstd, bmap, checksums", "outputs", _outputs),
     BuildStep("", "", _finish),

@@ -14,14 +14,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..render.renderer import SSH_HOST_KEY
 from .cache import Cache, CacheKind, Entry, content_key, dir_size
 from .debian import DPKG_EXCLUDES, Archive, mmdebstrap_args
+from .disk import DPKG_DB
 from .lock import Lock
 from .run import BuildLog, ImageError, run
 from .spec import INITRAMFS_VM, ImageSpec
 from .tools import ToolsTree
 
-BASE_RECIPE = 12  # bump when the hooks below change what a base tree contains
+BASE_RECIPE = 14  # bump when the hooks below change what a base tree contains
 
 
 @dataclass(frozen=True)
@@ -78,11 +80,27 @@ def base_files(spec: ImageSpec, sde: int) -> BaseFiles:
     files: BaseFiles = {
         # one Ed25519 host key (every SSH client of the last decade speaks it): an RSA key takes seconds
         # to generate on a slow CPU, on the way to the first login; no `sshd -t` at every boot either
-        # (the tree checks run it when the image is built)
+        # (the tree checks run it when the image is built). It is made at first boot on the data
+        # partition (the root is read-only), and so outlives updates: known_hosts stays valid.
         "etc/systemd/system/ssh.service.d/10-appliance-hostkeys.conf":
-            '[Service]\nExecStartPre=\nExecStartPre=/bin/sh -c "test -e /etc/ssh/ssh_host_ed25519_key || '
-            'ssh-keygen -q -t ed25519 -N \\"\\" -f /etc/ssh/ssh_host_ed25519_key"\n',
-        "etc/fstab": "# the root file system is given on the kernel command line (root=UUID=...)\n",
+            f'[Service]\nExecStartPre=\nExecStartPre=/bin/sh -c "test -e {SSH_HOST_KEY} || '
+            f'{{ mkdir -p -m 0700 {SSH_HOST_KEY.rsplit("/", 1)[0]} && '
+            f'ssh-keygen -q -t ed25519 -N \\"\\" -f {SSH_HOST_KEY}; }}"\n',
+        # dpkg's database stays with the root it describes (stage.split_var)
+        "etc/tmpfiles.d/appliance-dpkg.conf": f"L+ /var/lib/dpkg - - - - /{DPKG_DB}\n",
+        # at first boot the data partition (the only one of its type) grows over the disk's free space,
+        # then its ext4; not on the way to the tunnel, and never again (Debian's systemd-repart.service
+        # would read the disk at every boot: masked)
+        "etc/repart.d/50-data.conf": "[Partition]\nType=linux-generic\nLabel=data\n",
+        f"etc/systemd/system/{GROW_DATA_UNIT}": (
+            "[Unit]\nDescription=Grow the data partition over the disk (first boot)\n"
+            "Documentation=man:systemd-repart(8) man:systemd-growfs(8)\n"
+            f"ConditionPathExists=!{DATA_GROWN}\nRequiresMountsFor=/var\n\n"
+            "[Service]\nType=oneshot\nRemainAfterExit=yes\n"
+            "ExecStart=/usr/bin/systemd-repart --dry-run=no\n"
+            "ExecStart=/usr/lib/systemd/systemd-growfs /var\n"
+            f"ExecStart=/usr/bin/install -D -m 0644 /dev/null {DATA_GROWN}\n\n"
+            "[Install]\nWantedBy=multi-user.target\n"),
         # the image is up to date with its /usr: ConditionNeedsUpdate= units (sysusers, ldconfig, hwdb,
         # catalog) skip at boot, as on an installed system after its first boot; a package installed
         # on the device makes /usr newer and they run once again
@@ -102,7 +120,7 @@ def base_files(spec: ImageSpec, sde: int) -> BaseFiles:
         # AUTO_MODULES=no: detection would look at the build host's disks, not the device's
         files["etc/tiny-initramfs/tiny-initramfs.conf"] = (
             f"AUTO_MODULES=no\nINCLUDE_MODULES={','.join(spec.initrd_modules)}\nMICROCODE=no\nDEBUG=no\n")
-    elif spec.initrd_modules:
+    else:
         files["etc/initramfs-tools/modules"] = "".join(f"{m}\n" for m in spec.initrd_modules)
     return files
 
@@ -134,8 +152,7 @@ def _initramfs_hooks(spec: ImageSpec) -> list[str]:
             'find . ! -name . -print0 | LC_ALL=C sort -z | cpio --null -o --quiet --reproducible -R 0:0 -H newc '
             '> "/boot/$0"; cd /; rm -rf "$d"\' "${f##*/}"; done',
         ]
-    modules = "list" if spec.initrd_modules else "most"
-    hooks.append(f'sed -i "s/^MODULES=.*/MODULES={modules}/; s/^#*COMPRESS=.*/COMPRESS=zstd/" '
+    hooks.append('sed -i "s/^MODULES=.*/MODULES=most/; s/^#*COMPRESS=.*/COMPRESS=zstd/" '
                  '"$1/etc/initramfs-tools/initramfs.conf"')
     return hooks + ['chroot "$1" update-initramfs -c -k all']
 
@@ -157,7 +174,7 @@ def _customize_hooks(spec: ImageSpec, files: Path) -> list[str]:
         # every boot to load nothing, and systemd-sysctl, then networkd, wait for it (~2 s under
         # emulation). Without the link it is skipped, until a module is listed in modules-load.d.
         'grep -qEv "^[[:space:]]*(#|$)" "$1/etc/modules" 2>/dev/null || rm -f "$1/etc/modules-load.d/modules.conf"',
-        f'systemctl --root="$1" enable {shlex.join(spec.enable_units)}',
+        f'systemctl --root="$1" enable {shlex.join([*spec.enable_units, GROW_DATA_UNIT])}',
         f'systemctl --root="$1" disable {shlex.join(spec.disable_units)} 2>/dev/null || true',
         # first-boot catch-up jobs that have nothing to catch up on in a built image, but cost seconds
         # on a slow CPU: the linker cache and journal catalog are made at install, hwdb.bin is left
@@ -175,6 +192,8 @@ def _customize_hooks(spec: ImageSpec, files: Path) -> list[str]:
     return hooks
 
 
+GROW_DATA_UNIT = "appliance-grow-data.service"
+DATA_GROWN = "/var/lib/appliance/data-grown"
 MASKED_UNITS = ["systemd-hwdb-update.service", "ldconfig.service", "systemd-journal-catalog-update.service",
                 "systemd-update-done.service",
                 # file systems and modules of desktops and debugging: FUSE, hugepages, POSIX message
@@ -189,7 +208,9 @@ MASKED_UNITS = ["systemd-hwdb-update.service", "ldconfig.service", "systemd-jour
                 "systemd-udev-load-credentials.service",
                 # systemd-boot's random seed and self-update would mount the ESP early at every
                 # boot; the ESP is written only by image updates and by boot counting
-                "systemd-boot-random-seed.service", "systemd-boot-update.service"]
+                "systemd-boot-random-seed.service", "systemd-boot-update.service",
+                # the data partition grows once, by appliance-grow-data.service
+                "systemd-repart.service"]
 # root is on the command line and fstab is empty, there is no TPM, hibernation, SysV script, rc.local,
 # offline update or kernel-command-line unit, and SSH listens on the network, not on vsock. (The ESP
 # is mounted by the image's own efi.mount, for systemd-bless-boot only: gpt-auto's would be an

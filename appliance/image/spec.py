@@ -33,16 +33,20 @@ BASE_PACKAGES = [
     # systemd-bless-boot and its generator: a boot systemd-boot counts is marked good after
     # boot-complete.target (which appliance-health.service gates)
     "systemd-boot",
+    # grows the data partition over the rest of the disk at first boot
+    "systemd-repart",
 ]
 # The initramfs only has to find the root file system. Hardware gets initramfs-tools with its "most"
 # (every storage driver, udev). A VM gets tiny-initramfs: one static init that loads the modules below
-# (the cloud kernel has virtio-pci, NVMe and ext4 built in) and mounts root=UUID=; no udev, no shell,
+# (the cloud kernel has virtio-pci and NVMe built in) and mounts the root slot; no udev, no shell,
 # 0.5 MiB instead of 7 MiB: ~4 s less of unpacking and initramfs under emulation. The root disk is
 # virtio-blk or NVMe (virtio-scsi and AHCI cost 1.3 s more here). virtio_net: the NICs exist when udev
 # starts in the root, so its coldplug (which handles net first) names them before anything else.
 # i6300esb: the VM's watchdog (QEMU -device i6300esb), there before PID 1 starts so that systemd arms
 # it (RuntimeWatchdogSec=) at once; a driver that appears later is not picked up.
 VM_INITRD_MODULES = ["virtio_blk", "virtio_net", "i6300esb"]
+# The root file system's driver (disk.ROOT_FS_TYPE), which both initramfs implementations load first.
+ROOT_FS_MODULES = ["erofs"]
 INITRAMFS_VM = Initramfs.TINY
 VM_BOARD = Board.QEMU  # the board that boots in virtual machines: cloud kernel, tiny initramfs
 INITRAMFS_HARDWARE = Initramfs.TOOLS
@@ -83,7 +87,7 @@ class ImageSpec:
     packages: tuple[str, ...]  # everything installed explicitly, kernel included, sorted
     extra_packages: tuple[str, ...]  # the profile's own, for error messages
     initramfs: Initramfs  # the Debian package that makes it
-    initrd_modules: tuple[str, ...]  # empty: initramfs-tools MODULES=most
+    initrd_modules: tuple[str, ...]  # besides initramfs-tools' MODULES=most, or all tiny-initramfs loads
     modules_exclude: tuple[str, ...]  # kernel module subtrees left out of the image
     modules_blacklist: tuple[str, ...]  # modules never loaded by alias (udev, systemd)
     enable_units: tuple[str, ...]  # Debian's, enabled in the base tree
@@ -127,7 +131,7 @@ def image_spec(p: Profile) -> ImageSpec:
         packages=tuple(sorted(packages)),
         extra_packages=tuple(sorted(p.system.packages)),
         initramfs=initramfs,
-        initrd_modules=tuple(VM_INITRD_MODULES) if vm else (),
+        initrd_modules=tuple(ROOT_FS_MODULES + (VM_INITRD_MODULES if vm else [])),
         modules_exclude=tuple(MODULES_EXCLUDE_ALL + (MODULES_EXCLUDE_VM if vm else [])),
         modules_blacklist=tuple(MODULES_BLACKLIST_ALL + (MODULES_BLACKLIST_VM if vm else [])),
         enable_units=tuple(enabled_units(p)),

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from ..render.tree import ConfigTree
+from .disk import DPKG_DB
 from .rootfs import BaseTree, clamp_mtimes
 from .run import BuildLog, run
 
@@ -44,6 +45,20 @@ def _compile_python(tree: Path, log: BuildLog) -> None:
 def remove_tree(path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)
+
+
+def split_var(tree: Path, dest: Path, sde: int, log: BuildLog) -> Path:
+    """The data partition's content at dest: a hardlinked copy of the tree's /var without dpkg's
+    database, which the root gets a copy of under DPKG_DB. The root file system leaves out the rest
+    of /var (assemble.build_root_fs); the tree itself keeps it, as checked."""
+    run(["cp", "-al", tree / "var", dest], log=log, what="cp -al (the data partition's /var)")
+    shutil.rmtree(dest / "lib/dpkg")
+    db = tree / DPKG_DB
+    db.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    run(["cp", "-al", tree / "var/lib/dpkg", db], log=log, what="cp -al (dpkg's database into the root)")
+    for changed in (db.parent, dest / "lib"):  # as clamp_mtimes left them
+        os.utime(changed, (sde, sde))
+    return dest
 
 
 def tree_bytes(path: Path) -> int:

@@ -15,7 +15,7 @@ from .run import BuildLog, run
 
 TOOLS_PACKAGES = sorted([
     "systemd", "systemd-ukify", "systemd-boot-efi", "python3-pefile", "e2fsprogs", "dosfstools", "mtools",
-    "fdisk", "util-linux", "zstd", "kmod", "binutils", "cpio", "apt",
+    "fdisk", "util-linux", "erofs-utils", "zstd", "kmod", "binutils", "cpio", "apt",
 ])
 TOOLS_RECIPE = 1  # bump when the way the tree is made changes
 

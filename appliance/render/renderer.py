@@ -38,6 +38,8 @@ _MODPROBE_WHY = ("# the ruleset's and the tunnel's kernel modules, in one pass (
                  "# modprobe once per module); here rather than in modules-load.d, which systemd-sysctl and\n"
                  "# so networkd wait for: the uplink's address need not wait for these\n")
 DATAPLANE_SCHEMA = 1
+# on the data partition (the root is read-only): made at first boot, kept across updates
+SSH_HOST_KEY = "/var/lib/ssh/ssh_host_ed25519_key"
 # the SOCKS5 password's name in the userspace dataplane's $CREDENTIALS_DIRECTORY
 USERSPACE_SOCKS5_CREDENTIAL = "socks5-password"
 # Coldplug in two passes, network devices first and settled. In one pass (Debian's: all devices, net
@@ -168,7 +170,7 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
                   "/etc/systemd/system/appliance-metrics.socket")
     if dns_listeners(p) or p.dns.upstreams:
         t.file("etc/systemd/resolved.conf.d/appliance.conf", tpl("resolved.conf.j2", listen=dns_listeners(p)))
-    t.file("etc/ssh/sshd_config.d/10-appliance.conf", tpl("sshd.conf.j2"))
+    t.file("etc/ssh/sshd_config.d/10-appliance.conf", tpl("sshd.conf.j2", host_key=SSH_HOST_KEY))
     t.file("etc/systemd/system-preset/10-appliance.preset", tpl("preset.j2", units=enabled_units(p)))
     t.file(DATAPLANE_JSON, dataplane_config(p, ctx).dumps())
     t.file(HEALTH_JSON, health_config(p).dumps())

@@ -28,6 +28,7 @@ from typing import Any
 
 from ..errors import LabError
 from ..image import BuildOptions, Cache, ProfileInfo, build_loaded, image_spec
+from ..image.disk import DiskIds, Slot, uki_entry
 from ..peer_config import client_config, routes_for_peer
 from ..profile import Profile
 from ..profile.model import StaticIPv6
@@ -433,8 +434,11 @@ class BootTest:
             raise LabError("the lab boots appliances with an uplink (interfaces.uplink)")
         sources = {WAN_GATEWAY: uplink_ip, **({WAN_GATEWAY6: uplink6} if uplink6 else {}),
                    **({lan: _lan_ip(p)} if lan else {}), **({lan6: _lan_ip(p, 6)} if lan6 else {})}
+        ids = DiskIds.for_name(p.name)
         return {
             "name": p.name, "roles": list(p.roles), "mode": dp.mode, "implementation": dp.wireguard,
+            "disk": {"blessed_entry": Path(uki_entry(p.name, tries=None)).name, "machine_id": ids.machine_id,
+                     "root_partuuid": ids.slot_partition(Slot.A), "data_partuuid": ids.data_part},
             "units": sorted({*spec.enable_units, *spec.appliance_units}),
             "uplink_mac": UPLINK_MAC, "uplink_ip": uplink_ip, "uplink_ip6": uplink6 or "",
             "offload": {"rx-udp-gro-forwarding": uplink.offload.udp_gro_forwarding,

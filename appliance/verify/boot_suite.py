@@ -69,13 +69,41 @@ def test_boot_is_healthy(host: Any) -> None:
 
 
 def test_boot_is_blessed(host: Any) -> None:
-    """systemd-boot counted this boot (the entry was NAME+3.efi on the ESP), and once appliance-health
+    """systemd-boot counted this boot (the entry was NAME-1+3.efi on the ESP), and once appliance-health
     had passed (boot-complete.target) systemd-bless-boot marked it good: the counter is gone from
     the entry's name. Startup is over when the suite runs (test_system_is_running waits for it)."""
     host.run("timeout 90 systemctl is-system-running --wait")
     bless = host.run("systemctl is-active systemd-bless-boot.service").stdout.strip()
     entries = host.run("ls /efi/EFI/Linux").stdout.split()
-    assert bless == "active" and entries == [f"{X['name']}.efi"], (bless, entries)
+    assert bless == "active" and entries == [X["disk"]["blessed_entry"]], (bless, entries)
+
+
+def partuuid(host: Any, mount_point: str) -> str:
+    source = host.run(f"findmnt -no SOURCE {mount_point}").stdout.strip()
+    return str(host.run(f"lsblk -no PARTUUID {source}").stdout.strip())
+
+
+def test_root_is_read_only(host: Any) -> None:
+    """The root is slot A's erofs, mounted read-only: not even root can change it."""
+    root = host.mount_point("/")
+    assert (root.filesystem, "ro" in root.options) == ("erofs", True), (root.filesystem, root.options)
+    assert partuuid(host, "/") == X["disk"]["root_partuuid"]
+    write = host.run("touch /etc/appliance/planted")
+    assert write.rc != 0 and "Read-only file system" in write.stderr, write.stderr
+
+
+def test_state_on_the_data_partition(host: Any) -> None:
+    """/var is the data partition (ext4, read-write), grown at first boot; it holds what outlives an
+    update: the SSH host key, the journal, the health verdict. The machine id is the appliance's own,
+    and dpkg's database is the root's."""
+    var = host.mount_point("/var")
+    assert (var.filesystem, "rw" in var.options) == ("ext4", True), (var.filesystem, var.options)
+    assert partuuid(host, "/var") == X["disk"]["data_partuuid"]
+    key = host.file("/var/lib/ssh/ssh_host_ed25519_key")
+    assert key.is_file and key.mode == 0o600
+    assert host.file("/var/lib/appliance/data-grown").exists
+    assert host.file("/etc/machine-id").content_string.strip() == X["disk"]["machine_id"]
+    assert host.file("/var/lib/dpkg").linked_to == "/usr/lib/appliance/dpkg"
 
 
 def test_hardware_watchdog_armed(host: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 from typing import Any
 
@@ -86,9 +87,14 @@ def test_private_key_nowhere_else(host: Any) -> None:
     assert set(found.stdout.split()) <= {"/" + p for p in EXPECT["secret_paths"]}
 
 
-def test_no_host_identity_baked(host: Any) -> None:
-    assert not host.run("ls /etc/ssh/ssh_host_* 2>/dev/null").stdout.strip()
-    assert host.file("/etc/machine-id").size == 0
+def test_host_identity(host: Any) -> None:
+    """No SSH host key in the image: each device makes its own at first boot, on its data partition.
+    The machine id is the appliance's own (from its name, in the configuration: the root is
+    read-only), not one the build made."""
+    assert not host.run("ls /etc/ssh/ssh_host_* /var/lib/ssh 2>/dev/null").stdout.strip()
+    machine_id = host.file("/etc/machine-id")
+    row = next(r for r in EXPECT["config"] if r["path"] == "etc/machine-id")
+    assert re.fullmatch(r"[0-9a-f]{32}\n", machine_id.content_string) and machine_id.sha256sum == row["sha256"]
 
 
 def test_kernel_only_in_the_uki(host: Any) -> None:
