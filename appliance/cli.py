@@ -251,7 +251,7 @@ def build(profile: Path, out_dir: Path, no_cache: bool, use_lock: bool, update_l
           keep_tree: bool, render_only: bool, as_json: bool, boot_verify: bool, age_identity: Path | None,
           cache_dir: Path | None, secrets_dir: Path | None) -> None:
     """Build the bootable disk image for PROFILE: OUT_DIR/NAME.img (GPT, UEFI) and friends."""
-    from .image import BuildOptions, Cache, ImageError, build_loaded, profile_info
+    from .image import BuildOptions, Cache
     from .secrets.crypt import IDENTITY_ENV
     from .verify import verify_tree
 
@@ -272,10 +272,7 @@ def build(profile: Path, out_dir: Path, no_cache: bool, use_lock: bool, update_l
     opts = BuildOptions(out_dir=out_dir, cache=Cache(cache_dir), no_cache=no_cache,
                         lock_path=profile.with_suffix(".lock") if use_lock or update_lock else None,
                         update_lock=update_lock, check_tree=None if no_verify else verify_tree, keep_tree=keep_tree)
-    try:
-        result = build_loaded(p, keys, profile_info(loaded), opts, step)
-    except ImageError as e:
-        raise ImageError(f"build of {p.name} failed: {e}") from None
+    result = _build_image(loaded, keys, opts)
     if result.kept_tree:
         err.print(f"kept root tree: {result.kept_tree} (it holds the private key: delete it when done)")
     if as_json:
@@ -288,6 +285,131 @@ def build(profile: Path, out_dir: Path, no_cache: bool, use_lock: bool, update_l
     if boot_verify:
         ctx = click.get_current_context()
         ctx.invoke(test_cmd, profile=profile, keep=False, as_json=False, cache_dir=cache_dir)
+
+
+def _build_image(loaded: LoadedProfile, keys: ApplianceKeys, opts: Any) -> Any:
+    from .image import ImageError, build_loaded, profile_info
+
+    try:
+        return build_loaded(loaded.profile, keys, profile_info(loaded), opts, step)
+    except ImageError as e:
+        raise ImageError(f"build of {loaded.profile.name} failed: {e}") from None
+
+
+host_option = click.option("--host", "host", required=True, metavar="[USER@]HOST[:PORT]",
+                           help="the device, over SSH (user root unless given; the profile's authorized key)")
+ssh_config_option = click.option("--ssh-config", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                                 help="an ssh_config file for the connection (ssh -F)")
+
+
+@cli.command("update")
+@profile_arg
+@host_option
+@ssh_config_option
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default="images", show_default=True)
+@click.option("--timeout", type=float, default=900, show_default=True,
+              help="seconds to wait for the device to come back with a verdict")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@cache_option
+@secrets_option
+def update_cmd(profile: Path, host: str, ssh_config: Path | None, out_dir: Path, timeout: float, as_json: bool,
+               cache_dir: Path | None, secrets_dir: Path | None) -> None:
+    """Update a running device to PROFILE's image: build it if it is not current, write its root into
+    the slot the device is not running, reboot, and report how the new root came up.
+
+    Exit status: 0 updated (the new root booted and passed appliance-health: it is blessed);
+    3 rolled back (the new root was unhealthy: the device is back on the previous root, the
+    device's reason is shown); 4 unreachable (no answer from the device within --timeout);
+    1 the update failed before the reboot (nothing changed on the device); 2 bad input."""
+    import tempfile
+
+    from .image import BuildOptions, Cache, image_spec
+    from .image.debian import Archive
+    from .image.run import NULL_LOG
+    from .image.tools import build_tools
+    from .ui import progress_bar
+    from .update import EXIT_ROLLED_BACK, EXIT_UNREACHABLE, Outcome, Target, update
+    from .verify import verify_tree
+
+    target = Target.parse(host, ssh_config)
+    with step(f"validate {profile}"):
+        loaded = _load(profile)
+    p = loaded.profile
+    with step("keys and configuration"):
+        keys = _keys(secrets_dir, loaded)
+    cache = Cache(cache_dir)
+    result = _build_image(loaded, keys, BuildOptions(out_dir=out_dir, cache=cache, check_tree=verify_tree))
+    tools = build_tools(cache, Archive.from_env(), NULL_LOG)
+    with tempfile.TemporaryDirectory(prefix="appliance-update-") as work, progress_bar("root and UKI") as bar:
+        report = update(target, result.image.resolve(), p.name, image_spec(p).vm, tools, Path(work),
+                        progress=bar, say=lambda m: err.print(m), boot_timeout=timeout)
+    if as_json:
+        echo_json(report.to_json())
+    else:
+        sent = (f"{report.sent_bytes / 2**20:.1f} MiB sent: {report.payload_bytes / 2**20:.1f} of "
+                f"{report.root_bytes / 2**20:.1f} MiB were new to the device, compressed")
+        if report.outcome == Outcome.UPDATED:
+            out.print(f"[green]updated[/] {target.host}: {report.entry} on slot {report.slot} is blessed ({sent})")
+        elif report.outcome == Outcome.ROLLED_BACK:
+            why = "; ".join(f"{k}: {v}" for k, v in sorted(((report.reason or {}).get("problems") or {}).items()))
+            out.print(f"[red]rolled back[/] {target.host}: {report.entry} was unhealthy ({why or 'no reason kept'});"
+                      " the previous root runs")
+        else:
+            out.print(f"[red]unreachable[/] {target.host}: no verdict within {timeout:.0f} s")
+    if report.outcome == Outcome.ROLLED_BACK:
+        raise SystemExit(EXIT_ROLLED_BACK)
+    if report.outcome == Outcome.UNREACHABLE:
+        raise SystemExit(EXIT_UNREACHABLE)
+
+
+@cli.command("status")
+@host_option
+@ssh_config_option
+@click.option("--json", "as_json", is_flag=True, help="print the device's status as JSON")
+def status_cmd(host: str, ssh_config: Path | None, as_json: bool) -> None:
+    """A device's running root and slot, the other slot's, the boot entries and the last health
+    verdicts, and its peers' handshakes. Exit status 4 when the device does not answer."""
+    from .update import EXIT_UNREACHABLE, Target
+
+    target = Target.parse(host, ssh_config)
+    st = target.status()
+    if st is None:
+        err.print(f"[red]unreachable[/] {target.host}")
+        raise SystemExit(EXIT_UNREACHABLE)
+    peers = target.run("wg show all dump", timeout=30).stdout
+    st["peers"] = [{"interface": f[0], "public_key": f[1], "latest_handshake": int(f[5]), "rx_bytes": int(f[6]),
+                    "tx_bytes": int(f[7])} for f in (line.split("\t") for line in peers.splitlines()) if len(f) == 9]
+    if as_json:
+        echo_json(st)
+        return
+    table = Table(title=f"{target.host}: {st['release'].get('name', '?')}, slot {st['booted_slot']} running")
+    table.add_column("entry")
+    table.add_column("slot")
+    table.add_column("state")
+    for e in st["entries"]:
+        table.add_row(e["file"], e["slot"] + (" (running)" if e["slot"] == st["booted_slot"] else ""), e["state"])
+    out.print(table)
+    health = st.get("health") or {}
+    out.print(f"health: {'healthy' if health.get('healthy') else 'UNHEALTHY'} "
+              + "; ".join(f"{k}: {v}" for k, v in sorted((health.get("problems") or {}).items())))
+    now = int(time.time())
+    for peer in st["peers"]:
+        age = f"{now - peer['latest_handshake']} s ago" if peer["latest_handshake"] else "never"
+        out.print(f"peer {peer['public_key'][:12]}… handshake {age}, rx {peer['rx_bytes']} B, tx {peer['tx_bytes']} B")
+
+
+@cli.command("rollback")
+@host_option
+@ssh_config_option
+def rollback_cmd(host: str, ssh_config: Path | None) -> None:
+    """Boot the device's other root now (the previous one, if it was blessed)."""
+    from .update import Target
+
+    target = Target.parse(host, ssh_config)
+    proc = target.run("/usr/sbin/appliance-dataplane slot rollback", timeout=60)
+    if proc.returncode != 0:
+        raise ApplianceError(f"{target.host}: {proc.stderr.strip() or 'no answer'}")
+    out.print(proc.stdout.strip())
 
 
 @cli.group("cache")

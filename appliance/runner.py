@@ -102,13 +102,15 @@ def run(cmd: Command, *, log: BuildLog = NULL_LOG, env: Mapping[str, str] | None
 
 
 def spawn(cmd: Command, *, env: Mapping[str, str] | None = None, output: IO[Any] | int | None = None,
-          new_session: bool = False, cwd: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start cmd and return at once (a lab's server, QEMU): its output (both streams) to `output`
-    (a file, subprocess.PIPE, or None to inherit). The caller ends it."""
+          new_session: bool = False, cwd: Path | None = None, stdin: IO[Any] | int | None = None,
+          errors: IO[Any] | int | None = subprocess.STDOUT) -> subprocess.Popen[bytes]:
+    """Start cmd and return at once (a lab's server, QEMU, a stream into ssh): its output to `output`
+    (a file, subprocess.PIPE, or None to inherit), its errors with it unless `errors` says where;
+    stdin: subprocess.PIPE to feed it. The caller ends it."""
     args = [str(c) for c in cmd]
     try:
-        return subprocess.Popen(args, env=environment(env), stdout=output,
-                                stderr=subprocess.STDOUT if output is not None else None,
+        return subprocess.Popen(args, env=environment(env), stdout=output, stdin=stdin,
+                                stderr=errors if output is not None or errors != subprocess.STDOUT else None,
                                 start_new_session=new_session, cwd=cwd)
     except FileNotFoundError:
         raise CommandFailed(f"{args[0]} is not installed (run `make setup`)") from None

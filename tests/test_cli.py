@@ -16,7 +16,7 @@ from appliance.secrets import generate_private_key, public_key
 from conftest import EXAMPLES, PROFILES, REPO
 
 COMMANDS = ["validate", "render", "schema", "keys", "peer", "build", "test", "run", "cache", "flash", "fleet",
-            "secrets"]
+            "secrets", "update", "status", "rollback"]
 
 
 def run(*args: str, secrets: Path | None = None) -> Result:
@@ -160,3 +160,25 @@ def test_build_render_only(tmp_path: Path) -> None:
     assert (tmp_path / "images/exit-node.config/etc/nftables.conf").is_file()
     assert "keys and configuration" in result.output
     assert not (tmp_path / "images/exit-node.img").exists()
+
+
+@pytest.mark.parametrize("host", ["-oProxyCommand=touch /tmp/x", "edge:0", "edge:ssh", "a b", "@"])
+def test_update_commands_refuse_a_bad_host(host: str) -> None:
+    """--host is checked before anything is built or connected (no ssh option smuggled in): exit 2."""
+    for args in (["update", str(PROFILES / "exit-node.yaml")], ["status"], ["rollback"]):
+        result = CliRunner().invoke(cli, [*args, "--host", host])
+        assert result.exit_code == 2, (args, result.output)
+        assert "--host" in result.output and "Traceback" not in result.output
+
+
+def test_status_of_a_device_that_does_not_answer(tmp_path: Path) -> None:
+    """Nothing listens on the port: `status` says unreachable and exits 4 (ssh is real, loopback only)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text("Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n")
+    result = CliRunner().invoke(cli, ["status", "--host", f"root@127.0.0.1:{port}", "--ssh-config", str(cfg)])
+    assert result.exit_code == 4 and "unreachable" in result.output, result.output

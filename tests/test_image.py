@@ -128,12 +128,12 @@ def test_esp_holds_the_loader_and_the_uki(exit_node: dict[str, Any], tools: Tool
     def esp(cmd: str) -> str:
         return in_tools(tools, ["sh", "-c", f"MTOOLS_SKIP_CHECK=1 {cmd}"], [img.parent, tmp_path])
 
-    assert esp(f"mdir -b -i {img}@@1048576 ::/EFI/Linux").split() == ["::/EFI/Linux/exit-node-1+3.efi"]
-    esp(f"mcopy -i {img}@@1048576 ::/EFI/BOOT/BOOTX64.EFI ::/loader/loader.conf ::/EFI/Linux/exit-node-1+3.efi "
+    assert esp(f"mdir -b -i {img}@@1048576 ::/EFI/Linux").split() == ["::/EFI/Linux/exit-node-1-a+3.efi"]
+    esp(f"mcopy -i {img}@@1048576 ::/EFI/BOOT/BOOTX64.EFI ::/loader/loader.conf ::/EFI/Linux/exit-node-1-a+3.efi "
         f"{tmp_path}/")
     assert b"systemd-boot" in (tmp_path / "BOOTX64.EFI").read_bytes()
     assert "editor no" in (tmp_path / "loader.conf").read_text().splitlines()
-    (tmp_path / "exit-node-1+3.efi").rename(tmp_path / "BOOTX64.EFI")
+    (tmp_path / "exit-node-1-a+3.efi").rename(tmp_path / "BOOTX64.EFI")
     sections = in_tools(tools, ["ukify", "--json=short", "inspect", str(tmp_path / "BOOTX64.EFI")], [tmp_path])
     uki = json.loads(sections)
     cmdline = uki[".cmdline"]["text"].strip()

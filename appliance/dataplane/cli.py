@@ -144,8 +144,15 @@ def main(argv: list[str] | None = None) -> None:
     p_health.add_argument("--health-config", type=Path, default=HEALTH_CONFIG)
     p_health.add_argument("--state-dir", type=Path, help="where health.json goes (default: $STATE_DIRECTORY)")
     p_health.add_argument("--grace", type=int, help="seconds to wait for the checks (default: the profile's)")
+    p_slot = sub.add_parser("slot", add_help=False, help="the root slots: status, install (updates), fail-boot "
+                                                         "(see `slot --help`)")
+    p_slot.add_argument("slot_args", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     try:
+        if args.command == "slot":  # needs no dataplane configuration
+            from . import slots
+
+            sys.exit(slots.main(args.slot_args))
         if args.command == "watch":
             watch(args.config, args.interval, args.uapi_dir)
             return

@@ -31,6 +31,7 @@ from .config import DataplaneConfig, LinkConfig
 
 HEALTH_CONFIG = Path("/etc/appliance/health.json")
 STATE_FILE = "health.json"
+LAST_UNHEALTHY = "last-unhealthy.json"
 
 Run = Callable[[list[str]], subprocess.CompletedProcess[str]]
 
@@ -182,6 +183,8 @@ def record(verdict: Verdict, state_dir: Path) -> Path:
     state_dir.mkdir(parents=True, exist_ok=True)
     target = state_dir / STATE_FILE
     atomic_write(target, json.dumps(data, sort_keys=True) + "\n")
+    if not verdict.healthy:  # kept past the next boot: why a new root was rolled back
+        atomic_write(state_dir / LAST_UNHEALTHY, json.dumps(data, sort_keys=True) + "\n")
     return target
 
 

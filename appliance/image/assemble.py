@@ -2,7 +2,7 @@
 
   ESP (FAT32, mkfs.vfat --invariant, filled with mtools): systemd-boot as EFI/BOOT/BOOTX64.EFI and
       the Unified Kernel Image (kernel + initramfs + command line naming slot A's root) as
-      EFI/Linux/NAME-1+TRIES.efi: systemd-boot counts the tries down, the booted system blesses the
+      EFI/Linux/NAME-1-a+TRIES.efi: systemd-boot counts the tries down, the booted system blesses the
       entry once appliance-health has passed (boot-complete.target, systemd-bless-boot)
   root in slot A (erofs, mkfs.erofs from the staged tree without /var's content, fixed UUID and time)
   data (ext4, mkfs.ext4 -d from the staged tree's /var, fixed UUID and hash seed)

@@ -7,6 +7,7 @@ killed build leaves no NAME.img (and the next build sweeps up what a killed one 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -218,7 +219,13 @@ def _netstack(ctx: BuildContext) -> None:
     ctx.config.file(NETSTACK_PATH, binary.read_bytes(), mode=0o755)
 
 
+RELEASE_JSON = "usr/lib/appliance/release.json"  # what `appliance status` shows of the running root
+
+
 def _stage(ctx: BuildContext) -> None:
+    release = {"name": ctx.spec.name, "config_digest": ctx.config.digest(), "profile_digest": ctx.profile.digest,
+               "base_key": ctx.need(ctx.base, "the base tree").entry.key}
+    ctx.config.file(RELEASE_JSON, json.dumps(release, indent=2, sort_keys=True) + "\n")
     for path, text in system_files(ctx.ids).items():
         ctx.config.file(path, text)
     ctx.work.mkdir(parents=True, exist_ok=True)

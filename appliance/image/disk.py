@@ -1,6 +1,6 @@
 """The disk's layout, and what the booted system must know about it.
 
-  1 ESP     FAT32, 128 MiB: systemd-boot and one UKI per installed root, EFI/Linux/NAME-GEN+TRIES.efi
+  1 ESP     FAT32, 128 MiB: systemd-boot and one UKI per installed root, EFI/Linux/NAME-GEN-SLOT+TRIES.efi
   2 root-a  slot A: the read-only, compressed root (erofs), sized for growth
   3 root-b  slot B: empty in a fresh image (a hole: nothing in the .bmap or the .zst); an update
             writes the next root here, then the one after into A again
@@ -123,12 +123,13 @@ def kernel_cmdline(ids: DiskIds, slot: Slot = Slot.A, vm: bool = False) -> str:
 BOOT_TRIES = 3  # boots a new entry gets before systemd-boot stops choosing it
 
 
-def uki_entry(name: str, generation: int = 1, tries: int | None = BOOT_TRIES) -> str:
-    """The UKI's file name on the ESP. systemd-boot reads boot counting's +TRIES from it, and of the
-    entries with tries left boots the one whose name sorts highest as a version: each update's root
-    gets the next generation. tries=None: the name once systemd-bless-boot has blessed it."""
+def uki_entry(name: str, generation: int = 1, slot: Slot = Slot.A, tries: int | None = BOOT_TRIES) -> str:
+    """The UKI's file name on the ESP: NAME-GENERATION-SLOT+TRIES.efi. systemd-boot reads boot
+    counting's +TRIES from it, and of the entries with tries left boots the one whose name sorts
+    highest as a version: each update's root gets the next generation (the device's
+    `appliance-dataplane slot install` names it). tries=None: the name once blessed."""
     counter = "" if tries is None else f"+{tries}"
-    return f"EFI/Linux/{name}-{generation}{counter}.efi"
+    return f"EFI/Linux/{name}-{generation}-{slot}{counter}.efi"
 
 
 def system_files(ids: DiskIds) -> dict[str, str]:

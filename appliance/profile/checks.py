@@ -266,6 +266,11 @@ def _too_wide(at: tuple[str | int, ...], net: IPNetwork) -> Iterator[Finding]:
         yield Finding(at, f"{net} would route all of the appliance's own traffic into the tunnel (the peers' "
                           "routes are looked up first): a peer cannot be the default route")
         return
+    first = net.network_address
+    if first.is_unspecified or first.is_loopback or first.is_multicast:
+        kind = "unspecified" if first.is_unspecified else "loopback" if first.is_loopback else "multicast"
+        yield Finding(at, f"{net} is {kind}: no peer has such an address")
+        return
     if net.prefixlen < _MIN_PREFIX[net.version]:
         yield Finding(at, f"{net} covers a large part of the internet, which the appliance's own traffic would "
                           f"then reach only through this peer: use /{_MIN_PREFIX[net.version]} or longer")

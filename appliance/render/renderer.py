@@ -175,6 +175,7 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
     t.file(DATAPLANE_JSON, dataplane_config(p, ctx).dumps())
     t.file(HEALTH_JSON, health_config(p).dumps())
     t.file("etc/systemd/system/appliance-health.service", tpl("health.service.j2"))
+    t.file("etc/systemd/system/appliance-rollback.service", tpl("rollback.service.j2"))
     t.symlink("etc/systemd/system/boot-complete.target.requires/appliance-health.service",
               "/etc/systemd/system/appliance-health.service")
     _secrets(t, p, keys)

@@ -20,14 +20,15 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import LabError
 from ..image import BuildOptions, Cache, ProfileInfo, build_loaded, image_spec
+from ..image.assemble import copy_sparse
 from ..image.disk import DiskIds, Slot, uki_entry
 from ..peer_config import client_config, routes_for_peer
 from ..profile import Profile
@@ -157,6 +158,15 @@ def _lease(path: Path, mac: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class LiveLab:
+    lab: Lab
+    wan: str
+    profile: Profile
+    peers: list[LabPeer]
+    vm: VM
+
+
 @dataclass
 class BootTest:
     profile: Profile
@@ -166,6 +176,11 @@ class BootTest:
     keep: bool = False
     timeout: float = 240.0
     sabotage: Callable[[ConfigTree], None] | None = None  # tests break the image on purpose
+    # boot a copy of the image, written to and rebooted (updates); else a throwaway overlay, no reboot
+    persistent_disk: bool = False
+    lab_profile: Profile | None = None  # the lab variant booted (set by run)
+    live: LiveLab | None = None  # the lab while the suite runs (for suites that reboot the appliance)
+    resets: list[float] = field(default_factory=list)  # when the lab pressed reset on a hung reboot
 
     def run(self) -> BootReport:
         report = BootReport(self.profile.name)
@@ -193,8 +208,15 @@ class BootTest:
             f"Host *\n  User root\n  IdentityFile {key}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
             "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
         lab_profile, peers = lab_variant(self.profile, ssh_pub)
+        self.lab_profile = lab_profile
         with self.step("build the lab variant of the image"):
             image = self._build(lab_profile)
+        if self.persistent_disk:
+            disk = self.workdir / "disk.img"
+            with open(disk, "wb") as f:
+                f.truncate(image.stat().st_size)
+            copy_sparse(image, disk, 0)
+            image = disk
         p = lab_profile
         for attempt in (1, 2):
             lab = Lab("b")
@@ -232,7 +254,8 @@ class BootTest:
             lab.run(peer.ns, ["ip", "route", "add", "default", "via", f"198.18.{40 + i}.1"])
         tag = f"{os.getpid() % 10000}"
         nics = [Nic(f"aplu{tag}", UPLINK_MAC)] + ([Nic(f"apll{tag}", LAN_MAC)] if lan_ns else [])
-        with running(image, nics, self.workdir / "vm") as vm, _SshWatch(vm.ssh_port, vm.seconds, report.timings):
+        with (running(image, nics, self.workdir / "vm", persistent=self.persistent_disk) as vm,
+              _SshWatch(vm.ssh_port, vm.seconds, report.timings), self._unsticking(vm)):
             report.accel = "kvm" if "kvm" in vm.accel else "tcg"
             with self.step(f"boot in QEMU ({report.accel}), lab network, peers"):
                 _attach(lab, wan, nics[0].tap, "tapu")
@@ -253,6 +276,7 @@ class BootTest:
                 self._wait_up(lab, p, peers, vm, report.timings)
                 self._wait_ipv6(lab, wan, p, vm, report.timings)
             expect = self._expectations(p, peers, uplink_ip, (lan, lan6), lab, wan, lan_ns, arrivals)
+            self.live = LiveLab(lab, wan, p, peers, vm)
             with self.step("testinfra suite and traffic through the tunnel"):
                 t0 = time.monotonic()
                 self._suite(report, vm.ssh_port, expect)
@@ -355,6 +379,30 @@ class BootTest:
             for net in nets:
                 lab.run(ns, ["ip", f"-{version}", "route", "replace", net, "via", via])
 
+    @contextmanager
+    def _unsticking(self, vm: VM) -> Iterator[None]:
+        """A VM that reboots (persistent_disk) gets its reset pressed when TCG hangs in a reboot
+        (VM.unstick_reboots); the times it was are kept in self.resets."""
+        if not self.persistent_disk:
+            yield
+            return
+        stop = threading.Event()
+        watcher = threading.Thread(target=lambda: self.resets.extend(vm.unstick_reboots(stop)), daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join(timeout=10)
+
+    def wait_up_again(self) -> None:
+        """After the appliance rebooted (an update): the tunnel and the uplink's IPv6 as after its boot."""
+        if self.live is None:
+            raise LabError("the lab is not running")
+        live, timings = self.live, {"boot_to_ssh": 0.0}
+        self._wait_up(live.lab, live.profile, live.peers, live.vm, timings)
+        self._wait_ipv6(live.lab, live.wan, live.profile, live.vm, timings)
+
     def _wait_up(self, lab: Lab, p: Profile, peers: list[LabPeer], vm: VM, timings: dict[str, float]) -> None:
         """Until SSH answers and a peer has completed a handshake; each time is taken when it happens.
         A ping to the appliance's tunnel address gives the peers something to send. A WireGuard peer
@@ -437,7 +485,7 @@ class BootTest:
         ids = DiskIds.for_name(p.name)
         return {
             "name": p.name, "roles": list(p.roles), "mode": dp.mode, "implementation": dp.wireguard,
-            "disk": {"blessed_entry": Path(uki_entry(p.name, tries=None)).name, "machine_id": ids.machine_id,
+            "disk": {"entries": [Path(uki_entry(p.name, tries=None)).name], "machine_id": ids.machine_id,
                      "root_partuuid": ids.slot_partition(Slot.A), "data_partuuid": ids.data_part},
             "units": sorted({*spec.enable_units, *spec.appliance_units}),
             "uplink_mac": UPLINK_MAC, "uplink_ip": uplink_ip, "uplink_ip6": uplink6 or "",

@@ -69,13 +69,13 @@ def test_boot_is_healthy(host: Any) -> None:
 
 
 def test_boot_is_blessed(host: Any) -> None:
-    """systemd-boot counted this boot (the entry was NAME-1+3.efi on the ESP), and once appliance-health
+    """systemd-boot counted this boot (the entry was NAME-1-a+3.efi on the ESP), and once appliance-health
     had passed (boot-complete.target) systemd-bless-boot marked it good: the counter is gone from
     the entry's name. Startup is over when the suite runs (test_system_is_running waits for it)."""
     host.run("timeout 90 systemctl is-system-running --wait")
     bless = host.run("systemctl is-active systemd-bless-boot.service").stdout.strip()
     entries = host.run("ls /efi/EFI/Linux").stdout.split()
-    assert bless == "active" and entries == [X["disk"]["blessed_entry"]], (bless, entries)
+    assert bless == "active" and sorted(entries) == sorted(X["disk"]["entries"]), (bless, entries)
 
 
 def partuuid(host: Any, mount_point: str) -> str:
@@ -84,7 +84,8 @@ def partuuid(host: Any, mount_point: str) -> str:
 
 
 def test_root_is_read_only(host: Any) -> None:
-    """The root is slot A's erofs, mounted read-only: not even root can change it."""
+    """The root is the slot's erofs (A, unless an update put it in B), mounted read-only: not even
+    root can change it."""
     root = host.mount_point("/")
     assert (root.filesystem, "ro" in root.options) == ("erofs", True), (root.filesystem, root.options)
     assert partuuid(host, "/") == X["disk"]["root_partuuid"]

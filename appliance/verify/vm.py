@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ class VM:
     ssh_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
+    # writes go to the image itself, and the guest may reboot (updates): for a copy of an image
+    persistent: bool = False
 
     @property
     def console(self) -> Path:
@@ -72,7 +75,10 @@ class VM:
 
     @property
     def accel(self) -> list[str]:
-        return ["-accel", "kvm", "-cpu", "host"] if kvm_works() else ["-accel", "tcg,thread=multi", "-cpu", "max"]
+        # la57=off: with 5-level paging (which TCG's "max" CPU offers) the guest's reboot hangs after
+        # "reboot: Restarting system" under OVMF; an update reboots the guest
+        return ["-accel", "kvm", "-cpu", "host"] if kvm_works() else ["-accel", "tcg,thread=multi", "-cpu",
+                                                                        "max,la57=off"]
 
     def command(self, *, console: str | None = None, snapshot: bool = True) -> list[str]:
         """QEMU's command line. console: the serial port's backend (default: a file, self.console);
@@ -100,16 +106,19 @@ class VM:
                 # a hardware watchdog, as boards have: a hung system is reset (a failed boot try)
                 "-device", "i6300esb", "-action", "watchdog=reset",
                 "-display", "none"]
-        # an interactive console multiplexes QEMU's monitor (Ctrl-A C); a lab's goes to a file
-        cmd += ["-serial", console] if console else ["-monitor", "none", "-serial", f"file:{self.console}"]
-        return [*cmd, "-no-reboot"]
+        # an interactive console multiplexes QEMU's monitor (Ctrl-A C); a lab's goes to a file, and a
+        # VM that reboots has its monitor on a socket (see unstick_reboots)
+        monitor = f"unix:{self.workdir / 'monitor'},server,nowait" if self.persistent else "none"
+        cmd += ["-serial", console] if console else ["-monitor", monitor, "-serial", f"file:{self.console}"]
+        # a lab VM's reboot ends QEMU (a panic is a failure), unless the test reboots it on purpose
+        return cmd if self.persistent else [*cmd, "-no-reboot"]
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for nic in self.nics:
             run(["ip", "tuntap", "add", nic.tap, "mode", "tap"], error=VMError)
             run(["ip", "link", "set", nic.tap, "up"], error=VMError)
-        command = self.command()
+        command = self.command(snapshot=not self.persistent)
         self.started = time.monotonic()
         with open(self.workdir / "qemu.log", "wb") as log:
             # TMPDIR: where the snapshot overlay goes
@@ -125,6 +134,36 @@ class VM:
             time.sleep(0.05)
         if self.proc.poll() is not None:
             raise VMError(f"qemu exited at once: {(self.workdir / 'qemu.log').read_text()[-2000:]}")
+
+    def system_reset(self) -> None:
+        """QEMU's reset button (the monitor of a persistent VM)."""
+        with socket.socket(socket.AF_UNIX) as mon:
+            mon.settimeout(5)
+            mon.connect(str(self.workdir / "monitor"))
+            mon.recv(4096)
+            mon.sendall(b"system_reset\n")
+            time.sleep(0.5)
+
+    def unstick_reboots(self, stop: threading.Event, grace: float = 30.0) -> list[float]:
+        """Until stop: press reset when the guest has said "reboot: Restarting system" and the
+        firmware has not started again within grace seconds. Multi-threaded TCG here sometimes spins
+        in the guest's reset (one vCPU at 100 %, nothing on the console; KVM and hardware reset at
+        once), which no watchdog of the guest's own gets out of. Returns when it pressed it."""
+        pressed: list[float] = []
+        since: float | None = None
+        while not stop.wait(2.0):
+            text = self.console_text()
+            restarts = text.count("reboot: Restarting system")
+            stuck = restarts > 0 and restarts >= text.count("BdsDxe: loading")
+            if not stuck:
+                since = None
+            elif since is None:
+                since = time.monotonic()
+            elif time.monotonic() - since > grace:
+                self.system_reset()
+                pressed.append(round(self.seconds(), 1))
+                since = None
+        return pressed
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -169,11 +208,11 @@ def _carrier(ifname: str) -> bool:
 
 
 @contextlib.contextmanager
-def running(image: Path, nics: list[Nic], workdir: Path | None = None) -> Iterator[VM]:
+def running(image: Path, nics: list[Nic], workdir: Path | None = None, persistent: bool = False) -> Iterator[VM]:
     """A started VM, stopped and cleaned up however the block ends (exceptions, Ctrl-C)."""
     own = workdir is None
     wd = workdir or Path(tempfile.mkdtemp(prefix="appliance-vm-"))
-    vm = VM(image, wd, nics)
+    vm = VM(image, wd, nics, persistent=persistent)
     try:
         vm.start()
         yield vm
