@@ -7,6 +7,7 @@ killed build leaves no NAME.img (and the next build sweeps up what a killed one 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -223,8 +224,11 @@ RELEASE_JSON = "usr/lib/appliance/release.json"  # what `appliance status` shows
 
 
 def _stage(ctx: BuildContext) -> None:
+    # what the root is made of, not where it was cached: a locked rebuild of a fresh base is the same
+    packages = ctx.need(ctx.base, "the base tree").packages
     release = {"name": ctx.spec.name, "config_digest": ctx.config.digest(), "profile_digest": ctx.profile.digest,
-               "base_key": ctx.need(ctx.base, "the base tree").entry.key}
+               "packages_digest": hashlib.sha256("".join(f"{k}={v}\n" for k, v in sorted(packages.items()))
+                                                 .encode()).hexdigest()}
     ctx.config.file(RELEASE_JSON, json.dumps(release, indent=2, sort_keys=True) + "\n")
     for path, text in system_files(ctx.ids).items():
         ctx.config.file(path, text)
