@@ -376,9 +376,11 @@ def status_cmd(host: str, ssh_config: Path | None, as_json: bool) -> None:
     if st is None:
         err.print(f"[red]unreachable[/] {target.host}")
         raise SystemExit(EXIT_UNREACHABLE)
-    peers = target.run("wg show all dump", timeout=30).stdout
-    st["peers"] = [{"interface": f[0], "public_key": f[1], "latest_handshake": int(f[5]), "rx_bytes": int(f[6]),
-                    "tx_bytes": int(f[7])} for f in (line.split("\t") for line in peers.splitlines()) if len(f) == 9]
+    from .dataplane.metrics import parse_dump
+
+    st["peers"] = [{"interface": p.interface, "public_key": p.public_key, "latest_handshake": p.latest_handshake,
+                    "rx_bytes": p.rx_bytes, "tx_bytes": p.tx_bytes}
+                   for p in parse_dump(target.run("wg show all dump", timeout=30).stdout)]
     if as_json:
         echo_json(st)
         return

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
-import struct
 import subprocess
 import threading
 import time
@@ -25,14 +24,13 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
-from .dataplane.slots import BLOCK, CHUNK, block_digest
+from .dataplane.slots import BLOCK, CHUNK, block_digest, block_hashes, erofs_bytes
 from .errors import ApplianceError, InputError
 from .image.disk import DiskIds, Slot, kernel_cmdline, layout, uki_entry
 from .image.run import NULL_LOG
 from .image.tools import ToolsTree
 from .runner import CommandFailed, run, spawn
 
-EROFS_MAGIC = 0xE0F5E1E2
 EXIT_ROLLED_BACK = 3
 EXIT_UNREACHABLE = 4
 REMOTE_TOOL = "/usr/sbin/appliance-dataplane"
@@ -103,6 +101,7 @@ class Payload:
     uki: bytes
     block: int = BLOCK
     plan: dict[str, Runs] | None = None
+    root_blocks: tuple[str, ...] = ()  # block_digest of each block of the root (payload() reads them)
 
     @property
     def uki_sha256(self) -> str:
@@ -156,8 +155,9 @@ class Payload:
         """Reuse every block the device's running root or UKI already has (`slot sources`)."""
         if device.get("block") != self.block:
             return self
-        root = _runs(root_blocks(self.image, self.root_offset, self.root_size, self.block),
-                     (device.get("root") or {}).get("hashes") or [])
+        mine = (list(self.root_blocks) if self.root_blocks and self.block == BLOCK
+                else block_hashes(self.image, self.root_size, self.block, self.root_offset))
+        root = _runs(mine, (device.get("root") or {}).get("hashes") or [])
         uki_hashes = [block_digest(self.uki[i:i + self.block]) for i in range(0, len(self.uki), self.block)]
         uki = _runs(uki_hashes, (device.get("uki") or {}).get("hashes") or [])
         return dataclasses.replace(self, plan={"root": root, "uki": uki})
@@ -179,35 +179,18 @@ def _runs(mine: list[str], theirs: list[str]) -> Runs:
     return runs
 
 
-def root_blocks(image: Path, offset: int, size: int, block: int) -> list[str]:
-    """As the device's `slot sources` computes them (appliance.dataplane.slots.block_hashes)."""
-    out = []
-    with open(image, "rb") as f:
-        f.seek(offset)
-        for start in range(0, size, block):
-            out.append(block_digest(f.read(min(block, size - start))))
-    return out
-
-
 def erofs_size(image: Path, offset: int) -> int:
-    """The erofs file system's length, from its superblock (1024 bytes in: magic, then at 12 the
-    block size's log2, at 36 the block count)."""
-    with open(image, "rb") as f:
-        f.seek(offset + 1024)
-        sb = f.read(40)
-    magic, = struct.unpack_from("<I", sb, 0)
-    if magic != EROFS_MAGIC:
+    """The erofs file system's length at offset (its superblock)."""
+    size = erofs_bytes(image, offset)
+    if not size:
         raise ApplianceError(f"{image}: no erofs root in slot A (an image from before A/B slots?)")
-    blkszbits, = struct.unpack_from("<B", sb, 12)
-    blocks, = struct.unpack_from("<I", sb, 36)
-    return int(blocks) << int(blkszbits)
+    return size
 
 
 def extract_uki(tools: ToolsTree, image: Path, name: str, work: Path) -> bytes:
     out = work / "uki.efi"
-    tools.run(["sh", "-c", f"MTOOLS_SKIP_CHECK=1 mcopy -n -i {shlex.quote(str(image))}@@{layout().esp_offset} "
-                           f"::/{uki_entry(name)} {shlex.quote(str(out))}"],
-              binds=[image.parent, work], log=NULL_LOG, what="mcopy (the image's UKI)")
+    tools.run(["mcopy", "-n", "-i", f"{image}@@{layout().esp_offset}", f"::/{uki_entry(name)}", out],
+              binds=[image.parent, work], log=NULL_LOG, what="mcopy (the image's UKI)", env={"MTOOLS_SKIP_CHECK": "1"})
     data = out.read_bytes()
     out.unlink()
     return data
@@ -224,18 +207,18 @@ def retarget_uki(uki: bytes, name: str, vm: bool, slot: Slot) -> bytes:
 
 
 def payload(tools: ToolsTree, image: Path, name: str, vm: bool, slot: Slot, work: Path) -> Payload:
+    """The image's root, read once for its sha256 and its blocks' digests, and its UKI for slot."""
     offset = layout().slot_offset(Slot.A)
     size = erofs_size(image, offset)
-    h = sha256()
+    h, blocks = sha256(), []
     with open(image, "rb") as f:
         f.seek(offset)
-        left = size
-        while left:
-            data = f.read(min(1 << 20, left))
+        for start in range(0, size, BLOCK):
+            data = f.read(min(BLOCK, size - start))
             h.update(data)
-            left -= len(data)
-    return Payload(image, offset, size, h.hexdigest(), retarget_uki(extract_uki(tools, image, name, work), name, vm,
-                                                                    slot))
+            blocks.append(block_digest(data))
+    uki = retarget_uki(extract_uki(tools, image, name, work), name, vm, slot)
+    return Payload(image, offset, size, h.hexdigest(), uki, root_blocks=tuple(blocks))
 
 
 @dataclass

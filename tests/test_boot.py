@@ -52,7 +52,8 @@ def test_broken_image_is_caught_by_traffic() -> None:
     """Remove the SNAT rule from the rendered tree before the build: every file check still agrees
     with that tree, so only the traffic checks (source address at the far end) can catch it. The
     watchdog setting goes too: the check that PID 1 holds the VM's watchdog must catch that, and a
-    tmpfiles.d rule that points /var/lib/dpkg elsewhere: the check of the data partition's state."""
+    tmpfiles.d rule that points /var/lib/dpkg elsewhere: the check of the data partition's state; and
+    a writable tmpfs on /usr/local: the check that the root is read-only."""
     def drop_snat(tree: ConfigTree) -> None:
         path = "etc/nftables.conf"
         text = tree.text(path)
@@ -61,10 +62,13 @@ def test_broken_image_is_caught_by_traffic() -> None:
         tree.file(path, "\n".join(ln for ln in text.splitlines() if "masquerade" not in ln) + "\n", mode=0o755)
         del tree.entries["etc/systemd/system.conf.d/10-appliance-watchdog.conf"]
         tree.file("etc/tmpfiles.d/00-planted.conf", "L+ /var/lib/dpkg - - - - /usr/lib/planted\n")
+        tree.file("etc/systemd/system/usr-local.mount", "[Mount]\nWhat=tmpfs\nWhere=/usr/local\nType=tmpfs\n")
+        tree.symlink("etc/systemd/system/local-fs.target.wants/usr-local.mount", "/etc/systemd/system/usr-local.mount")
 
     report = boot("exit-node", sabotage=drop_snat)
     assert not report.ok
-    assert {"test_hardware_watchdog_armed", "test_state_on_the_data_partition"} <= set(report.failures)
+    assert {"test_hardware_watchdog_armed", "test_state_on_the_data_partition",
+            "test_root_is_read_only"} <= set(report.failures), report.failures
     traffic = [f for f in report.failures if f.startswith("test_traffic")]
     for proto in ("tcp", "udp", "icmp"):  # what must have arrived from the appliance's address did not
         assert any(f"-{proto}" in f and "ipv6" not in f for f in traffic), report.failures

@@ -51,3 +51,11 @@ def test_dump_parsing_skips_the_interface_line() -> None:
     assert parse_dump(f"{PRIVATE}\tpub\t51820\toff\n") == []
     (peer,) = parse_dump("k\tline\n" + "pk\t(none)\t(none)\t10.0.0.2/32\t5\t6\t7\toff\n")
     assert (peer.public_key, peer.latest_handshake, peer.rx_bytes, peer.tx_bytes) == ("pk", 5, 6, 7)
+
+
+def test_dump_parsing_of_all_interfaces() -> None:
+    """`wg show all dump` (what `appliance status` reads): each line led by its interface, whose own
+    line (private key, public key, port, fwmark) is no peer."""
+    peers = parse_dump(f"wg0\t{PRIVATE}\tpub\t51820\toff\n" + "wg0\tpk\t(none)\t1.2.3.4:5\t10.0.0.2/32\t5\t6\t7\t25\n")
+    assert [(p.interface, p.public_key, p.latest_handshake, p.rx_bytes, p.tx_bytes) for p in peers] == [
+        ("wg0", "pk", 5, 6, 7)]

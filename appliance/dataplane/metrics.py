@@ -33,15 +33,18 @@ class PeerStats:
     latest_handshake: int  # unix time; 0: never
     rx_bytes: int
     tx_bytes: int
+    interface: str = ""  # from `wg show all dump`
 
 
 def parse_dump(text: str) -> list[PeerStats]:
-    """Peers from `wg show IFACE dump`: the interface's line (with the private key) is skipped."""
+    """Peers from `wg show IFACE dump` or `wg show all dump` (each line led by its interface): the
+    interfaces' own lines (with the private key) are skipped."""
     peers = []
-    for line in text.splitlines()[1:]:
+    for line in text.splitlines():
         f = line.split("\t")
-        if len(f) >= 8:
-            peers.append(PeerStats(f[0], int(f[4]), int(f[5]), int(f[6])))
+        interface, f = (f[0], f[1:]) if len(f) in (5, 9) else ("", f)
+        if len(f) == 8:
+            peers.append(PeerStats(f[0], int(f[4]), int(f[5]), int(f[6]), interface))
     return peers
 
 

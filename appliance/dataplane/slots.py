@@ -29,7 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .health import LAST_UNHEALTHY, STATE_FILE
+
 ESP = Path("/efi")
+RELEASE_JSON = "usr/lib/appliance/release.json"  # in the root: what the image was made of (the build writes it)
 ENTRIES = "EFI/Linux"
 STATE_DIR = Path("/var/lib/appliance")
 SLOTS = ("a", "b")
@@ -116,11 +119,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def status(esp: Path = ESP, state_dir: Path = STATE_DIR) -> dict[str, Any]:
     booted = booted_slot()
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    release = _read_json(Path("/usr/lib/appliance/release.json")) or {}
+    release = _read_json(Path("/") / RELEASE_JSON) or {}
     return {"booted_slot": booted, "boot_id": boot_id, "release": release,
             "entries": [e.to_json() for e in entries(esp)],
-            "health": _read_json(state_dir / "health.json"),
-            "last_unhealthy": _read_json(state_dir / "last-unhealthy.json")}
+            "health": _read_json(state_dir / STATE_FILE),
+            "last_unhealthy": _read_json(state_dir / LAST_UNHEALTHY)}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -131,38 +134,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _copy(src: IO[bytes], dst: IO[bytes], size: int) -> str:
-    """size bytes from src to dst; their sha256."""
-    h = hashlib.sha256()
-    left = size
-    while left:
-        data = src.read(min(CHUNK, left))
-        if not data:
-            raise SlotError(f"the payload ended {left} bytes early")
-        dst.write(data)
-        h.update(data)
-        left -= len(data)
-    return h.hexdigest()
-
-
-def _digest(path: Path, size: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        left = size
-        while left:
-            data = f.read(min(CHUNK, left))
-            if not data:
-                raise SlotError(f"{path} is shorter than {size} bytes")
-            h.update(data)
-            left -= len(data)
-    return h.hexdigest()
-
-
-def erofs_bytes(device: Path) -> int:
-    """The length of the erofs file system on device (its superblock: block size's log2 at 12, block
-    count at 36, 1024 bytes in); 0 when there is none (an empty slot)."""
+def erofs_bytes(device: Path, offset: int = 0) -> int:
+    """The length of the erofs file system at offset of device (its superblock: block size's log2 at
+    12, block count at 36, 1024 bytes in); 0 when there is none (an empty slot)."""
     with open(device, "rb") as f:
-        f.seek(1024)
+        f.seek(offset + 1024)
         sb = f.read(40)
     if len(sb) < 40 or int.from_bytes(sb[:4], "little") != 0xE0F5E1E2:
         return 0
@@ -174,11 +150,13 @@ def block_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def block_hashes(path: Path, size: int, block: int = BLOCK) -> list[str]:
+def block_hashes(path: Path, size: int, block: int = BLOCK, offset: int = 0) -> list[str]:
+    """The block_digest of each block of size bytes of path from offset."""
     out = []
     with open(path, "rb") as f:
-        for offset in range(0, size, block):
-            out.append(block_digest(f.read(min(block, size - offset))))
+        f.seek(offset)
+        for start in range(0, size, block):
+            out.append(block_digest(f.read(min(block, size - start))))
     return out
 
 
@@ -208,50 +186,46 @@ def _read_exact(src: IO[bytes], n: int) -> bytes:
     return data
 
 
-def _assemble(src: IO[bytes], dst: IO[bytes], size: int, plan: list[list[int]], source: Path | None,
+def _assemble(src: IO[bytes], dst: IO[bytes] | None, size: int, plan: list[list[int]], old: IO[bytes] | None,
               block: int) -> str:
-    """size bytes into dst, as plan says: runs of [blocks, first block in source], or [blocks, -1]
-    read from src; their sha256."""
-    h = hashlib.sha256()
-    pos = 0
-    with open(source, "rb") if source else open(os.devnull, "rb") as old:
-        for count, start in plan:
-            n = min(count * block, size - pos)
-            if count <= 0 or n <= 0:
-                raise SlotError("the update's plan runs past the end of what it builds")
-            if start >= 0:
-                old.seek(start * block)
-            while n:
-                piece = min(n, CHUNK)
-                data = _read_exact(src, piece) if start < 0 else old.read(piece)
-                if len(data) != piece:
-                    raise SlotError(f"the update's plan copies past the end of {source}")
-                dst.write(data)
-                h.update(data)
-                pos += piece
-                n -= piece
-    if pos != size:
-        raise SlotError(f"the update's plan builds {pos} bytes, not {size}")
-    return h.hexdigest()
-
-
-def _assemble_uki(src: IO[bytes], dst: IO[bytes], size: int, plan: list[list[int]], old: io.BytesIO,
-                  block: int) -> str:
+    """size bytes into dst (None: only their digest), as plan says: runs of [blocks, first block in
+    old], or [blocks, -1] read from src; their sha256."""
     h = hashlib.sha256()
     pos = 0
     for count, start in plan:
         n = min(count * block, size - pos)
         if count <= 0 or n <= 0:
-            raise SlotError("the update's plan runs past the end of the UKI")
-        data = _read_exact(src, n) if start < 0 else old.getvalue()[start * block:start * block + n]
-        if len(data) != n:
-            raise SlotError("the update's plan copies past the end of the running UKI")
-        dst.write(data)
-        h.update(data)
-        pos += n
+            raise SlotError("the update's plan runs past the end of what it builds")
+        copy_from = old if start >= 0 else None
+        if start >= 0:
+            if copy_from is None:
+                raise SlotError("the update's plan copies from what this device does not have")
+            copy_from.seek(start * block)
+        while n:
+            piece = min(n, CHUNK)
+            data = copy_from.read(piece) if copy_from else _read_exact(src, piece)
+            if len(data) != piece:
+                raise SlotError("the update's plan copies past the end of what this device has")
+            if dst is not None:
+                dst.write(data)
+            h.update(data)
+            pos += piece
+            n -= piece
     if pos != size:
-        raise SlotError(f"the update's plan builds a UKI of {pos} bytes, not {size}")
+        raise SlotError(f"the update's plan builds {pos} bytes, not {size}")
     return h.hexdigest()
+
+
+def _whole(size: int, block: int) -> list[list[int]]:
+    """The plan that sends everything."""
+    return [[-(-size // block), -1]] if size else []
+
+
+def digest(path: Path, size: int, offset: int = 0) -> str:
+    """The sha256 of size bytes of path from offset."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return _assemble(f, None, size, _whole(size, CHUNK), None, CHUNK)
 
 
 def install(src: IO[bytes], *, name: str, root_size: int, root_sha256: str, uki_size: int, uki_sha256: str,
@@ -270,13 +244,13 @@ def install(src: IO[bytes], *, name: str, root_size: int, root_sha256: str, uki_
     block = int(plan["block"]) if plan else BLOCK
     if not 512 <= block <= CHUNK:
         raise SlotError(f"block size {block} out of range")
-    running_uki = next((esp / ENTRIES / e.file for e in current if e.slot == running and e.state != "bad"), None)
-    if plan and plan.get("uki") and running_uki is None:
-        raise SlotError("the update reuses a UKI this device does not have")
-    uki_plan = list(plan.get("uki") or [[-(-uki_size // block), -1]]) if plan else [[-(-uki_size // block), -1]]
-    uki_bytes = io.BytesIO()  # read before the slot is written: the running UKI may be renamed later
-    if running_uki is not None:
-        uki_bytes = io.BytesIO(running_uki.read_bytes())
+    uki_plan = (plan or {}).get("uki") or _whole(uki_size, block)
+    old_uki = None  # read before the slot is written, when the plan copies from it
+    if any(start >= 0 for _, start in uki_plan):
+        running_uki = next((esp / ENTRIES / e.file for e in current if e.slot == running and e.state != "bad"), None)
+        if running_uki is None:
+            raise SlotError("the update reuses a UKI this device does not have")
+        old_uki = io.BytesIO(running_uki.read_bytes())
     for e in current:  # nothing may boot the slot while it is rewritten
         if e.slot == target:
             (esp / ENTRIES / e.file).unlink()
@@ -284,23 +258,20 @@ def install(src: IO[bytes], *, name: str, root_size: int, root_sha256: str, uki_
     _fsync_dir(esp / ENTRIES)
     final = esp / ENTRIES / entry_name(name, generation, target)
     device = devices / f"root-{target}"
-    with open(device, "r+b", buffering=0) as dst:
-        if plan:
-            got = _assemble(src, dst, root_size, plan["root"], devices / f"root-{running}", block)
-        else:
-            got = _copy(src, dst, root_size)
+    with open(device, "r+b", buffering=0) as dst, open(devices / f"root-{running}", "rb") as old_root:
+        got = _assemble(src, dst, root_size, plan["root"] if plan else _whole(root_size, block), old_root, block)
         dst.flush()
         os.fsync(dst.fileno())
     if got != root_sha256:
         raise SlotError(f"the root arrived damaged (sha256 {got}, expected {root_sha256}): "
                         f"slot {target} left unbootable")
-    if _digest(device, root_size) != root_sha256:
+    if digest(device, root_size) != root_sha256:
         raise SlotError(f"slot {target} reads back differently from what was written: left unbootable")
     say(f"wrote {root_size} bytes into slot {target}, verified")
     tmp = esp / ENTRIES / f".{final.name}.tmp"
     try:
         with open(tmp, "wb") as dst:
-            got = _assemble_uki(src, dst, uki_size, uki_plan, uki_bytes, block)
+            got = _assemble(src, dst, uki_size, uki_plan, old_uki, block)
             dst.flush()
             os.fsync(dst.fileno())
         if got != uki_sha256:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..dataplane.slots import RELEASE_JSON
 from ..profile import Profile
 from ..render.tree import ConfigTree
 from .assemble import build_data_fs, build_esp, build_root_fs, build_uki, write_disk
@@ -218,9 +219,6 @@ def _base(ctx: BuildContext) -> None:
 def _netstack(ctx: BuildContext) -> None:
     binary = build_netstack(ctx.opts.cache, ctx.archive, ctx.log)
     ctx.config.file(NETSTACK_PATH, binary.read_bytes(), mode=0o755)
-
-
-RELEASE_JSON = "usr/lib/appliance/release.json"  # what `appliance status` shows of the running root
 
 
 def _stage(ctx: BuildContext) -> None:

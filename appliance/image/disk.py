@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ..dataplane.slots import BOOT_TRIES, ENTRIES, entry_name
+
 MiB = 1024 * 1024
 ESP_SIZE = 128 * MiB  # FAT32 with room for two UKIs; OVMF ignores tiny FAT32 ESPs
 SLOT_SIZE = 1024 * MiB  # a root slot: today's largest root (a generic board's, ~300 MiB) more than twice over
@@ -120,16 +122,12 @@ def kernel_cmdline(ids: DiskIds, slot: Slot = Slot.A, vm: bool = False) -> str:
             + (_VM_CMDLINE if vm else ""))
 
 
-BOOT_TRIES = 3  # boots a new entry gets before systemd-boot stops choosing it
-
-
 def uki_entry(name: str, generation: int = 1, slot: Slot = Slot.A, tries: int | None = BOOT_TRIES) -> str:
     """The UKI's file name on the ESP: NAME-GENERATION-SLOT+TRIES.efi. systemd-boot reads boot
     counting's +TRIES from it, and of the entries with tries left boots the one whose name sorts
     highest as a version: each update's root gets the next generation (the device's
     `appliance-dataplane slot install` names it). tries=None: the name once blessed."""
-    counter = "" if tries is None else f"+{tries}"
-    return f"EFI/Linux/{name}-{generation}-{slot}{counter}.efi"
+    return f"{ENTRIES}/{entry_name(name, generation, str(slot), tries)}"
 
 
 def system_files(ids: DiskIds) -> dict[str, str]:

@@ -211,7 +211,7 @@ MASKED_UNITS = ["systemd-hwdb-update.service", "ldconfig.service", "systemd-jour
                 "systemd-boot-random-seed.service", "systemd-boot-update.service",
                 # the data partition grows once, by appliance-grow-data.service
                 "systemd-repart.service"]
-# root is on the command line and fstab is empty, there is no TPM, hibernation, SysV script, rc.local,
+# root is on the command line (fstab names only /var), there is no TPM, hibernation, SysV script, rc.local,
 # offline update or kernel-command-line unit, and SSH listens on the network, not on vsock. (The ESP
 # is mounted by the image's own efi.mount, for systemd-bless-boot only: gpt-auto's would be an
 # automount, and autofs is not loaded.)

@@ -89,7 +89,7 @@ def test_root_is_read_only(host: Any) -> None:
     root = host.mount_point("/")
     assert (root.filesystem, "ro" in root.options) == ("erofs", True), (root.filesystem, root.options)
     assert partuuid(host, "/") == X["disk"]["root_partuuid"]
-    write = host.run("touch /etc/appliance/planted")
+    write = host.run("touch /usr/local/planted")
     assert write.rc != 0 and "Read-only file system" in write.stderr, write.stderr
 
 
