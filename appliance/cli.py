@@ -284,7 +284,7 @@ def build(profile: Path, out_dir: Path, no_cache: bool, use_lock: bool, update_l
               f"sha256 {img.sha256[:16]}… in {result.timings['total']:.1f} s")
     if boot_verify:
         ctx = click.get_current_context()
-        ctx.invoke(test_cmd, profile=profile, keep=False, as_json=False, cache_dir=cache_dir)
+        ctx.invoke(test_cmd, profile=profile, keep=False, out_dir=out_dir, as_json=False, cache_dir=cache_dir)
 
 
 def _build_image(loaded: LoadedProfile, keys: ApplianceKeys, opts: Any) -> Any:
@@ -309,11 +309,18 @@ ssh_config_option = click.option("--ssh-config", type=click.Path(dir_okay=False,
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default="images", show_default=True)
 @click.option("--timeout", type=float, default=900, show_default=True,
               help="seconds to wait for the device to come back with a verdict")
+@click.option("--full", is_flag=True,
+              help="send the whole root, reusing none of the device's running root (slower; a suspect device)")
+@click.option("--allow-downgrade", is_flag=True,
+              help="install even when the device runs a later commit of the profile's repository")
+@click.option("--untested", is_flag=True,
+              help="send an image whose profile, code and packages have not passed `appliance test` here")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @cache_option
 @secrets_option
-def update_cmd(profile: Path, host: str, ssh_config: Path | None, out_dir: Path, timeout: float, as_json: bool,
-               cache_dir: Path | None, secrets_dir: Path | None) -> None:
+def update_cmd(profile: Path, host: str, ssh_config: Path | None, out_dir: Path, timeout: float, full: bool,
+               allow_downgrade: bool, untested: bool, as_json: bool, cache_dir: Path | None,
+               secrets_dir: Path | None) -> None:
     """Update a running device to PROFILE's image: build it if it is not current, write its root into
     the slot the device is not running, reboot, and report how the new root came up.
 
@@ -339,10 +346,15 @@ def update_cmd(profile: Path, host: str, ssh_config: Path | None, out_dir: Path,
         keys = _keys(secrets_dir, loaded)
     cache = Cache(cache_dir)
     result = _build_image(loaded, keys, BuildOptions(out_dir=out_dir, cache=cache, check_tree=verify_tree))
+    if result.manifest.tested is None and not untested:
+        raise InputError(f"{p.name}: this image (its profile, appliance code and packages) has not passed "
+                         f"`appliance test` in this checkout: run `appliance test {profile}` first, or --untested")
     tools = build_tools(cache, Archive.from_env(), NULL_LOG)
     with tempfile.TemporaryDirectory(prefix="appliance-update-") as work, progress_bar("root and UKI") as bar:
         report = update(target, result.image.resolve(), p.name, image_spec(p).vm, tools, Path(work),
-                        progress=bar, say=lambda m: err.print(m), boot_timeout=timeout)
+                        progress=bar, say=lambda m: err.print(m), boot_timeout=timeout, reuse=not full,
+                        source=result.manifest.profile.source, repo=profile.resolve().parent,
+                        allow_downgrade=allow_downgrade)
     if as_json:
         echo_json(report.to_json())
     else:
@@ -369,6 +381,7 @@ def update_cmd(profile: Path, host: str, ssh_config: Path | None, out_dir: Path,
 def status_cmd(host: str, ssh_config: Path | None, as_json: bool) -> None:
     """A device's running root and slot, the other slot's, the boot entries and the last health
     verdicts, and its peers' handshakes. Exit status 4 when the device does not answer."""
+    from .image.provenance import Source
     from .update import EXIT_UNREACHABLE, Target
 
     target = Target.parse(host, ssh_config)
@@ -391,6 +404,8 @@ def status_cmd(host: str, ssh_config: Path | None, as_json: bool) -> None:
     for e in st["entries"]:
         table.add_row(e["file"], e["slot"] + (" (running)" if e["slot"] == st["booted_slot"] else ""), e["state"])
     out.print(table)
+    source = Source.from_json(st["release"].get("source"))
+    out.print(f"built from: {source.describe() if source else 'no git commit recorded'}")
     health = st.get("health") or {}
     out.print(f"health: {'healthy' if health.get('healthy') else 'UNHEALTHY'} "
               + "; ".join(f"{k}: {v}" for k, v in sorted((health.get("problems") or {}).items())))
@@ -467,15 +482,19 @@ def cache_clean(older_than: float | None, clean_all: bool, cache_dir: Path | Non
 @cli.command("test")
 @profile_arg
 @click.option("--keep", is_flag=True, help="keep the work directory (image, console log, suite output)")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default="images", show_default=True,
+              help="where a pass is recorded (NAME.tested.json, which `appliance update` asks for)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @cache_option
-def test_cmd(profile: Path, keep: bool, as_json: bool, cache_dir: Path | None) -> None:
+def test_cmd(profile: Path, keep: bool, out_dir: Path, as_json: bool, cache_dir: Path | None) -> None:
     """Boot a lab variant of PROFILE's image in QEMU, with a lab network of peers, upstream and LAN,
     and run the testinfra suite generated from the profile, with real traffic through the tunnel.
 
     The lab variant carries the lab's keys for the declared peers and the lab's SSH key; everything
-    else is the image `appliance build` makes. Needs root."""
+    else is the image `appliance build` makes. A pass is recorded in OUT_DIR/NAME.tested.json for
+    this profile, appliance code and Debian packages. Needs root."""
     from .image import Cache
+    from .image.tested import write_record
     from .verify.boot import BootTest
 
     loaded = _load(profile)
@@ -505,6 +524,9 @@ def test_cmd(profile: Path, keep: bool, as_json: bool, cache_dir: Path | None) -
         out.print(table)
     if keep:
         err.print(f"work directory: {test.workdir}")
+    if report.ok and test.manifest is not None:
+        write_record(out_dir, report.name, loaded.digest, test.manifest.packages,
+                     {"passed": report.passed, "accel": report.accel, "timings": report.timings})
     if not report.ok:
         if not as_json:
             err.print(report.output[-6000:])
@@ -657,6 +679,89 @@ def fleet_build(directory: Path, out_dir: Path, cache_dir: Path | None, secrets_
     out.print(table)
     if failed:
         raise SystemExit(1)
+
+
+@fleet_group.command("update")
+@click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path), default=".")
+@click.option("--inventory", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="YAML: devices (name: [USER@]HOST[:PORT]), canary, batch")
+@ssh_config_option
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default="images", show_default=True)
+@click.option("--timeout", type=float, default=900, show_default=True,
+              help="seconds to wait for each device to come back with a verdict")
+@click.option("--allow-downgrade", is_flag=True, help="as for `appliance update`")
+@click.option("--untested", is_flag=True, help="as for `appliance update`")
+@click.option("--json", "as_json", is_flag=True, help="print each device's result as JSON")
+@cache_option
+@secrets_option
+def fleet_update(directory: Path, inventory: Path, ssh_config: Path | None, out_dir: Path, timeout: float,
+                 allow_downgrade: bool, untested: bool, as_json: bool, cache_dir: Path | None,
+                 secrets_dir: Path | None) -> None:
+    """Update the inventory's devices to their profiles under DIRECTORY: every image is built (and
+    must have passed `appliance test`, unless --untested) before any device is touched; then the
+    canary alone, then batches in parallel; the rollout stops after the first step in which a
+    device rolled back, was unreachable or failed.
+
+    Exit status: 0 all updated; 3 a device rolled back; 4 one was unreachable; 1 one failed
+    before its reboot; 2 bad input (the inventory, a profile, an untested image)."""
+    import tempfile
+
+    from . import fleet
+    from .image import BuildOptions, Cache, image_spec
+    from .image.debian import Archive
+    from .image.run import NULL_LOG
+    from .image.tools import build_tools
+    from .rollout import exit_status, load_inventory, rollout
+    from .update import Target, update
+    from .verify import verify_tree
+
+    plan = load_inventory(inventory)
+    checked = fleet.check(directory)
+    if not checked.ok:
+        raise ProfileError(checked.issues)
+    by_name = {lp.profile.name: lp for lp in checked.loaded}
+    unknown = [n for n in plan.devices if n not in by_name]
+    if unknown:
+        raise InputError(f"{inventory}: no profile under {directory} for {', '.join(unknown)}")
+    cache = Cache(cache_dir)
+    images, untested_names = {}, []
+    for name in plan.order():
+        loaded = by_name[name]
+        with step(f"keys and configuration of {name}"):
+            keys = _keys(secrets_dir, loaded)
+        result = _build_image(loaded, keys, BuildOptions(out_dir=out_dir, cache=cache, check_tree=verify_tree))
+        images[name] = (result, loaded)
+        if result.manifest.tested is None:
+            untested_names.append(name)
+    if untested_names and not untested:
+        raise InputError(f"not tested in this checkout: {', '.join(untested_names)} (run `appliance test` on "
+                         "each, or --untested); no device was touched")
+    tools = build_tools(cache, Archive.from_env(), NULL_LOG)
+
+    def update_one(name: str) -> Any:
+        result, loaded = images[name]
+        with tempfile.TemporaryDirectory(prefix=f"appliance-update-{name}-") as work:
+            return update(Target.parse(plan.devices[name], ssh_config), result.image.resolve(), name,
+                          image_spec(loaded.profile).vm, tools, Path(work), progress=lambda d, t: None,
+                          say=lambda m: err.print(m), boot_timeout=timeout, source=result.manifest.profile.source,
+                          repo=loaded.path.resolve().parent, allow_downgrade=allow_downgrade)
+
+    results = rollout(plan.order(), plan.batch, update_one)
+    if as_json:
+        echo_json({"devices": [r.to_json() for r in results],
+                   "not_in_inventory": sorted(set(by_name) - set(plan.devices))})
+    else:
+        table = Table(title=f"fleet update {directory}")
+        for col in ("device", "host", "result", "entry", "sent", "why"):
+            table.add_column(col)
+        for r in results:
+            rep = r.report
+            why = r.error or "; ".join(f"{k}: {v}" for k, v in sorted(
+                (((rep.reason if rep else None) or {}).get("problems") or {}).items()))
+            table.add_row(r.name, plan.devices[r.name], str(r.state), rep.entry if rep else "",
+                          f"{rep.sent_bytes / 2**20:.1f} MiB" if rep else "", why[:200])
+        out.print(table)
+    raise SystemExit(exit_status(results))
 
 
 @cli.group("secrets")

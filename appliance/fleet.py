@@ -30,9 +30,11 @@ _PLACEHOLDER = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 
 
 def profile_files(root: Path) -> list[Path]:
-    """YAML files under root, outside hidden directories (.git, .github's workflows are not devices)."""
+    """YAML files under root, outside hidden directories (.git, .github's workflows are not devices),
+    except inventories (inventory.yaml, NAME.inventory.yaml: `appliance fleet update`'s)."""
     return sorted(p for p in root.rglob("*.y*ml") if p.suffix in (".yaml", ".yml")
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts[:-1]))
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts[:-1])
+                  and not (p.stem == "inventory" or p.stem.endswith(".inventory")))
 
 
 def fleet_root(directory: Path) -> Path:

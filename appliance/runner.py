@@ -103,15 +103,15 @@ def run(cmd: Command, *, log: BuildLog = NULL_LOG, env: Mapping[str, str] | None
 
 def spawn(cmd: Command, *, env: Mapping[str, str] | None = None, output: IO[Any] | int | None = None,
           new_session: bool = False, cwd: Path | None = None, stdin: IO[Any] | int | None = None,
-          errors: IO[Any] | int | None = subprocess.STDOUT) -> subprocess.Popen[bytes]:
+          errors: IO[Any] | int | None = subprocess.STDOUT, pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
     """Start cmd and return at once (a lab's server, QEMU, a stream into ssh): its output to `output`
     (a file, subprocess.PIPE, or None to inherit), its errors with it unless `errors` says where;
-    stdin: subprocess.PIPE to feed it. The caller ends it."""
+    stdin: subprocess.PIPE to feed it; pass_fds: open files it inherits. The caller ends it."""
     args = [str(c) for c in cmd]
     try:
         return subprocess.Popen(args, env=environment(env), stdout=output, stdin=stdin,
                                 stderr=errors if output is not None or errors != subprocess.STDOUT else None,
-                                start_new_session=new_session, cwd=cwd)
+                                start_new_session=new_session, cwd=cwd, pass_fds=pass_fds)
     except FileNotFoundError:
         raise CommandFailed(f"{args[0]} is not installed (run `make setup`)") from None
 

@@ -11,6 +11,7 @@ or unreachable."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shlex
@@ -27,6 +28,7 @@ from typing import Any
 from .dataplane.slots import BLOCK, CHUNK, block_digest, block_hashes, erofs_bytes
 from .errors import ApplianceError, InputError
 from .image.disk import DiskIds, Slot, kernel_cmdline, layout, uki_entry
+from .image.provenance import Source, downgrade
 from .image.run import NULL_LOG
 from .image.tools import ToolsTree
 from .runner import CommandFailed, run, spawn
@@ -265,7 +267,8 @@ def send(target: Target, p: Payload, name: str, progress: Callable[[int, int], N
         except BrokenPipeError:
             pass
         finally:
-            zstd.stdin.close()
+            with contextlib.suppress(BrokenPipeError):
+                zstd.stdin.close()
 
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
@@ -279,12 +282,12 @@ def send(target: Target, p: Payload, name: str, progress: Callable[[int, int], N
     except BrokenPipeError:
         out, err = b"", ssh.stderr.read()
         ssh.wait(timeout=60)
-    finally:
-        feeder.join(timeout=60)
+    finally:  # the compressor first: a feeder blocked on it ends with it
         for proc in (zstd, ssh):
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+        feeder.join(timeout=60)
     if ssh.returncode != 0:
         why = err.decode(errors="replace").strip()[-2000:] or f"ssh exited {ssh.returncode}"
         raise ApplianceError(f"the device did not take the update: {why}")
@@ -313,9 +316,13 @@ def reboot(target: Target) -> None:
 
 
 def update(target: Target, image: Path, name: str, vm: bool, tools: ToolsTree, work: Path, *,
-           progress: Callable[[int, int], None], say: Callable[[str], None], boot_timeout: float = 600) -> UpdateReport:
+           progress: Callable[[int, int], None], say: Callable[[str], None], boot_timeout: float = 600,
+           reuse: bool = True, source: Source | None = None, repo: Path | None = None,
+           allow_downgrade: bool = False) -> UpdateReport:
     """The whole update of one device: its status, the payload for its other slot, the transfer,
-    the reboot, and the verdict."""
+    the reboot, and the verdict. reuse=False sends every block, none taken from the running root.
+    source: the image's commit (provenance), compared with the device's in repo: an older one is
+    refused unless allow_downgrade."""
     report = UpdateReport(Outcome.UNREACHABLE, target.host)
     t0 = time.monotonic()
     before = target.status()
@@ -324,10 +331,13 @@ def update(target: Target, image: Path, name: str, vm: bool, tools: ToolsTree, w
     running = before["release"].get("name")
     if running and running != name:
         raise InputError(f"{target.host} runs appliance {running!r}, not {name!r}: wrong host or profile")
+    older = downgrade(Source.from_json(before["release"].get("source")), source, repo)
+    if older and not allow_downgrade:
+        raise InputError(f"{target.host}: refusing to downgrade: {older} (--allow-downgrade to do it anyway)")
     slot = Slot(before["booted_slot"]).other
     p = payload(tools, image, name, vm, slot, work)
-    has = target.run(f"{REMOTE_TOOL} slot sources", timeout=600, compress=True)
-    if has.returncode == 0:
+    has = target.run(f"{REMOTE_TOOL} slot sources", timeout=600, compress=True) if reuse else None
+    if has is not None and has.returncode == 0:
         p = p.with_plan(json.loads(has.stdout))
         report.sources_bytes = len(has.stdout)
     report.payload_bytes = p.bytes_to_send

@@ -36,7 +36,9 @@ from appliance.image.disk import (
 )
 from appliance.image.outputs import sha256
 from appliance.image.run import NULL_LOG
+from appliance.image.tested import write_record
 from appliance.image.tools import ToolsTree, build_tools
+from appliance.verify.vm import free_port
 from conftest import PROFILES, REPO
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -407,3 +409,47 @@ def test_image_tools_accept_edge_values(exit_node: dict[str, Any], tmp_path: Pat
             assert not [m for m in messages if "error" in m.lower() or "Failed to parse" in m], (what, messages)
         finally:
             subprocess.run(["rm", "-rf", str(tree)], check=True)
+
+
+def test_update_sends_only_a_tested_image_of_a_known_commit(exit_node: dict[str, Any]) -> None:
+    """The gate before anything goes to a device: without a passing `appliance test` of this profile,
+    code and packages the update is refused; with one it goes on (here to a port nobody answers: 4)."""
+    m = exit_node["manifest"]
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert m["profile"]["source"]["commit"] == head and m["tested"] is None
+    args = ["update", str(PROFILES / "exit-node.yaml"), "--host", f"127.0.0.1:{free_port()}", "--timeout", "5",
+            "--out-dir", str(exit_node["images"]), "--secrets", str(exit_node["secrets"])]
+    refused = appliance(*args, check=False)
+    assert refused.returncode == 2 and "has not passed `appliance test`" in refused.stderr, refused.stderr[-2000:]
+    write_record(exit_node["images"], "exit-node", m["profile"]["digest"], m["packages"], {"passed": 1})
+    gone = appliance(*args, check=False)
+    assert gone.returncode == 4, gone.stderr[-2000:]
+    rebuilt = json.loads((exit_node["images"] / "exit-node.manifest.json").read_text())
+    assert rebuilt["tested"]["result"] == {"passed": 1}
+    untested = appliance(*args, "--untested", check=False)  # the record aside: --untested also goes on
+    assert untested.returncode == 4, untested.stderr[-2000:]
+
+
+def test_fleet_update_stops_after_an_unreachable_canary(exit_node: dict[str, Any], tmp_path: Path) -> None:
+    """The fleet rollout's wiring on real builds: the canary does not answer (4), so the second
+    device is never started; without --untested nothing is built for nothing: refused first (2)."""
+    fleet = tmp_path / "fleet"
+    fleet.mkdir()
+    text = (PROFILES / "exit-node.yaml").read_text()
+    (fleet / "exit-node.yaml").write_text(text)
+    for a, b in (("name: exit-node", "name: exit-node-2"), ("100.64.0.1/32", "100.64.1.1/32"),
+                 ('"fd7a:115c:a1e0::1/128"', '"fd7a:115c:a1e1::1/128"'), ("exit.example", "exit2.example")):
+        text = text.replace(a, b)
+    (fleet / "exit-node-2.yaml").write_text(text)
+    inventory = fleet / "inventory.yaml"
+    inventory.write_text(f"canary: exit-node\ndevices:\n  exit-node-2: 127.0.0.1:{free_port()}\n"
+                         f"  exit-node: 127.0.0.1:{free_port()}\n")
+    args = ["fleet", "update", str(fleet), "--inventory", str(inventory), "--timeout", "5", "--json",
+            "--out-dir", str(tmp_path / "images"), "--secrets", str(exit_node["secrets"])]
+    refused = appliance(*args, check=False)
+    assert refused.returncode == 2 and "not tested in this checkout: exit-node, exit-node-2" in refused.stderr, \
+        refused.stderr[-2000:]
+    ran = appliance(*args, "--untested", check=False)
+    assert ran.returncode == 4, ran.stderr[-2000:]
+    states = [(d["name"], d["state"]) for d in json.loads(ran.stdout)["devices"]]
+    assert states == [("exit-node", "unreachable"), ("exit-node-2", "not started")], states

@@ -6,16 +6,20 @@ real traffic through the tunnel."""
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from appliance.dataplane.health import HealthConfig
+from appliance.errors import ApplianceError, InputError
 from appliance.image import Cache
 from appliance.image.debian import Archive
 from appliance.image.disk import DiskIds, Slot
+from appliance.image.provenance import Source
 from appliance.image.run import NULL_LOG
 from appliance.image.tools import build_tools
 from appliance.profile import Profile, load_profile
@@ -23,6 +27,7 @@ from appliance.render import ConfigTree
 from appliance.ui import step
 from appliance.update import Outcome, Target, UpdateReport, update
 from appliance.verify.boot import BootReport, BootTest
+from appliance.verify.cases import lab_peer
 from conftest import PROFILES
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.vm]
@@ -37,9 +42,11 @@ def unhealthy(tree: ConfigTree) -> None:
 
 
 class UpdateScenario(BootTest):
-    """v1 boots (the lab's suite passes), then: update to v2 (a configuration change) -> v2 runs from
-    slot B, blessed, suite passes; update to v3, unhealthy -> the device goes back to v2 by itself,
-    the update says why, suite passes. What each step found is kept for the test to judge."""
+    """v1 (the profile without its last peer) boots and its suite passes; then:
+    v2 adds that peer -> v2 runs from slot B, blessed; the lab gains the peer; suite passes;
+    v3 is unhealthy -> the device goes back to v2 by itself, the update says why; suite passes;
+    v4: the power is cut while its root is sent -> the device comes back on v2; v4 again -> updated
+    into slot A; suite passes. What each step found is kept for the test to judge."""
 
     steps: dict[str, Any]
 
@@ -48,32 +55,107 @@ class UpdateScenario(BootTest):
         target = Target("root@127.0.0.1", port, self.workdir / "ssh_config")
         identity = "cat /etc/machine-id /var/lib/ssh/ssh_host_ed25519_key.pub /etc/timezone"
         self.steps["v1_identity"] = target.run(identity).stdout
+        super()._suite(report, port, expect)
+        self.steps["v1_suite"] = (report.failed, report.failures)
         assert self.lab_profile is not None
-        v2 = with_timezone(self.lab_profile, "Europe/Berlin")
+        data = self.lab_profile.model_dump(mode="json")
+        data["wireguard"]["peers"].append(dict(NEW_PEER))
+        new_peer = lab_peer(data["wireguard"]["peers"][-1])
+        v2 = Profile.model_validate(data)
+
         self.steps["v2"] = self._update(target, v2)
+        expect = self.follow(v2, [new_peer])
         self.steps["v2_identity"] = target.run(identity).stdout
         self.steps["v2_mounts"] = target.run("findmnt -no FSTYPE,OPTIONS /").stdout
-        self._suite_now(report, port, expect, "b", blessed=["n-2-b.efi", "n-1-a.efi"])
+        self._suite_now(report, port, expect, "b", [_blessed(self.steps["v2"].entry), "exit-node-1-a.efi"])
         self.steps["v2_suite"] = (report.failed, report.failures)
-        self.sabotage = unhealthy
-        self.steps["v3"] = self._update(target, with_timezone(self.lab_profile, "Asia/Tokyo"))
-        self.steps["v3_identity"] = target.run(identity).stdout
-        self._suite_now(report, port, expect, "b", blessed=["n-2-b.efi"])
-        self.steps["v3_entries"] = (target.status() or {}).get("entries")
+        self.steps["v2_status"] = target.status()
 
-    def _update(self, target: Target, profile: Profile) -> UpdateReport:
+        self.sabotage = unhealthy
+        self.steps["v3"] = self._update(target, with_timezone(v2, "Asia/Tokyo"))
+        self.sabotage = None
+        self.steps["v3_identity"] = target.run(identity).stdout
+        self.steps["v3_entries"] = (target.status() or {}).get("entries")
+        self._suite_now(report, port, expect, "b", [_blessed(self.steps["v2"].entry), "exit-node-3-a+0-1.efi"],
+                        counted=False)
+        self.steps["v3_suite"] = (report.failed, report.failures)
+
+        v4 = with_timezone(v2, "Europe/Berlin")
+        self.steps["cut"] = self._update_cut(target, v4)
+        self.wait_up_again()
+        self.steps["cut_status"] = _status_when_up(target)
+        self.steps["v4"] = self._update(target, v4)
+        self.steps["v4_status"] = target.status()
+        self.steps["v4_identity"] = target.run(identity).stdout
+        # the image v4 came from, said to be a commit older than the device's: refused, nothing sent
+        older = source_of_revision("HEAD~1")
+        with tempfile.TemporaryDirectory() as work:
+            try:
+                update(target, self.workdir / "images" / f"{v4.name}.img", v4.name, True,
+                       build_tools(self.cache, Archive.from_env(), NULL_LOG), Path(work), progress=lambda d, t: None,
+                       say=print, source=older, repo=REPO)
+                self.steps["downgrade"] = "not refused"
+            except InputError as e:
+                self.steps["downgrade"] = str(e)
+        self.steps["downgrade_status"] = target.status()
+        self._suite_now(report, port, expect, "a", [_blessed(self.steps["v4"].entry), _blessed(self.steps["v2"].entry)])
+
+    def _update(self, target: Target, profile: Profile, **kw: Any) -> UpdateReport:
         image = self._build(profile)
         tools = build_tools(self.cache, Archive.from_env(), NULL_LOG)
         with tempfile.TemporaryDirectory() as work:
-            return update(target, image, profile.name, True, tools, Path(work), progress=lambda d, t: None,
-                          say=print, boot_timeout=900)
+            return update(target, image, profile.name, True, tools, Path(work), say=print, boot_timeout=900,
+                          **{"progress": lambda d, t: None, **kw})
 
-    def _suite_now(self, report: BootReport, port: int, expect: dict[str, Any], slot: str, blessed: list[str]) -> None:
+    def _update_cut(self, target: Target, profile: Profile) -> dict[str, Any]:
+        """The whole root sent (no blocks reused: a long transfer), the power cut halfway through."""
+        assert self.live is not None
+        vm, cut = self.live.vm, {"at": 0, "of": 0, "error": ""}
+
+        def progress(done: int, total: int) -> None:
+            if not cut["of"] and done >= total // 2:
+                cut.update({"at": done, "of": total})
+                vm.power_cycle()
+
+        try:
+            self._update(target, profile, reuse=False, progress=progress)
+        except ApplianceError as e:
+            cut["error"] = str(e)
+        return cut
+
+    def _suite_now(self, report: BootReport, port: int, expect: dict[str, Any], slot: str, entries: list[str],
+                   counted: bool = True) -> None:
+        """The suite on the running root: its slot, the boot entries the ESP must hold, and whether
+        this boot was a counted try (a new root) or of a root blessed before (after a rollback)."""
         self.wait_up_again()
-        name = expect["name"]
-        expect["disk"] = {**expect["disk"], "root_partuuid": DiskIds.for_name(name).slot_partition(Slot(slot)),
-                          "entries": [e.replace("n-", f"{name}-", 1) for e in blessed]}
+        root = DiskIds.for_name(expect["name"]).slot_partition(Slot(slot))
+        expect["disk"] = {**expect["disk"], "root_partuuid": root, "entries": entries, "counted": counted}
         super()._suite(report, port, expect)
+
+
+REPO = PROFILES.parent
+
+
+def source_of_revision(rev: str) -> Source:
+    git = ["git", "-C", str(REPO), "log", "-1", "--format=%H %ct", rev]
+    commit, time_ = subprocess.run(git, check=True, capture_output=True, text=True).stdout.split()
+    return Source(commit, int(time_), False)
+
+
+NEW_PEER = {"name": "tablet", "public_key": "", "allowed_ips": ["100.64.0.4/32", "fd7a:115c:a1e0::4/128"]}
+
+
+def _blessed(entry: str) -> str:
+    """An entry's name once systemd-bless-boot has marked it good (no tries counter)."""
+    return entry.split("+")[0].removesuffix(".efi") + ".efi"
+
+
+def _status_when_up(target: Target) -> dict[str, Any] | None:
+    for _ in range(30):
+        if (st := target.status()) is not None:
+            return st
+        time.sleep(2)
+    return None
 
 
 def with_timezone(p: Profile, tz: str) -> Profile:
@@ -82,26 +164,25 @@ def with_timezone(p: Profile, tz: str) -> Profile:
     return Profile.model_validate(data)
 
 
-@pytest.mark.skip(reason="QEMU 7.2 under multi-threaded TCG wedges in the guest's reset: after 'reboot: "
-                         "Restarting system' one vCPU spins and neither the watchdog nor the monitor's system_reset "
-                         "gets through (seen in 2 of 3 runs, once with la57=off). The update v1 -> v2 passed by hand "
-                         "in a run that got through its reboot. Next: restart QEMU on the same disk (a power cycle, "
-                         "which the power-cut case needs too) with the lab's TAPs attached again.")
-def test_update_then_rollback() -> None:
-    scenario = UpdateScenario(load_profile(PROFILES / "exit-node.yaml").profile, Cache(CACHE), step,
+def test_update_rollback_and_power_cut() -> None:
+    full = load_profile(PROFILES / "exit-node.yaml").profile
+    v1 = full.model_copy(update={"wireguard": full.wireguard.model_copy(update={"peers": full.wireguard.peers[:1]})})
+    scenario = UpdateScenario(v1, Cache(CACHE), step, source=source_of_revision("HEAD"),
                               persistent_disk=True)
     report = scenario.run()
     s = scenario.steps
     print({k: (v.to_json() if isinstance(v, UpdateReport) else v) for k, v in s.items()})
-    print(f"reset pressed on a hung reboot at {scenario.resets} s (TCG; see VM.unstick_reboots)")
-    v2, v3 = s["v2"], s["v3"]
-    # v2: written into slot B, booted, blessed; the device kept its identity and runs v2's configuration
+    print(f"power-cycled hung reboots at {scenario.resets} s (TCG; see VM.unstick_reboots)")
+    assert s["v1_suite"] == (0, []), s["v1_suite"]
+    v2, v3, v4 = s["v2"], s["v3"], s["v4"]
+    # v2: written into slot B, booted, blessed; the device kept its identity; the new peer's traffic passes
     assert (v2.outcome, v2.slot, v2.entry) == (Outcome.UPDATED, "b", "exit-node-2-b+3.efi"), v2.to_json()
     v1_id, v2_id = s["v1_identity"].split("\n"), s["v2_identity"].split("\n")
-    assert v2_id[:2] == v1_id[:2] and (v1_id[2], v2_id[2]) == ("UTC", "Europe/Berlin"), (v1_id, v2_id)
+    assert v2_id == v1_id, (v1_id, v2_id)
     assert s["v2_mounts"].split()[0] == "erofs" and "ro" in s["v2_mounts"].split()[1].split(",")
     assert s["v2_suite"] == (0, []), s["v2_suite"]
-    assert 0 < v2.sent_bytes < v2.payload_bytes
+    assert 0 < v2.sent_bytes < v2.payload_bytes < v2.root_bytes
+    assert s["v2_status"]["release"]["name"] == "exit-node"
     # v3: unhealthy, so the device went back to v2 by itself; the update says so, and why
     assert (v3.outcome, v3.slot) == (Outcome.ROLLED_BACK, "a"), v3.to_json()
     assert v3.status and v3.status["booted_slot"] == "b"
@@ -109,4 +190,16 @@ def test_update_then_rollback() -> None:
     assert s["v3_identity"] == s["v2_identity"]
     assert [(e["file"], e["state"]) for e in s["v3_entries"]] == [("exit-node-2-b.efi", "good"),
                                                                   ("exit-node-3-a+0-1.efi", "bad")], s["v3_entries"]
+    assert s["v3_suite"] == (0, []), s["v3_suite"]
+    # the power cut halfway through v4's root: the update failed, the device is on v2, nothing else boots
+    cut, after = s["cut"], s["cut_status"]
+    assert cut["of"] and cut["error"], cut
+    assert after and after["booted_slot"] == "b", after
+    assert [(e["file"], e["state"]) for e in after["entries"]] == [("exit-node-2-b.efi", "good")], after
+    # and the next update goes through
+    assert (v4.outcome, v4.slot) == (Outcome.UPDATED, "a"), v4.to_json()
+    assert s["v4_identity"].split("\n")[:2] == v1_id[:2] and s["v4_identity"].split("\n")[2] == "Europe/Berlin"
+    # an image of an older commit is refused before anything is sent; the device stays as it was
+    assert "refusing to downgrade" in s["downgrade"] and "--allow-downgrade" in s["downgrade"], s["downgrade"]
+    assert s["downgrade_status"]["entries"] == s["v4_status"]["entries"], s["downgrade_status"]
     assert report.ok, report.output[-5000:] + "\n--- console ---\n" + report.console[-3000:]

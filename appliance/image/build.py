@@ -13,12 +13,14 @@ from ..render import ConfigTree, render
 from ..secrets import ApplianceKeys, keys_for
 from .builder import BuildOptions, BuildResult, Step, build_image
 from .manifest import ProfileInfo
+from .provenance import source_of
 from .run import BuildLog
 from .spec import image_spec
 
 
 def profile_info(loaded: LoadedProfile) -> ProfileInfo:
-    return ProfileInfo(str(loaded.path), loaded.digest, tuple(str(f) for f in loaded.files))
+    return ProfileInfo(str(loaded.path), loaded.digest, tuple(str(f) for f in loaded.files),
+                       source_of([Path(str(f)) for f in loaded.files] or [loaded.path]))
 
 
 def build_profile(path: Path, options: BuildOptions, step: Step, *, secrets: Path | None = None,

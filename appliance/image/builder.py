@@ -7,7 +7,6 @@ killed build leaves no NAME.img (and the next build sweeps up what a killed one 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -33,6 +32,7 @@ from .rootfs import BaseTree, build_base, newest_base
 from .run import BuildLog, ImageError, require_root
 from .spec import ImageSpec
 from .stage import remove_tree, split_var, stage_tree
+from .tested import matching_record, packages_digest
 from .tools import ToolsTree, build_tools, tools_key
 
 ESP_RECIPE = 3  # bump when the way the ESP is made changes
@@ -224,9 +224,10 @@ def _netstack(ctx: BuildContext) -> None:
 def _stage(ctx: BuildContext) -> None:
     # what the root is made of, not where it was cached: a locked rebuild of a fresh base is the same
     packages = ctx.need(ctx.base, "the base tree").packages
+    source = ctx.profile.source.to_json() if ctx.profile.source else None
     release = {"name": ctx.spec.name, "config_digest": ctx.config.digest(), "profile_digest": ctx.profile.digest,
-               "packages_digest": hashlib.sha256("".join(f"{k}={v}\n" for k, v in sorted(packages.items()))
-                                                 .encode()).hexdigest()}
+               "source": source,
+               "packages_digest": packages_digest(packages)}
     ctx.config.file(RELEASE_JSON, json.dumps(release, indent=2, sort_keys=True) + "\n")
     for path, text in system_files(ctx.ids).items():
         ctx.config.file(path, text)
@@ -313,7 +314,8 @@ def _finish(ctx: BuildContext) -> None:
     ctx.manifest = BuildManifest.of_build(
         spec=ctx.spec, config_digest=ctx.config.digest(), profile=ctx.profile, base=base,
         tools_key=tools_key(ctx.archive), suite=ctx.archive.suite, sde=ctx.sde, cmdline=ctx.cmdline,
-        outputs=ctx.outputs, disk_size=lay.disk_size, t_start=ctx.t_start, stages=ctx.timings)
+        outputs=ctx.outputs, disk_size=lay.disk_size, t_start=ctx.t_start, stages=ctx.timings,
+        tested=matching_record(ctx.out_dir, ctx.spec.name, ctx.profile.digest, base.packages))
     write_manifest(ctx.tmp["manifest"], ctx.manifest.to_json())
     for k in ("manifest", "bmap", "zst", "img"):
         os.replace(ctx.tmp[k], ctx.paths[k])

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
+from .provenance import Source
 from .rootfs import BaseTree
 from .spec import ImageSpec
 
@@ -23,9 +24,11 @@ class ProfileInfo:
     path: str
     digest: str
     files: tuple[str, ...] = ()
+    source: Source | None = None  # the git commit it was built from
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "digest": self.digest, "files": list(self.files)}
+        return {"path": self.path, "digest": self.digest, "files": list(self.files),
+                "source": self.source.to_json() if self.source else None}
 
 
 @dataclass(frozen=True)
@@ -72,18 +75,19 @@ class BuildManifest:
     started: int
     seconds: float
     stages: dict[str, float]
+    tested: dict[str, Any] | None = None  # a passing `appliance test` of this profile, code and packages
 
     @classmethod
     def of_build(cls, *, spec: ImageSpec, config_digest: str, profile: ProfileInfo, base: BaseTree, tools_key: str,
                  suite: str, sde: int, cmdline: str, outputs: dict[str, OutputFile], disk_size: int, t_start: float,
-                 stages: dict[str, float]) -> BuildManifest:
+                 stages: dict[str, float], tested: dict[str, Any] | None = None) -> BuildManifest:
         meta = base.entry.meta()
         return cls(name=spec.name, appliance_version=__version__, profile=profile, config_digest=config_digest,
                    source_date_epoch=sde, suite=suite, snapshot=meta.get("snapshot"), base_key=base.entry.key,
                    tools_key=tools_key, kernel=KernelInfo(spec.kernel_package, base.kernel_version, cmdline),
                    packages=base.packages, root_tree_bytes=meta.get("size"), disk_size=disk_size,
                    outputs=dict(outputs), started=int(t_start), seconds=round(time.time() - t_start, 2),
-                   stages=dict(stages))
+                   stages=dict(stages), tested=tested)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -103,6 +107,7 @@ class BuildManifest:
             "disk_size": self.disk_size,
             "outputs": {k: v.to_json() for k, v in self.outputs.items()},
             "build": {"started": self.started, "seconds": self.seconds, "stages": self.stages},
+            "tested": self.tested,
         }
 
     @classmethod
@@ -111,11 +116,13 @@ class BuildManifest:
             raise ValueError(f"manifest_version {raw.get('manifest_version')!r}, expected {MANIFEST_VERSION}")
         p, k, b = raw["profile"], raw["kernel"], raw["build"]
         return cls(name=raw["name"], appliance_version=raw["appliance_version"],
-                   profile=ProfileInfo(p["path"], p["digest"], tuple(p.get("files", ()))),
+                   profile=ProfileInfo(p["path"], p["digest"], tuple(p.get("files", ())),
+                                       Source.from_json(p.get("source"))),
                    config_digest=raw["config_digest"], source_date_epoch=int(raw["source_date_epoch"]),
                    suite=raw["suite"], snapshot=raw.get("snapshot"), base_key=raw["base_key"],
                    tools_key=raw["tools_key"], kernel=KernelInfo(k["package"], k["version"], k["cmdline"]),
                    packages=dict(raw["packages"]), root_tree_bytes=raw.get("root_tree_bytes"),
                    disk_size=int(raw["disk_size"]),
                    outputs={n: OutputFile.from_json(o) for n, o in raw["outputs"].items()},
-                   started=int(b["started"]), seconds=float(b["seconds"]), stages=dict(b["stages"]))
+                   started=int(b["started"]), seconds=float(b["seconds"]), stages=dict(b["stages"]),
+                   tested=raw.get("tested"))

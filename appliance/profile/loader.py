@@ -9,9 +9,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from . import yamlsource
 from .checks import cross_checks
@@ -19,6 +19,7 @@ from .errors import Issue, Path, ProfileError, display_file, format_path
 from .model import Profile
 from .yamlsource import Located, Pos
 
+M = TypeVar("M", bound=BaseModel)
 EXTENDS = "extends"
 MAX_EXTENDS = 16  # a fleet has a base or two; a deeper chain is a mistake (or an attack on the stack)
 _SECRET_HINTS = ("key",)  # never echo what was given for these fields: it may be a pasted private key
@@ -63,10 +64,7 @@ def load_profile(path: str | FsPath, root: FsPath | None = None) -> LoadedProfil
     path = FsPath(path)
     root = profile_root(path) if root is None else root
     located, files = _load_chain(path, (), _real(root, path), None)
-    try:
-        profile = Profile.model_validate(located.data)
-    except ValidationError as e:
-        raise ProfileError([_issue_from_pydantic(err, located) for err in e.errors()]) from None
+    profile = validate_located(Profile, located)
     findings = cross_checks(profile)
     if findings:
         raise ProfileError([_issue_at(located, f.path, f.message) for f in findings])
@@ -169,6 +167,14 @@ def _paths(data: Any, prefix: Path) -> list[Path]:
         for i, v in enumerate(data):
             found += _paths(v, (*prefix, i))
     return found
+
+
+def validate_located(model: type[M], located: Located) -> M:
+    """located's data as model (a pydantic model), or ProfileError with each problem's file, line and field."""
+    try:
+        return model.model_validate(located.data)
+    except ValidationError as e:
+        raise ProfileError([_issue_from_pydantic(err, located) for err in e.errors()]) from None
 
 
 def _data_path(data: Any, loc: tuple[str | int, ...]) -> tuple[Path, Any, bool]:

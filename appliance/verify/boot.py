@@ -13,6 +13,7 @@ an address (no routes) so testinfra can log in over 127.0.0.1.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,16 +21,17 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import LabError
-from ..image import BuildOptions, Cache, ProfileInfo, build_loaded, image_spec
+from ..image import BuildManifest, BuildOptions, Cache, ProfileInfo, build_loaded, image_spec
 from ..image.assemble import copy_sparse
 from ..image.disk import DiskIds, Slot, uki_entry
+from ..image.provenance import Source
 from ..peer_config import client_config, routes_for_peer
 from ..profile import Profile
 from ..profile.model import StaticIPv6
@@ -165,6 +167,10 @@ class LiveLab:
     profile: Profile
     peers: list[LabPeer]
     vm: VM
+    uplink_ip: str
+    lans: tuple[str | None, str | None]  # the LAN host's addresses (IPv4, IPv6)
+    lan_ns: str | None
+    arrivals: Path
 
 
 @dataclass
@@ -180,7 +186,9 @@ class BootTest:
     persistent_disk: bool = False
     lab_profile: Profile | None = None  # the lab variant booted (set by run)
     live: LiveLab | None = None  # the lab while the suite runs (for suites that reboot the appliance)
-    resets: list[float] = field(default_factory=list)  # when the lab pressed reset on a hung reboot
+    resets: list[float] = field(default_factory=list)  # when the lab power-cycled a hung reboot
+    source: Source | None = None  # the commit the lab's images say they were built from
+    manifest: BuildManifest | None = None  # the last lab image's
 
     def run(self) -> BootReport:
         report = BootReport(self.profile.name)
@@ -199,7 +207,10 @@ class BootTest:
                 self.sabotage(tree)
 
         options = BuildOptions(out_dir=self.workdir / "images", cache=self.cache, check_tree=verify_tree)
-        return build_loaded(lab_profile, keys, ProfileInfo("lab variant", ""), options, self.step, adjust).image
+        info = ProfileInfo("lab variant", "", source=self.source)
+        built = build_loaded(lab_profile, keys, info, options, self.step, adjust)
+        self.manifest = built.manifest
+        return built.image
 
     def _run(self, report: BootReport) -> BootReport:
         key, ssh_pub = _ssh_keypair(self.workdir)
@@ -249,42 +260,36 @@ class BootTest:
                       "net.ipv6.conf.default.accept_dad=0"])
         lab.run(wan, ["nft", "-f", "-"], input=protocol_counters("tapu"))
         for i, peer in enumerate(peers):
-            peer.ns = lab.ns(f"p{i}")
-            lab.veth((wan, f"w{i}", f"198.18.{40 + i}.1/24"), (peer.ns, "p0", f"198.18.{40 + i}.2/24"))
-            lab.run(peer.ns, ["ip", "route", "add", "default", "via", f"198.18.{40 + i}.1"])
+            _peer_namespace(lab, wan, i, peer)
         tag = f"{os.getpid() % 10000}"
         nics = [Nic(f"aplu{tag}", UPLINK_MAC)] + ([Nic(f"apll{tag}", LAN_MAC)] if lan_ns else [])
         with (running(image, nics, self.workdir / "vm", persistent=self.persistent_disk) as vm,
               _SshWatch(vm.ssh_port, vm.seconds, report.timings), self._unsticking(vm)):
             report.accel = "kvm" if "kvm" in vm.accel else "tcg"
             with self.step(f"boot in QEMU ({report.accel}), lab network, peers"):
-                _attach(lab, wan, nics[0].tap, "tapu")
+                _attach(lab, vm, wan, nics[0].tap, "tapu")
                 # the whole lab is ready while the appliance boots: its first answer is timed, not the lab's start
                 uplink_ip, leased = self._uplink(lab, wan, p, arrivals, vm)
                 lan, lan6 = lan_host(p), lan_host(p, 6)
                 if lan_ns and lan:
-                    self._lan(lab, lan_ns, nics[1].tap, p, lan, lan6, arrivals)
+                    self._lan(lab, vm, lan_ns, nics[1].tap, p, lan, lan6, arrivals)
                 for peer in peers:
                     self._peer(lab, p, peer, uplink_ip)
-                # what a network must do for an appliance that does not SNAT
-                for version, up, down in ((4, uplink_ip, _lan_ip(p) if lan_ns and lan else None),
-                                          (6, uplink_ipv6(p), _lan_ip(p, 6) if lan_ns and lan6 else None)):
-                    if not masquerades(p, version):
-                        hosts = [(ns, via) for ns, via in ((wan, up), (lan_ns, down)) if ns and via]
-                        self._routes_back(lab, p, version, hosts)
+                _routes_back(lab, p, wan, uplink_ip, lan_ns, (lan, lan6))
                 leased()
                 self._wait_up(lab, p, peers, vm, report.timings)
                 self._wait_ipv6(lab, wan, p, vm, report.timings)
             expect = self._expectations(p, peers, uplink_ip, (lan, lan6), lab, wan, lan_ns, arrivals)
-            self.live = LiveLab(lab, wan, p, peers, vm)
+            self.live = LiveLab(lab, wan, p, peers, vm, uplink_ip, (lan, lan6), lan_ns, arrivals)
             with self.step("testinfra suite and traffic through the tunnel"):
                 t0 = time.monotonic()
                 self._suite(report, vm.ssh_port, expect)
                 report.timings["suite"] = round(time.monotonic() - t0, 1)
         return report
 
-    def _lan(self, lab: Lab, ns: str, tap: str, p: Profile, host: str, host6: str | None, arrivals: Path) -> None:
-        _attach(lab, ns, tap, "tapl")
+    def _lan(self, lab: Lab, vm: VM, ns: str, tap: str, p: Profile, host: str, host6: str | None,
+             arrivals: Path) -> None:
+        _attach(lab, vm, ns, tap, "tapl")
         lan_if = p.interfaces.lan
         if lan_if is None or isinstance(lan_if.ipv4, str):
             raise LabError("the lab's LAN host needs a static IPv4 address on interfaces.lan")
@@ -370,18 +375,9 @@ class BootTest:
             if peer.tunnel_ip6:
                 lab.run(peer.ns, ["ip", "-6", "route", "add", f"{WAN_GATEWAY6}/128", "dev", "wgp"])
 
-    @staticmethod
-    def _routes_back(lab: Lab, p: Profile, version: int, hosts: list[tuple[str, str]]) -> None:
-        """Without SNAT (or NAT66) the far end sees peers' own tunnel addresses: its network routes them
-        back via the appliance (README, "Routing without SNAT"), here each lab host that replies."""
-        nets = sorted({str(n) for peer in p.wireguard.peers for n in peer.allowed_ips if n.version == version})
-        for ns, via in hosts:
-            for net in nets:
-                lab.run(ns, ["ip", f"-{version}", "route", "replace", net, "via", via])
-
     @contextmanager
     def _unsticking(self, vm: VM) -> Iterator[None]:
-        """A VM that reboots (persistent_disk) gets its reset pressed when TCG hangs in a reboot
+        """A VM that reboots (persistent_disk) is power-cycled when TCG hangs in a reboot
         (VM.unstick_reboots); the times it was are kept in self.resets."""
         if not self.persistent_disk:
             yield
@@ -394,6 +390,24 @@ class BootTest:
         finally:
             stop.set()
             watcher.join(timeout=10)
+
+    def follow(self, profile: Profile, new_peers: Sequence[LabPeer] = ()) -> dict[str, Any]:
+        """After an update to `profile` (a lab variant: lab_variant's, with lab_peer's keys for peers
+        it adds): each new peer gets its namespace in the running lab, and the suite's expectations
+        become the new profile's. Returns them."""
+        live = self.live
+        if live is None:
+            raise LabError("the lab is not running")
+        peers = list(live.peers)
+        for peer in new_peers:
+            _peer_namespace(live.lab, live.wan, len(peers), peer)
+            self._peer(live.lab, profile, peer, live.uplink_ip)
+            peers.append(peer)
+        _routes_back(live.lab, profile, live.wan, live.uplink_ip, live.lan_ns, live.lans)
+        self.live = dataclasses.replace(live, profile=profile, peers=peers)
+        self.lab_profile = profile
+        return self._expectations(profile, peers, live.uplink_ip, live.lans, live.lab, live.wan, live.lan_ns,
+                                  live.arrivals)
 
     def wait_up_again(self) -> None:
         """After the appliance rebooted (an update): the tunnel and the uplink's IPv6 as after its boot."""
@@ -518,9 +532,33 @@ class BootTest:
         report.failures = result.failures
 
 
-def _attach(lab: Lab, ns: str, tap: str, name: str) -> None:
-    """Move a TAP QEMU holds into a lab namespace, under a stable name."""
+def _peer_namespace(lab: Lab, wan: str, i: int, peer: LabPeer) -> None:
+    """Peer i's namespace, behind the wan namespace (which routes between peers and the uplink)."""
+    peer.ns = lab.ns(f"p{i}")
+    lab.veth((wan, f"w{i}", f"198.18.{40 + i}.1/24"), (peer.ns, "p0", f"198.18.{40 + i}.2/24"))
+    lab.run(peer.ns, ["ip", "route", "add", "default", "via", f"198.18.{40 + i}.1"])
+
+
+def _routes_back(lab: Lab, p: Profile, wan: str, uplink_ip: str, lan_ns: str | None,
+                 lans: tuple[str | None, str | None]) -> None:
+    """Without SNAT (or NAT66) the far end sees peers' own tunnel addresses: its network routes them
+    back via the appliance (README, "Routing without SNAT"), here each lab host that replies."""
+    lan, lan6 = lans
+    for version, up, down in ((4, uplink_ip, _lan_ip(p) if lan_ns and lan else None),
+                              (6, uplink_ipv6(p), _lan_ip(p, 6) if lan_ns and lan6 else None)):
+        if masquerades(p, version):
+            continue
+        nets = sorted({str(n) for peer in p.wireguard.peers for n in peer.allowed_ips if n.version == version})
+        for ns, via in ((wan, up), (lan_ns, down)):
+            if ns and via:
+                for net in nets:
+                    lab.run(ns, ["ip", f"-{version}", "route", "replace", net, "via", via])
+
+
+def _attach(lab: Lab, vm: VM, ns: str, tap: str, name: str) -> None:
+    """Move a TAP QEMU holds into a lab namespace, under a stable name (noted for a power cycle)."""
     run(["ip", "link", "set", tap, "netns", ns, "name", name], error=LabCommandFailed)
+    vm.moved[tap] = (ns, name)
     lab.run(ns, ["ip", "link", "set", name, "up"])
 
 

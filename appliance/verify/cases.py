@@ -54,20 +54,23 @@ def lab_variant(p: Profile, ssh_public_key: str) -> tuple[Profile, list[LabPeer]
     """The profile as the lab boots it: the declared peers' keys replaced by keys the lab holds (so the
     lab can be each peer, with its ACLs), the lab's SSH key authorised, NICs matched by the lab's MACs."""
     data = p.model_dump(mode="json")
-    peers = []
-    for entry in data["wireguard"]["peers"]:
-        lp = LabPeer(entry["name"], generate_private_key())
-        entry["public_key"] = lp.public
-        v4 = [n for n in entry["allowed_ips"] if ":" not in n and n.endswith("/32")]
-        v6 = [n for n in entry["allowed_ips"] if ":" in n and n.endswith("/128")]
-        lp.tunnel_ip = v4[0].split("/")[0] if v4 else ""
-        lp.tunnel_ip6 = v6[0].split("/")[0] if v6 else ""
-        peers.append(lp)
+    peers = [lab_peer(entry) for entry in data["wireguard"]["peers"]]
     data["system"]["ssh"]["authorized_keys"].append(ssh_public_key)
     for role, mac in (("uplink", UPLINK_MAC), ("lan", LAN_MAC)):
         if data["interfaces"].get(role):
             data["interfaces"][role]["match"] = {"mac": mac}
     return Profile.model_validate(data), peers
+
+
+def lab_peer(entry: dict[str, Any]) -> LabPeer:
+    """A lab-held key for a peer entry (a profile's, as JSON): the entry's public key is set to it."""
+    lp = LabPeer(entry["name"], generate_private_key())
+    entry["public_key"] = lp.public
+    v4 = [n for n in entry["allowed_ips"] if ":" not in n and n.endswith("/32")]
+    v6 = [n for n in entry["allowed_ips"] if ":" in n and n.endswith("/128")]
+    lp.tunnel_ip = v4[0].split("/")[0] if v4 else ""
+    lp.tunnel_ip6 = v6[0].split("/")[0] if v6 else ""
+    return lp
 
 
 def lan_host(p: Profile, version: int = 4) -> str | None:

@@ -2,22 +2,26 @@
 the serial console captured to a file, KVM when it works and TCG otherwise.
 
 NICs: one QEMU user-mode NIC for management (SSH forwarded to 127.0.0.1:PORT), plus TAP devices for
-the lab. The TAPs are made in the caller's network namespace, QEMU attaches to them, and the lab
-may then move them into its own namespaces; they vanish with the VM."""
+the lab. The TAPs are made in the caller's network namespace and handed to QEMU open; the lab may
+move them into its own namespaces (and records where in VM.moved, for a power cycle); they vanish
+with the VM."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import functools
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +72,11 @@ class VM:
     started: float = 0.0
     # writes go to the image itself, and the guest may reboot (updates): for a copy of an image
     persistent: bool = False
+    # where the lab moved each TAP (its name at start -> (namespace, name there)), for a power cycle
+    moved: dict[str, tuple[str, str]] = field(default_factory=dict)
+    power_cycles: list[float] = field(default_factory=list)  # seconds after start, each time the plug was pulled
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _cycling: bool = False
 
     @property
     def console(self) -> Path:
@@ -80,13 +89,15 @@ class VM:
         return ["-accel", "kvm", "-cpu", "host"] if kvm_works() else ["-accel", "tcg,thread=multi", "-cpu",
                                                                         "max,la57=off"]
 
-    def command(self, *, console: str | None = None, snapshot: bool = True) -> list[str]:
-        """QEMU's command line. console: the serial port's backend (default: a file, self.console);
-        snapshot: writes go to a throwaway overlay, not the image."""
+    def command(self, *, console: str | None = None, snapshot: bool = True, tap_fds: Sequence[int] = ()) -> list[str]:
+        """QEMU's command line. console: the serial port's backend (default: appended to a file,
+        self.console); snapshot: writes go to a throwaway overlay, not the image; tap_fds: the lab's
+        TAPs, opened for QEMU (one per NIC)."""
         firmware = uefi_firmware()
         overlay = ",snapshot=on" if snapshot else ""
         vars_copy = self.workdir / "OVMF_VARS.fd"
-        shutil.copy(firmware.vars_template, vars_copy)
+        if not vars_copy.exists():  # a power cycle keeps the firmware's variables, as a board's flash does
+            shutil.copy(firmware.vars_template, vars_copy)
         # -nodefaults: no VGA, CD drive, parallel port for the firmware and the kernel to set up and
         # udev to process; bootindex: the firmware tries the disk first (not the CD, not the network);
         # smm=off: this OVMF build has no SMM. Together 0.7 s less firmware under TCG.
@@ -99,76 +110,79 @@ class VM:
                "-netdev", f"user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
                # romfile=: no iPXE option ROM for OVMF to load (and run) for each NIC; the image boots from disk
                "-device", f"virtio-net-pci,netdev=mgmt,mac={MGMT_MAC},romfile="]
-        for i, nic in enumerate(self.nics):
-            cmd += ["-netdev", f"tap,id=lab{i},ifname={nic.tap},script=no,downscript=no",
+        for i, (nic, fd) in enumerate(zip(self.nics, tap_fds, strict=True)):
+            cmd += ["-netdev", f"tap,id=lab{i},fd={fd}",
                     "-device", f"virtio-net-pci,netdev=lab{i},mac={nic.mac},romfile="]
         cmd += ["-object", "rng-random,id=rng,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng",
                 # a hardware watchdog, as boards have: a hung system is reset (a failed boot try)
                 "-device", "i6300esb", "-action", "watchdog=reset",
                 "-display", "none"]
-        # an interactive console multiplexes QEMU's monitor (Ctrl-A C); a lab's goes to a file, and a
-        # VM that reboots has its monitor on a socket (see unstick_reboots)
-        monitor = f"unix:{self.workdir / 'monitor'},server,nowait" if self.persistent else "none"
-        cmd += ["-serial", console] if console else ["-monitor", monitor, "-serial", f"file:{self.console}"]
+        # an interactive console multiplexes QEMU's monitor (Ctrl-A C); a lab's goes to a file, kept
+        # across power cycles
+        serial = f"file,id=serial,path={self.console},append=on"
+        cmd += ["-serial", console] if console else ["-monitor", "none", "-chardev", serial, "-serial",
+                                                     "chardev:serial"]
         # a lab VM's reboot ends QEMU (a panic is a failure), unless the test reboots it on purpose
         return cmd if self.persistent else [*cmd, "-no-reboot"]
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for nic in self.nics:
-            run(["ip", "tuntap", "add", nic.tap, "mode", "tap"], error=VMError)
+        for nic in self.nics:  # persistent: the lab's addresses and servers on it outlive a power cycle
+            run(["ip", "tuntap", "add", nic.tap, "mode", "tap", "vnet_hdr"], error=VMError)
             run(["ip", "link", "set", nic.tap, "up"], error=VMError)
-        command = self.command(snapshot=not self.persistent)
         self.started = time.monotonic()
-        with open(self.workdir / "qemu.log", "wb") as log:
-            # TMPDIR: where the snapshot overlay goes
-            self.proc = spawn(command, output=log, env={"TMPDIR": str(self.workdir)}, new_session=True)
-        # A TAP has carrier once QEMU holds it. Only then may the lab move it into a namespace: moved
-        # earlier, QEMU would create a new, unconnected TAP of the same name instead.
-        deadline = time.monotonic() + 60
-        while not all(_carrier(nic.tap) for nic in self.nics):
-            if self.proc.poll() is not None:
-                break
-            if time.monotonic() > deadline:
-                raise VMError(f"qemu did not attach to {[n.tap for n in self.nics]} within 60 s")
-            time.sleep(0.05)
-        if self.proc.poll() is not None:
+        self._launch()
+        if self.proc is not None and self.proc.poll() is not None:
             raise VMError(f"qemu exited at once: {(self.workdir / 'qemu.log').read_text()[-2000:]}")
 
-    def system_reset(self) -> None:
-        """QEMU's reset button (the monitor of a persistent VM)."""
-        with socket.socket(socket.AF_UNIX) as mon:
-            mon.settimeout(5)
-            mon.connect(str(self.workdir / "monitor"))
-            mon.recv(4096)
-            mon.sendall(b"system_reset\n")
-            time.sleep(0.5)
+    def _launch(self) -> None:
+        """Start QEMU on the TAPs wherever they are now: it is handed them open, so the lab may move
+        them into its namespaces at any time (and they stay there across a power cycle)."""
+        fds = [open_tap(*self.moved.get(nic.tap, (None, nic.tap))) for nic in self.nics]
+        try:
+            with open(self.workdir / "qemu.log", "ab") as log:
+                # TMPDIR: where the snapshot overlay goes
+                self.proc = spawn(self.command(snapshot=not self.persistent, tap_fds=fds), output=log,
+                                  env={"TMPDIR": str(self.workdir)}, new_session=True, pass_fds=fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def power_cycle(self) -> None:
+        """Pull the plug and plug it in again: QEMU is killed (the guest has no warning, as in a power
+        cut) and starts again on the same disk, firmware variables and lab NICs."""
+        with self._lock:
+            self._cycling = True
+            try:
+                self.power_cycles.append(round(self.seconds(), 1))
+                self._kill()
+                self._launch()
+            finally:
+                self._cycling = False
 
     def unstick_reboots(self, stop: threading.Event, grace: float = 30.0) -> list[float]:
-        """Until stop: press reset when the guest has said "reboot: Restarting system" and the
+        """Until stop: power-cycle the VM when the guest has said "reboot: Restarting system" and the
         firmware has not started again within grace seconds. Multi-threaded TCG (QEMU 7.2) here
-        sometimes spins in the guest's reset (one vCPU at 100 %, nothing on the console; KVM and
-        hardware reset at once). Seen so far: when QEMU itself is wedged this press does not get
-        through either, so tests that reboot stay skipped (tests/test_update.py); it is kept for
-        a guest that merely spins. Returns when it pressed it."""
+        sometimes wedges in the guest's reset (one vCPU at 100 %, nothing more on the console, and
+        the monitor's system_reset does not get through); hardware resets at once. The guest had
+        finished shutting down when it said so: cutting the power then is what a reset is.
+        Returns when it did."""
         pressed: list[float] = []
         since: float | None = None
         while not stop.wait(2.0):
-            text = self.console_text()
-            restarts = text.count("reboot: Restarting system")
-            stuck = restarts > 0 and restarts >= text.count("BdsDxe: loading")
+            stuck = reboot_pending(self.console_text())
             if not stuck:
                 since = None
             elif since is None:
                 since = time.monotonic()
             elif time.monotonic() - since > grace:
-                self.system_reset()
-                pressed.append(round(self.seconds(), 1))
+                self.power_cycle()
+                pressed.append(self.power_cycles[-1])
                 since = None
         return pressed
 
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self._cycling or (self.proc is not None and self.proc.poll() is None)
 
     def seconds(self) -> float:
         return time.monotonic() - self.started
@@ -176,18 +190,24 @@ class VM:
     def console_text(self) -> str:
         return self.console.read_text(errors="replace") if self.console.exists() else ""
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+    def _kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        for nic in self.nics:  # may have been moved into a namespace that is gone by now
-            run(["ip", "link", "del", nic.tap], check=False)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._kill(signal.SIGTERM)
+        for nic in self.nics:  # persistent TAPs: removed here, wherever the lab put them
+            ns, name = self.moved.get(nic.tap, (None, nic.tap))
+            run(["ip", *(["-n", ns] if ns else []), "link", "del", name], check=False)
 
 
 def run_interactive(image: Path, persist: bool = False) -> int:
@@ -202,11 +222,48 @@ def run_interactive(image: Path, persist: bool = False) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _carrier(ifname: str) -> bool:
+def reboot_pending(console: str) -> bool:
+    """The guest said it restarts, and the firmware has not started since (a reset underway, or hung)."""
+    return console.rfind("reboot: Restarting system") > console.rfind("BdsDxe: loading")
+
+
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+CLONE_NEWNET = 0x40000000
+
+
+def _exists(name: str, ns: str | None) -> None:
+    """TUNSETIFF makes a new TAP for a name it does not find: QEMU would sit on an unconnected one."""
     try:
-        return Path(f"/sys/class/net/{ifname}/carrier").read_text().strip() == "1"
+        socket.if_nametoindex(name)
     except OSError:
-        return False
+        raise VMError(f"no TAP {name} {f'in {ns}' if ns else 'here'}: the lab lost track of it") from None
+
+
+def open_tap(ns: str | None, name: str) -> int:
+    """An open queue of the existing TAP `name` in network namespace ns (None: this one), for QEMU's
+    -netdev tap,fd=. A TAP belongs to the namespace /dev/net/tun was opened in, so this thread
+    enters ns just for the open (setns: Python 3.11 has no os.setns)."""
+    if ns is None:
+        _exists(name, ns)
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    else:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open("/proc/thread-self/ns/net") as home, open(f"/run/netns/{ns}") as there:
+            if libc.setns(there.fileno(), CLONE_NEWNET) != 0:
+                raise VMError(f"cannot enter network namespace {ns}: {os.strerror(ctypes.get_errno())}")
+            try:
+                _exists(name, ns)
+                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            finally:
+                if libc.setns(home.fileno(), CLONE_NEWNET) != 0:  # this thread must not stay in the lab
+                    os._exit(70)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    except OSError as e:
+        os.close(fd)
+        raise VMError(f"cannot open TAP {name}{f' in {ns}' if ns else ''}: {e.strerror}") from None
+    return fd
 
 
 @contextlib.contextmanager
