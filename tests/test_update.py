@@ -137,9 +137,16 @@ REPO = PROFILES.parent
 
 
 def source_of_revision(rev: str) -> Source:
-    git = ["git", "-C", str(REPO), "log", "-1", "--format=%H %ct", rev]
-    commit, time_ = subprocess.run(git, check=True, capture_output=True, text=True).stdout.split()
-    return Source(commit, int(time_), False)
+    """rev's commit in this repository; in a shallow clone without it, a commit it has never seen, a day
+    older than HEAD (then the refusal goes by commit time)."""
+    git = ["git", "-C", str(REPO), "log", "-1", "--format=%H %ct"]
+    found = subprocess.run([*git, rev], capture_output=True, text=True)
+    if found.returncode == 0 or rev == "HEAD":
+        found.check_returncode()
+        commit, time_ = found.stdout.split()
+        return Source(commit, int(time_), False)
+    head = source_of_revision("HEAD")
+    return Source("0" * 40, head.time - 86400, False)
 
 
 NEW_PEER = {"name": "tablet", "public_key": "", "allowed_ips": ["100.64.0.4/32", "fd7a:115c:a1e0::4/128"]}
