@@ -354,7 +354,7 @@ def update_cmd(profile: Path, host: str, ssh_config: Path | None, out_dir: Path,
         report = update(target, result.image.resolve(), p.name, image_spec(p).vm, tools, Path(work),
                         progress=bar, say=lambda m: err.print(m), boot_timeout=timeout, reuse=not full,
                         source=result.manifest.profile.source, repo=profile.resolve().parent,
-                        allow_downgrade=allow_downgrade)
+                        allow_downgrade=allow_downgrade, plat=image_spec(p).platform)
     if as_json:
         echo_json(report.to_json())
     else:
@@ -744,7 +744,8 @@ def fleet_update(directory: Path, inventory: Path, ssh_config: Path | None, out_
             return update(Target.parse(plan.devices[name], ssh_config), result.image.resolve(), name,
                           image_spec(loaded.profile).vm, tools, Path(work), progress=lambda d, t: None,
                           say=lambda m: err.print(m), boot_timeout=timeout, source=result.manifest.profile.source,
-                          repo=loaded.path.resolve().parent, allow_downgrade=allow_downgrade)
+                          repo=loaded.path.resolve().parent, allow_downgrade=allow_downgrade,
+                          plat=image_spec(loaded.profile).platform)
 
     results = rollout(plan.order(), plan.batch, update_one)
     if as_json:

@@ -28,6 +28,7 @@ from typing import Any
 from .dataplane.slots import BLOCK, CHUNK, block_digest, block_hashes, erofs_bytes
 from .errors import ApplianceError, InputError
 from .image.disk import DiskIds, Slot, kernel_cmdline, layout, uki_entry
+from .image.platform import HOST, Platform
 from .image.provenance import Source, downgrade
 from .image.run import NULL_LOG
 from .image.tools import ToolsTree
@@ -198,17 +199,18 @@ def extract_uki(tools: ToolsTree, image: Path, name: str, work: Path) -> bytes:
     return data
 
 
-def retarget_uki(uki: bytes, name: str, vm: bool, slot: Slot) -> bytes:
+def retarget_uki(uki: bytes, name: str, vm: bool, slot: Slot, plat: Platform = HOST) -> bytes:
     """The UKI with its command line naming slot instead of A: the two command lines have the same
     length, so the PE file's layout does not change."""
     ids = DiskIds.for_name(name)
-    was, now = kernel_cmdline(ids, Slot.A, vm=vm).encode(), kernel_cmdline(ids, slot, vm=vm).encode()
+    was, now = (kernel_cmdline(ids, s, vm=vm, serial=plat.serial).encode() for s in (Slot.A, slot))
     if len(was) != len(now) or uki.count(was) != 1:
         raise ApplianceError("the image's UKI does not hold the command line this build gave it")
     return uki.replace(was, now)
 
 
-def payload(tools: ToolsTree, image: Path, name: str, vm: bool, slot: Slot, work: Path) -> Payload:
+def payload(tools: ToolsTree, image: Path, name: str, vm: bool, slot: Slot, work: Path,
+            plat: Platform = HOST) -> Payload:
     """The image's root, read once for its sha256 and its blocks' digests, and its UKI for slot."""
     offset = layout().slot_offset(Slot.A)
     size = erofs_size(image, offset)
@@ -219,7 +221,7 @@ def payload(tools: ToolsTree, image: Path, name: str, vm: bool, slot: Slot, work
             data = f.read(min(BLOCK, size - start))
             h.update(data)
             blocks.append(block_digest(data))
-    uki = retarget_uki(extract_uki(tools, image, name, work), name, vm, slot)
+    uki = retarget_uki(extract_uki(tools, image, name, work), name, vm, slot, plat)
     return Payload(image, offset, size, h.hexdigest(), uki, root_blocks=tuple(blocks))
 
 
@@ -318,7 +320,7 @@ def reboot(target: Target) -> None:
 def update(target: Target, image: Path, name: str, vm: bool, tools: ToolsTree, work: Path, *,
            progress: Callable[[int, int], None], say: Callable[[str], None], boot_timeout: float = 600,
            reuse: bool = True, source: Source | None = None, repo: Path | None = None,
-           allow_downgrade: bool = False) -> UpdateReport:
+           allow_downgrade: bool = False, plat: Platform = HOST) -> UpdateReport:
     """The whole update of one device: its status, the payload for its other slot, the transfer,
     the reboot, and the verdict. reuse=False sends every block, none taken from the running root.
     source: the image's commit (provenance), compared with the device's in repo: an older one is
@@ -335,7 +337,7 @@ def update(target: Target, image: Path, name: str, vm: bool, tools: ToolsTree, w
     if older and not allow_downgrade:
         raise InputError(f"{target.host}: refusing to downgrade: {older} (--allow-downgrade to do it anyway)")
     slot = Slot(before["booted_slot"]).other
-    p = payload(tools, image, name, vm, slot, work)
+    p = payload(tools, image, name, vm, slot, work, plat)
     has = target.run(f"{REMOTE_TOOL} slot sources", timeout=600, compress=True) if reuse else None
     if has is not None and has.returncode == 0:
         p = p.with_plan(json.loads(has.stdout))

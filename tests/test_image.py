@@ -27,7 +27,6 @@ from appliance.image.debian import Archive
 from appliance.image.disk import (
     DATA_TYPE,
     ESP_TYPE,
-    ROOT_X86_64_TYPE,
     DiskIds,
     Slot,
     kernel_cmdline,
@@ -35,6 +34,7 @@ from appliance.image.disk import (
     system_files,
 )
 from appliance.image.outputs import sha256
+from appliance.image.platform import platform
 from appliance.image.run import NULL_LOG
 from appliance.image.tested import write_record
 from appliance.image.tools import ToolsTree, build_tools
@@ -110,8 +110,8 @@ def test_partition_table(exit_node: dict[str, Any], tools: ToolsTree) -> None:
     assert (esp["type"], esp["uuid"].lower(), esp["start"]) == (ESP_TYPE, ids.esp, 2048)
     assert esp["size"] * 512 == 128 * 2**20
     for slot, root in ((Slot.A, root_a), (Slot.B, root_b)):
-        assert (root["type"], root["uuid"].lower(), root["name"]) == (ROOT_X86_64_TYPE, ids.slot_partition(slot),
-                                                                      f"root-{slot}")
+        want = (platform("amd64").root_type, ids.slot_partition(slot), f"root-{slot}")
+        assert (root["type"], root["uuid"].lower(), root["name"]) == want
         assert (root["start"] * 512, root["size"] * 512) == (lay.slot_offset(slot), lay.slot_size)
     assert (data["type"], data["uuid"].lower(), data["name"]) == (DATA_TYPE, ids.data_part, "data")
     assert (data["start"] + data["size"]) * 512 <= img.stat().st_size

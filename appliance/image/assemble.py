@@ -1,9 +1,10 @@
 """Assembly: a GPT disk image on a plain file, without loop devices or mounts (layout: disk.py).
 
-  ESP (FAT32, mkfs.vfat --invariant, filled with mtools): systemd-boot as EFI/BOOT/BOOTX64.EFI and
-      the Unified Kernel Image (kernel + initramfs + command line naming slot A's root) as
-      EFI/Linux/NAME-1-a+TRIES.efi: systemd-boot counts the tries down, the booted system blesses the
-      entry once appliance-health has passed (boot-complete.target, systemd-bless-boot)
+  ESP (FAT32, mkfs.vfat --invariant, filled with mtools): systemd-boot as the firmware's fallback
+      loader (EFI/BOOT/BOOT<arch>.EFI) and the Unified Kernel Image (kernel + initramfs + command
+      line naming slot A's root) as EFI/Linux/NAME-1-a+TRIES.efi: systemd-boot counts the tries
+      down, the booted system blesses the entry once appliance-health has passed
+      (boot-complete.target, systemd-bless-boot)
   root in slot A (erofs, mkfs.erofs from the staged tree without /var's content, fixed UUID and time)
   data (ext4, mkfs.ext4 -d from the staged tree's /var, fixed UUID and hash seed)
   GPT laid out by sfdisk with GUIDs derived from the appliance name.
@@ -17,37 +18,39 @@ import errno
 import os
 from pathlib import Path
 
-from .disk import DATA_TYPE, ESP_TYPE, ROOT_X86_64_TYPE, VAR_IN_ROOT, DiskIds, Layout, MiB, Slot
+from .disk import DATA_TYPE, ESP_TYPE, VAR_IN_ROOT, DiskIds, Layout, MiB, Slot
+from .platform import Platform
 from .run import BuildLog
 from .tools import ToolsTree
 
 
 def build_uki(tools: ToolsTree, kernel: Path, initrd: Path, os_release: Path, cmdline: str, out: Path,
-              sde: int, log: BuildLog) -> None:
+              sde: int, log: BuildLog, plat: Platform) -> None:
     version = kernel.name.removeprefix("vmlinuz-")
     tools.run(["ukify", "build", f"--linux={kernel}", f"--initrd={initrd}", f"--cmdline={cmdline}",
                f"--os-release=@{os_release}", f"--uname={version}",
-               "--stub=/usr/lib/systemd/boot/efi/linuxx64.efi.stub", f"--output={out}"],
+               f"--stub={plat.uki_stub}", f"--output={out}"],
               binds=[kernel.parent, os_release.parent, out.parent], log=log, what="ukify",
               env={"SOURCE_DATE_EPOCH": str(sde)})
     os.utime(out, (sde, sde))
 
 
-SYSTEMD_BOOT = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi"  # in the tools tree (systemd-boot-efi)
 # no menu (timeout 0: a key held at boot still shows it), no editing of the kernel command line
 # (it would let anyone at the console boot into a shell), nothing but the appliance's own entries
 LOADER_CONF = "timeout 0\neditor no\nauto-entries no\nauto-firmware no\n"
 
 
 def build_esp(tools: ToolsTree, uki: Path, out: Path, ids: DiskIds, size: int, sde: int, log: BuildLog,
-              entry: str) -> None:
+              entry: str, plat: Platform) -> None:
+    """The ESP: systemd-boot (from the tools tree) as the firmware's fallback loader, its
+    loader.conf, and the UKI as entry."""
     conf = out.with_name("loader.conf")
     conf.write_text(LOADER_CONF)
     os.utime(conf, (sde, sde))  # mcopy -m keeps it
     script = (
         f"mkfs.vfat -F 32 -n ESP -i {ids.esp_serial} --invariant -C {out} {size // 1024} >/dev/null && "
         f"mmd -i {out} ::/EFI ::/EFI/BOOT ::/EFI/Linux ::/loader && "
-        f"mcopy -m -i {out} {SYSTEMD_BOOT} ::/EFI/BOOT/BOOTX64.EFI && "
+        f"mcopy -m -i {out} {plat.systemd_boot} ::{plat.fallback_loader} && "
         f"mcopy -m -i {out} {conf} ::/loader/loader.conf && "
         f"mcopy -m -i {out} {uki} ::/{entry}")
     # mtools stamps the directories it makes with SOURCE_DATE_EPOCH instead of the time of the build
@@ -80,7 +83,7 @@ def build_data_fs(tools: ToolsTree, var: Path, out: Path, ids: DiskIds, size: in
 
 
 def write_disk(tools: ToolsTree, out: Path, esp: Path, root: Path, data: Path, lay: Layout, ids: DiskIds,
-               log: BuildLog) -> None:
+               log: BuildLog, root_type: str) -> None:
     """Partition table on a sparse file, then the file systems copied in at their offsets (slot B
     stays a hole). The file is 0600 from its first byte: it will hold the appliance's private key."""
     with open(private_file(out), "wb") as f:
@@ -94,7 +97,7 @@ def write_disk(tools: ToolsTree, out: Path, esp: Path, root: Path, data: Path, l
         f"label-id: {ids.disk}\n"
         "first-lba: 2048\n"
         + part(lay.esp_offset, lay.esp_size, ESP_TYPE, ids.esp, "esp")
-        + "".join(part(lay.slot_offset(s), lay.slot_size, ROOT_X86_64_TYPE, ids.slot_partition(s), f"root-{s}")
+        + "".join(part(lay.slot_offset(s), lay.slot_size, root_type, ids.slot_partition(s), f"root-{s}")
                   for s in Slot)
         + part(lay.data_offset, lay.data_size, DATA_TYPE, ids.data_part, "data"))
     tools.run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", out], binds=[out.parent], log=log, what="sfdisk",

@@ -257,15 +257,16 @@ def _check_tree(ctx: BuildContext) -> None:
 def _esp(ctx: BuildContext) -> None:
     """The ESP depends only on the base (kernel, initramfs) and the command line: cached on both."""
     base, tools = ctx.need(ctx.base, "the base tree"), ctx.need(ctx.tools, "the tools tree")
-    ctx.cmdline = cmdline = kernel_cmdline(ctx.ids, Slot.A, vm=ctx.spec.vm)
+    plat = ctx.spec.platform
+    ctx.cmdline = cmdline = kernel_cmdline(ctx.ids, Slot.A, vm=ctx.spec.vm, serial=plat.serial)
     ids, sde, log = ctx.ids, ctx.sde, ctx.log
 
     entry = uki_entry(ctx.spec.name)
 
     def make(tmp: Path) -> dict[str, object]:
         build_uki(tools, base.kernel, base.initrd, base.tree / "usr/lib/os-release", cmdline, tmp / "uki.efi",
-                  sde, log)
-        build_esp(tools, tmp / "uki.efi", tmp / "esp.img", ids, ESP_SIZE, sde, log, entry)
+                  sde, log, plat)
+        build_esp(tools, tmp / "uki.efi", tmp / "esp.img", ids, ESP_SIZE, sde, log, entry, plat)
         (tmp / "uki.efi").unlink()
         return {"cmdline": cmdline, "base": base.entry.key, "entry": entry}
 
@@ -294,7 +295,8 @@ def _root_fs(ctx: BuildContext) -> None:
 
 def _disk(ctx: BuildContext) -> None:
     write_disk(ctx.need(ctx.tools, "the tools tree"), ctx.tmp["img"], ctx.need(ctx.esp, "the ESP"),
-               ctx.work / "root.img", ctx.work / "data.img", ctx.need(ctx.layout, "the layout"), ctx.ids, ctx.log)
+               ctx.work / "root.img", ctx.work / "data.img", ctx.need(ctx.layout, "the layout"), ctx.ids, ctx.log,
+               ctx.spec.platform.root_type)
     if not ctx.opts.keep_tree:
         remove_tree(ctx.need(ctx.tree, "the staged tree"))
 

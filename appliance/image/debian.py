@@ -12,6 +12,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .platform import HOST, Platform
+
 SUITE = "trixie"
 MIRROR_ENV = "APPLIANCE_MIRROR"
 SECURITY_MIRROR_ENV = "APPLIANCE_SECURITY_MIRROR"
@@ -62,17 +64,20 @@ DPKG_EXCLUDES = [
     "path-exclude=/usr/share/lintian/*",
     # the hardware database names USB/PCI vendors for humans; an appliance's udev does not need it
     "path-exclude=/usr/lib/udev/hwdb.d/*",
-    # glibc's converters for legacy charsets; UTF-8 and ASCII are built in
-    "path-exclude=/usr/lib/x86_64-linux-gnu/gconv/*",
 ]
 
 
-def mmdebstrap_args(debs: Path, *, variant: str = "apt") -> list[str]:
+def dpkg_excludes(plat: Platform) -> list[str]:
+    # glibc's converters for legacy charsets; UTF-8 and ASCII are built in
+    return [*DPKG_EXCLUDES, f"path-exclude=/usr/lib/{plat.multiarch}/gconv/*"]
+
+
+def mmdebstrap_args(debs: Path, *, variant: str = "apt", plat: Platform = HOST) -> list[str]:
     """Options every tree shares: root mode, no translations, a shared .deb cache (files are named by
     version, so sharing them between trees is safe)."""
     debs.mkdir(parents=True, exist_ok=True)
     return [
-        "mmdebstrap", "--mode=root", f"--variant={variant}", "--architectures=amd64",
+        "mmdebstrap", "--mode=root", f"--variant={variant}", f"--architectures={plat.arch}",
         '--aptopt=Acquire::Languages "none"',
         "--skip=essential/unlink",
         '--setup-hook=mkdir -p "$1"/var/cache/apt/archives/',

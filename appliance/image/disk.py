@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from ..dataplane.slots import BOOT_TRIES, ENTRIES, entry_name
+from .platform import HOST
 
 MiB = 1024 * 1024
 ESP_SIZE = 128 * MiB  # FAT32 with room for two UKIs; OVMF ignores tiny FAT32 ESPs
 SLOT_SIZE = 1024 * MiB  # a root slot: today's largest root (a generic board's, ~300 MiB) more than twice over
 DATA_SIZE = 256 * MiB  # as built; systemd-repart grows it over whatever the disk has beyond the image
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
-ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
 DATA_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"  # Linux generic: gpt-auto (masked) never mounts it
 ROOT_FS_TYPE = "erofs"
 # dpkg's database describes the root it came with: it stays in the (read-only) root, and /var/lib/dpkg
@@ -112,13 +112,13 @@ VM_DISK = "/dev/vda"
 _VM_CMDLINE = " cgroup.memory=nokmem"
 
 
-def kernel_cmdline(ids: DiskIds, slot: Slot = Slot.A, vm: bool = False) -> str:
+def kernel_cmdline(ids: DiskIds, slot: Slot = Slot.A, vm: bool = False, serial: str = HOST.serial) -> str:
     # serial last: it becomes /dev/console, which is what headless boxes and QEMU show.
     # quiet: the kernel's boot log goes to the journal, not byte by byte through a (slow) serial
     # port; systemd still shows failed and slow units on the console.
     # ro: the root is erofs; the UKI of each slot names that slot
     root = f"{VM_DISK}{slot.number}" if vm else f"PARTUUID={ids.slot_partition(slot)}"
-    return (f"root={root} rootfstype={ROOT_FS_TYPE} ro rootwait panic=10 quiet console=tty0 console=ttyS0,115200"
+    return (f"root={root} rootfstype={ROOT_FS_TYPE} ro rootwait panic=10 quiet console=tty0 console={serial},115200"
             + (_VM_CMDLINE if vm else ""))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..render.renderer import SSH_HOST_KEY
 from .cache import Cache, CacheKind, Entry, content_key, dir_size
-from .debian import DPKG_EXCLUDES, Archive, mmdebstrap_args
+from .debian import Archive, dpkg_excludes, mmdebstrap_args
 from .disk import DPKG_DB
 from .lock import Lock
 from .run import BuildLog, ImageError, run
@@ -224,16 +224,16 @@ _MISSING = re.compile(r"Unable to locate package (\S+)|Package '?(\S+?)'? has no
 
 def build_base(cache: Cache, tools: ToolsTree, archive: Archive, spec: ImageSpec, log: BuildLog, *,
                snapshot: str | None, lock: Lock | None, sde: int, rebuild: bool = False) -> BaseTree:
-    if spec.arch != "amd64":
-        raise ImageError(f"arch {spec.arch}: only amd64 images can be built so far")
+    if not spec.platform.buildable:
+        raise ImageError(f"arch {spec.arch}: images cannot be built for it yet (issue #17)")
     missing = sorted(set(spec.packages) - tools.available_packages(spec.packages, log))
     if missing:
         raise ImageError(_missing_message(missing, spec))
 
     def make(tmp: Path) -> dict[str, object]:
         tree = tmp / "tree"
-        args = [*mmdebstrap_args(cache.root / "debs"), f"--include={','.join(spec.packages)}",
-                *[f"--dpkgopt={o}" for o in DPKG_EXCLUDES],
+        args = [*mmdebstrap_args(cache.root / "debs", plat=spec.platform), f"--include={','.join(spec.packages)}",
+                *[f"--dpkgopt={o}" for o in dpkg_excludes(spec.platform)],
                 "--hook-dir=/usr/share/mmdebstrap/hooks/eatmydata"]
         if lock:
             prefs = tmp / "lock.pref"

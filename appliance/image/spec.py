@@ -10,6 +10,7 @@ from typing import Any
 
 from ..profile.model import Profile
 from ..render.renderer import appliance_units, enabled_units
+from .platform import Platform, platform
 
 
 class Arch(StrEnum):
@@ -98,6 +99,10 @@ class ImageSpec:
     @property
     def vm(self) -> bool:
         return self.board == VM_BOARD
+
+    @property
+    def platform(self) -> Platform:
+        return platform(self.arch)
 
     def base_inputs(self) -> dict[str, Any]:
         """The parts that decide the base tree's content (the name does not)."""

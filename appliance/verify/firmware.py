@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ApplianceError
+from ..image.platform import HOST
 
 DESCRIPTOR_DIRS = (Path("/usr/share/qemu/firmware"), Path("/etc/qemu/firmware"))
 # a VM of the lab runs without SMM and without Secure Boot
@@ -50,7 +51,7 @@ def _fits(doc: dict[str, Any], arch: str, machine: str) -> bool:
                for t in targets if isinstance(t, dict))
 
 
-def uefi_firmware(arch: str = "x86_64", machine: str = "pc-q35-7.2",
+def uefi_firmware(arch: str = HOST.firmware_arch, machine: str = HOST.firmware_machine,
                   dirs: tuple[Path, ...] = DESCRIPTOR_DIRS) -> Firmware:
     """The first described UEFI build for arch/machine without SMM or Secure Boot."""
     for path in _descriptors(dirs):

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..image.platform import HOST, Platform
 from ..runner import CommandFailed, run, spawn
 from .firmware import uefi_firmware
 
@@ -42,12 +43,13 @@ class Nic:
 
 
 @functools.cache
-def kvm_works() -> bool:
-    """Whether QEMU can actually run a guest with KVM here (a /dev/kvm node alone is not enough)."""
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK) or not shutil.which("qemu-system-x86_64"):
+def kvm_works(plat: Platform = HOST) -> bool:
+    """Whether QEMU can actually run a guest with KVM here (a /dev/kvm node alone is not enough): only
+    for the host's own architecture."""
+    if plat != HOST or not os.access("/dev/kvm", os.R_OK | os.W_OK) or not shutil.which(plat.qemu):
         return False
     try:
-        proc = run(["qemu-system-x86_64", "-accel", "kvm", "-machine", "q35", "-cpu", "host", "-nodefaults",
+        proc = run([plat.qemu, "-accel", "kvm", "-machine", plat.qemu_machine, "-cpu", "host", "-nodefaults",
                     "-display", "none", "-no-reboot", "-bios", "/dev/null", "-m", "64"], check=False, timeout=5)
     except CommandFailed:  # it ran (and would run forever with an empty BIOS): KVM works
         return True
@@ -72,6 +74,7 @@ class VM:
     started: float = 0.0
     # writes go to the image itself, and the guest may reboot (updates): for a copy of an image
     persistent: bool = False
+    plat: Platform = HOST  # the image's architecture
     # where the lab moved each TAP (its name at start -> (namespace, name there)), for a power cycle
     moved: dict[str, tuple[str, str]] = field(default_factory=dict)
     power_cycles: list[float] = field(default_factory=list)  # seconds after start, each time the plug was pulled
@@ -84,16 +87,14 @@ class VM:
 
     @property
     def accel(self) -> list[str]:
-        # la57=off: with 5-level paging (which TCG's "max" CPU offers) the guest's reboot hangs after
-        # "reboot: Restarting system" under OVMF; an update reboots the guest
-        return ["-accel", "kvm", "-cpu", "host"] if kvm_works() else ["-accel", "tcg,thread=multi", "-cpu",
-                                                                        "max,la57=off"]
+        return (["-accel", "kvm", "-cpu", "host"] if kvm_works(self.plat)
+                else ["-accel", "tcg,thread=multi", "-cpu", self.plat.tcg_cpu])
 
     def command(self, *, console: str | None = None, snapshot: bool = True, tap_fds: Sequence[int] = ()) -> list[str]:
         """QEMU's command line. console: the serial port's backend (default: appended to a file,
         self.console); snapshot: writes go to a throwaway overlay, not the image; tap_fds: the lab's
         TAPs, opened for QEMU (one per NIC)."""
-        firmware = uefi_firmware()
+        firmware = uefi_firmware(self.plat.firmware_arch, self.plat.firmware_machine)
         overlay = ",snapshot=on" if snapshot else ""
         vars_copy = self.workdir / "OVMF_VARS.fd"
         if not vars_copy.exists():  # a power cycle keeps the firmware's variables, as a board's flash does
@@ -101,7 +102,7 @@ class VM:
         # -nodefaults: no VGA, CD drive, parallel port for the firmware and the kernel to set up and
         # udev to process; bootindex: the firmware tries the disk first (not the CD, not the network);
         # smm=off: this OVMF build has no SMM. Together 0.7 s less firmware under TCG.
-        cmd = ["qemu-system-x86_64", "-name", "appliance", "-nodefaults", "-machine", "q35,smm=off", *self.accel,
+        cmd = [self.plat.qemu, "-name", "appliance", "-nodefaults", "-machine", self.plat.qemu_machine, *self.accel,
                "-smp", str(self.cpus), "-m", str(self.memory_mib),
                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.code}",
                "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",

@@ -1,0 +1,54 @@
+"""Everything that differs by CPU architecture, in one table that the build and the lab read: Debian's
+and UEFI's names for it, the root partition's GPT type, the EFI binaries, the serial console, and
+how QEMU emulates it. Nothing else in appliance names an architecture."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Platform:
+    arch: str  # Debian's name (system.arch)
+    uefi: str  # UEFI's suffix for it: BOOTX64.EFI, systemd-bootx64.efi, linuxx64.efi.stub
+    multiarch: str  # Debian's multiarch triplet (/usr/lib/TRIPLET)
+    root_type: str  # GPT type of its root partitions (UAPI Discoverable Partitions Specification)
+    serial: str  # the kernel's serial console on QEMU's machine (and most boards)
+    qemu: str  # QEMU's system emulator
+    qemu_machine: str  # its machine type for a lab VM
+    firmware_arch: str  # the architecture's name in QEMU's firmware descriptors
+    firmware_machine: str  # a machine type those descriptors list
+    tcg_cpu: str  # the CPU QEMU emulates without KVM
+    buildable: bool  # whether images can be built for it yet
+
+    @property
+    def uki_stub(self) -> str:
+        """The systemd EFI stub a UKI is built on (in the tools tree: systemd-boot-efi)."""
+        return f"/usr/lib/systemd/boot/efi/linux{self.uefi}.efi.stub"
+
+    @property
+    def systemd_boot(self) -> str:
+        return f"/usr/lib/systemd/boot/efi/systemd-boot{self.uefi}.efi"
+
+    @property
+    def fallback_loader(self) -> str:
+        """Where UEFI firmware looks on a removable (or any unregistered) disk."""
+        return f"/EFI/BOOT/BOOT{self.uefi.upper()}.EFI"
+
+
+PLATFORMS = {
+    "amd64": Platform("amd64", "x64", "x86_64-linux-gnu", "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709", "ttyS0",
+                      # la57=off: with 5-level paging (which TCG's "max" CPU offers) the guest's reboot
+                      # hangs after "reboot: Restarting system" under OVMF; an update reboots the guest
+                      "qemu-system-x86_64", "q35,smm=off", "x86_64", "pc-q35-7.2", "max,la57=off", buildable=True),
+    "arm64": Platform("arm64", "aa64", "aarch64-linux-gnu", "B921B045-1DF0-41C3-AF44-4C6F280D3FAE", "ttyAMA0",
+                      "qemu-system-aarch64", "virt", "aarch64", "virt-7.2", "max", buildable=False),
+}
+HOST = PLATFORMS["amd64"]  # what builds run on (the tools tree) and the lab's default
+
+
+def platform(arch: str) -> Platform:
+    try:
+        return PLATFORMS[arch]
+    except KeyError:
+        raise ValueError(f"no platform for architecture {arch!r} (known: {', '.join(PLATFORMS)})") from None
