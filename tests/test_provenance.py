@@ -72,3 +72,17 @@ def test_going_back_in_history_is_a_downgrade(repo: dict[str, Source], tmp_path:
 def test_a_source_from_a_device_is_checked(raw: object) -> None:
     assert Source.from_json(raw) is None
     assert Source.from_json({"commit": "a" * 40, "time": 1, "dirty": False}) == Source("a" * 40, 1, False)
+
+
+def test_a_repositorys_fsmonitor_is_not_run(repo: dict[str, Source], tmp_path: Path) -> None:
+    """`git status` runs core.fsmonitor's program; the repository's config must not get a build to."""
+    planted = tmp_path / "ran"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f"#!/bin/sh\ntouch {planted}\n")
+    hook.chmod(0o755)
+    git(tmp_path, "config", "core.fsmonitor", str(hook))
+    subprocess.run(["git", "-C", str(tmp_path), "status", "--porcelain"], capture_output=True)  # control: it runs
+    assert planted.exists()
+    planted.unlink()
+    assert source_of([tmp_path / "edge.yaml"]) == repo["c2"]
+    assert not planted.exists()

@@ -42,8 +42,10 @@ class Source:
 
 
 def _git(repo: Path, *args: str) -> tuple[int, str]:
+    # core.fsmonitor names a program that `git status` would run: a repository's own config must not
+    # make a build run it
     try:
-        proc = run(["git", "-C", repo, *args], check=False, timeout=30)
+        proc = run(["git", "-c", "core.fsmonitor=false", "-C", repo, *args], check=False, timeout=30)
     except CommandFailed:  # no git: no source
         return 127, ""
     return proc.returncode, proc.stdout.strip()
