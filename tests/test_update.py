@@ -6,11 +6,13 @@ real traffic through the tunnel."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -26,12 +28,13 @@ from appliance.profile import Profile, load_profile
 from appliance.render import ConfigTree
 from appliance.ui import step
 from appliance.update import Outcome, Target, UpdateReport, update
-from appliance.verify.boot import BootReport, BootTest
+from appliance.verify.boot import BootReport, BootTest, emulator_fault
 from appliance.verify.cases import lab_peer
 from conftest import PROFILES
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.vm]
 
+T = TypeVar("T")
 CACHE = Path(os.environ.get("APPLIANCE_TEST_CACHE") or Path.home() / ".cache" / "appliance-tests")
 
 
@@ -46,45 +49,65 @@ class UpdateScenario(BootTest):
     v2 adds that peer -> v2 runs from slot B, blessed; the lab gains the peer; suite passes;
     v3 is unhealthy -> the device goes back to v2 by itself, the update says why; suite passes;
     v4: the power is cut while its root is sent -> the device comes back on v2; v4 again -> updated
-    into slot A; suite passes. What each step found is kept for the test to judge."""
+    into slot A; suite passes. What each step found is kept for the test to judge.
+
+    A step during which the VM's kernel died of TCG itself (verify.boot.emulator_fault: "Oops:
+    int3", ~1 boot in 20 here) and did not do what it should is run once more, after the device
+    rebooted by itself (panic=10); the faults are kept in emulator_faults."""
 
     steps: dict[str, Any]
+    emulator_faults: list[str]
+
+    def _again_on_fault(self, what: str, step: Callable[[], T], done: Callable[[T], bool]) -> T:
+        assert self.live is not None
+        vm = self.live.vm
+        mark = len(vm.console_text())
+        result = step()
+        since = vm.console_text()[mark:]
+        if done(result) or not emulator_fault(since):
+            return result
+        self.emulator_faults.append(f"{what}: {since[-3000:]}")
+        self.wait_up_again()
+        _status_when_up(Target("root@127.0.0.1", vm.ssh_port, self.workdir / "ssh_config"))
+        return step()
 
     def _suite(self, report: BootReport, port: int, expect: dict[str, Any]) -> None:
-        self.steps = {}
+        self.steps, self.emulator_faults = {}, []
         target = Target("root@127.0.0.1", port, self.workdir / "ssh_config")
         identity = "cat /etc/machine-id /var/lib/ssh/ssh_host_ed25519_key.pub /etc/timezone"
         self.steps["v1_identity"] = target.run(identity).stdout
-        super()._suite(report, port, expect)
-        self.steps["v1_suite"] = (report.failed, report.failures)
+        self.steps["v1_suite"] = self._again_on_fault("v1 suite", lambda: self._suite_as_booted(report, port, expect),
+                                                      _passed)
         assert self.lab_profile is not None
         data = self.lab_profile.model_dump(mode="json")
         data["wireguard"]["peers"].append(dict(NEW_PEER))
         new_peer = lab_peer(data["wireguard"]["peers"][-1])
         v2 = Profile.model_validate(data)
 
-        self.steps["v2"] = self._update(target, v2)
+        self.steps["v2"] = self._again_on_fault("v2", lambda: self._update(target, v2), _answered)
         expect = self.follow(v2, [new_peer])
         self.steps["v2_identity"] = target.run(identity).stdout
         self.steps["v2_mounts"] = target.run("findmnt -no FSTYPE,OPTIONS /").stdout
-        self._suite_now(report, port, expect, "b", [_blessed(self.steps["v2"].entry), "exit-node-1-a.efi"])
-        self.steps["v2_suite"] = (report.failed, report.failures)
+        self.steps["v2_suite"] = self._again_on_fault("v2 suite", lambda: self._suite_now(
+            report, port, expect, "b", [_blessed(self.steps["v2"].entry), "exit-node-1-a.efi"]), _passed)
         self.steps["v2_status"] = target.status()
 
         self.sabotage = unhealthy
-        self.steps["v3"] = self._update(target, with_timezone(v2, "Asia/Tokyo"))
+        self.steps["v3"] = self._again_on_fault("v3", lambda: self._update(target, with_timezone(v2, "Asia/Tokyo")),
+                                                _answered)
         self.sabotage = None
         self.steps["v3_identity"] = target.run(identity).stdout
         self.steps["v3_entries"] = (target.status() or {}).get("entries")
-        self._suite_now(report, port, expect, "b", [_blessed(self.steps["v2"].entry), "exit-node-3-a+0-1.efi"],
-                        counted=False)
-        self.steps["v3_suite"] = (report.failed, report.failures)
+        # the bad entry's name counts the tries it used: one, unless the emulator took one more
+        bad = [e["file"] for e in self.steps["v3_entries"] or [] if e["state"] == "bad"]
+        self.steps["v3_suite"] = self._again_on_fault("v3 suite", lambda: self._suite_now(
+            report, port, expect, "b", [_blessed(self.steps["v2"].entry), *bad], counted=False), _passed)
 
         v4 = with_timezone(v2, "Europe/Berlin")
-        self.steps["cut"] = self._update_cut(target, v4)
+        self.steps["cut"] = self._again_on_fault("cut", lambda: self._update_cut(target, v4), lambda c: bool(c["of"]))
         self.wait_up_again()
         self.steps["cut_status"] = _status_when_up(target)
-        self.steps["v4"] = self._update(target, v4)
+        self.steps["v4"] = self._again_on_fault("v4", lambda: self._update(target, v4), _answered)
         self.steps["v4_status"] = target.status()
         self.steps["v4_identity"] = target.run(identity).stdout
         # the image v4 came from, said to be a commit older than the device's: refused, nothing sent
@@ -98,7 +121,12 @@ class UpdateScenario(BootTest):
             except InputError as e:
                 self.steps["downgrade"] = str(e)
         self.steps["downgrade_status"] = target.status()
-        self._suite_now(report, port, expect, "a", [_blessed(self.steps["v4"].entry), _blessed(self.steps["v2"].entry)])
+        self.steps["v4_suite"] = self._again_on_fault("v4 suite", lambda: self._suite_now(
+            report, port, expect, "a", [_blessed(self.steps["v4"].entry), _blessed(self.steps["v2"].entry)]), _passed)
+
+    def _suite_as_booted(self, report: BootReport, port: int, expect: dict[str, Any]) -> tuple[int, list[str]]:
+        super()._suite(report, port, expect)
+        return report.failed, list(report.failures)
 
     def _update(self, target: Target, profile: Profile, **kw: Any) -> UpdateReport:
         image = self._build(profile)
@@ -124,13 +152,14 @@ class UpdateScenario(BootTest):
         return cut
 
     def _suite_now(self, report: BootReport, port: int, expect: dict[str, Any], slot: str, entries: list[str],
-                   counted: bool = True) -> None:
+                   counted: bool = True) -> tuple[int, list[str]]:
         """The suite on the running root: its slot, the boot entries the ESP must hold, and whether
         this boot was a counted try (a new root) or of a root blessed before (after a rollback)."""
         self.wait_up_again()
         root = DiskIds.for_name(expect["name"]).slot_partition(Slot(slot))
         expect["disk"] = {**expect["disk"], "root_partuuid": root, "entries": entries, "counted": counted}
         super()._suite(report, port, expect)
+        return report.failed, list(report.failures)
 
 
 REPO = PROFILES.parent
@@ -157,6 +186,14 @@ def _blessed(entry: str) -> str:
     return entry.split("+")[0].removesuffix(".efi") + ".efi"
 
 
+def _answered(r: UpdateReport) -> bool:
+    return r.outcome != Outcome.UNREACHABLE
+
+
+def _passed(result: tuple[int, list[str]]) -> bool:
+    return result[0] == 0
+
+
 def _status_when_up(target: Target) -> dict[str, Any] | None:
     for _ in range(30):
         if (st := target.status()) is not None:
@@ -180,6 +217,8 @@ def test_update_rollback_and_power_cut() -> None:
     s = scenario.steps
     print({k: (v.to_json() if isinstance(v, UpdateReport) else v) for k, v in s.items()})
     print(f"power-cycled hung reboots at {scenario.resets} s (TCG; see VM.unstick_reboots)")
+    again = [f.split(":")[0] for f in scenario.emulator_faults]
+    print(f"steps run again after the emulator killed the kernel: {again}")
     assert s["v1_suite"] == (0, []), s["v1_suite"]
     v2, v3, v4 = s["v2"], s["v3"], s["v4"]
     # v2: written into slot B, booted, blessed; the device kept its identity; the new peer's traffic passes
@@ -195,8 +234,9 @@ def test_update_rollback_and_power_cut() -> None:
     assert v3.status and v3.status["booted_slot"] == "b"
     assert v3.reason and "ssh" in v3.reason["problems"], v3.reason
     assert s["v3_identity"] == s["v2_identity"]
-    assert [(e["file"], e["state"]) for e in s["v3_entries"]] == [("exit-node-2-b.efi", "good"),
-                                                                  ("exit-node-3-a+0-1.efi", "bad")], s["v3_entries"]
+    good, bad = s["v3_entries"]
+    assert (good["file"], good["state"], bad["state"]) == ("exit-node-2-b.efi", "good", "bad"), s["v3_entries"]
+    assert re.fullmatch(r"exit-node-3-a\+0-[123]\.efi", bad["file"]), s["v3_entries"]  # its tries used up
     assert s["v3_suite"] == (0, []), s["v3_suite"]
     # the power cut halfway through v4's root: the update failed, the device is on v2, nothing else boots
     cut, after = s["cut"], s["cut_status"]
@@ -209,4 +249,5 @@ def test_update_rollback_and_power_cut() -> None:
     # an image of an older commit is refused before anything is sent; the device stays as it was
     assert "refusing to downgrade" in s["downgrade"] and "--allow-downgrade" in s["downgrade"], s["downgrade"]
     assert s["downgrade_status"]["entries"] == s["v4_status"]["entries"], s["downgrade_status"]
+    assert s["v4_suite"] == (0, []), s["v4_suite"]
     assert report.ok, report.output[-5000:] + "\n--- console ---\n" + report.console[-3000:]
