@@ -287,6 +287,29 @@ def build(profile: Path, out_dir: Path, no_cache: bool, use_lock: bool, update_l
         ctx.invoke(test_cmd, profile=profile, keep=False, out_dir=out_dir, as_json=False, cache_dir=cache_dir)
 
 
+def _require_tested(built: dict[str, Any], untested: bool) -> None:
+    """The update's gate: each image (its profile, appliance code and packages) passed `appliance test`
+    in this checkout (its manifest's "tested"), unless --untested. Before any device is touched."""
+    names = [name for name, result in built.items() if result.manifest.tested is None]
+    if names and not untested:
+        raise InputError(f"not tested in this checkout: {', '.join(names)}: an image whose profile, appliance code "
+                         "and packages has not passed `appliance test` (run it first, or --untested); no device "
+                         "was touched")
+
+
+def _update_device(target: Any, result: Any, loaded: LoadedProfile, tools: Any, **options: Any) -> Any:
+    """`update` of one device to its built image, with the image's commit for the downgrade check."""
+    import tempfile
+
+    from .image import image_spec
+    from .update import update
+
+    with tempfile.TemporaryDirectory(prefix=f"appliance-update-{loaded.profile.name}-") as work:
+        return update(target, result.image.resolve(), image_spec(loaded.profile), tools, Path(work),
+                      say=lambda m: err.print(m), source=result.manifest.profile.source,
+                      repo=loaded.path.resolve().parent, **options)
+
+
 def _build_image(loaded: LoadedProfile, keys: ApplianceKeys, opts: Any) -> Any:
     from .image import ImageError, build_loaded, profile_info
 
@@ -328,14 +351,13 @@ def update_cmd(profile: Path, host: str, ssh_config: Path | None, out_dir: Path,
     3 rolled back (the new root was unhealthy: the device is back on the previous root, the
     device's reason is shown); 4 unreachable (no answer from the device within --timeout);
     1 the update failed before the reboot (nothing changed on the device); 2 bad input."""
-    import tempfile
 
-    from .image import BuildOptions, Cache, image_spec
+    from .image import BuildOptions, Cache
     from .image.debian import Archive
     from .image.run import NULL_LOG
     from .image.tools import build_tools
     from .ui import progress_bar
-    from .update import EXIT_ROLLED_BACK, EXIT_UNREACHABLE, Outcome, Target, update
+    from .update import EXIT_ROLLED_BACK, EXIT_UNREACHABLE, Outcome, Target
     from .verify import verify_tree
 
     target = Target.parse(host, ssh_config)
@@ -346,15 +368,11 @@ def update_cmd(profile: Path, host: str, ssh_config: Path | None, out_dir: Path,
         keys = _keys(secrets_dir, loaded)
     cache = Cache(cache_dir)
     result = _build_image(loaded, keys, BuildOptions(out_dir=out_dir, cache=cache, check_tree=verify_tree))
-    if result.manifest.tested is None and not untested:
-        raise InputError(f"{p.name}: this image (its profile, appliance code and packages) has not passed "
-                         f"`appliance test` in this checkout: run `appliance test {profile}` first, or --untested")
+    _require_tested({p.name: result}, untested)
     tools = build_tools(cache, Archive.from_env(), NULL_LOG)
-    with tempfile.TemporaryDirectory(prefix="appliance-update-") as work, progress_bar("root and UKI") as bar:
-        report = update(target, result.image.resolve(), p.name, image_spec(p).vm, tools, Path(work),
-                        progress=bar, say=lambda m: err.print(m), boot_timeout=timeout, reuse=not full,
-                        source=result.manifest.profile.source, repo=profile.resolve().parent,
-                        allow_downgrade=allow_downgrade, plat=image_spec(p).platform)
+    with progress_bar("root and UKI") as bar:
+        report = _update_device(target, result, loaded, tools, progress=bar, boot_timeout=timeout, reuse=not full,
+                                allow_downgrade=allow_downgrade)
     if as_json:
         echo_json(report.to_json())
     else:
@@ -363,7 +381,7 @@ def update_cmd(profile: Path, host: str, ssh_config: Path | None, out_dir: Path,
         if report.outcome == Outcome.UPDATED:
             out.print(f"[green]updated[/] {target.host}: {report.entry} on slot {report.slot} is blessed ({sent})")
         elif report.outcome == Outcome.ROLLED_BACK:
-            why = "; ".join(f"{k}: {v}" for k, v in sorted(((report.reason or {}).get("problems") or {}).items()))
+            why = report.why()
             out.print(f"[red]rolled back[/] {target.host}: {report.entry} was unhealthy ({why or 'no reason kept'});"
                       " the previous root runs")
         else:
@@ -382,7 +400,7 @@ def status_cmd(host: str, ssh_config: Path | None, as_json: bool) -> None:
     """A device's running root and slot, the other slot's, the boot entries and the last health
     verdicts, and its peers' handshakes. Exit status 4 when the device does not answer."""
     from .image.provenance import Source
-    from .update import EXIT_UNREACHABLE, Target
+    from .update import EXIT_UNREACHABLE, Target, problems
 
     target = Target.parse(host, ssh_config)
     st = target.status()
@@ -408,7 +426,7 @@ def status_cmd(host: str, ssh_config: Path | None, as_json: bool) -> None:
     out.print(f"built from: {source.describe() if source else 'no git commit recorded'}")
     health = st.get("health") or {}
     out.print(f"health: {'healthy' if health.get('healthy') else 'UNHEALTHY'} "
-              + "; ".join(f"{k}: {v}" for k, v in sorted((health.get("problems") or {}).items())))
+              + problems(health))
     now = int(time.time())
     for peer in st["peers"]:
         age = f"{now - peer['latest_handshake']} s ago" if peer["latest_handshake"] else "never"
@@ -704,15 +722,14 @@ def fleet_update(directory: Path, inventory: Path, ssh_config: Path | None, out_
 
     Exit status: 0 all updated; 3 a device rolled back; 4 one was unreachable; 1 one failed
     before its reboot; 2 bad input (the inventory, a profile, an untested image)."""
-    import tempfile
 
     from . import fleet
-    from .image import BuildOptions, Cache, image_spec
+    from .image import BuildOptions, Cache
     from .image.debian import Archive
     from .image.run import NULL_LOG
     from .image.tools import build_tools
     from .rollout import exit_status, load_inventory, rollout
-    from .update import Target, update
+    from .update import Target
     from .verify import verify_tree
 
     plan = load_inventory(inventory)
@@ -724,28 +741,18 @@ def fleet_update(directory: Path, inventory: Path, ssh_config: Path | None, out_
     if unknown:
         raise InputError(f"{inventory}: no profile under {directory} for {', '.join(unknown)}")
     cache = Cache(cache_dir)
-    images, untested_names = {}, []
+    built = {}
     for name in plan.order():
-        loaded = by_name[name]
         with step(f"keys and configuration of {name}"):
-            keys = _keys(secrets_dir, loaded)
-        result = _build_image(loaded, keys, BuildOptions(out_dir=out_dir, cache=cache, check_tree=verify_tree))
-        images[name] = (result, loaded)
-        if result.manifest.tested is None:
-            untested_names.append(name)
-    if untested_names and not untested:
-        raise InputError(f"not tested in this checkout: {', '.join(untested_names)} (run `appliance test` on "
-                         "each, or --untested); no device was touched")
+            keys = _keys(secrets_dir, by_name[name])
+        built[name] = _build_image(by_name[name], keys,
+                                   BuildOptions(out_dir=out_dir, cache=cache, check_tree=verify_tree))
+    _require_tested(built, untested)
     tools = build_tools(cache, Archive.from_env(), NULL_LOG)
 
     def update_one(name: str) -> Any:
-        result, loaded = images[name]
-        with tempfile.TemporaryDirectory(prefix=f"appliance-update-{name}-") as work:
-            return update(Target.parse(plan.devices[name], ssh_config), result.image.resolve(), name,
-                          image_spec(loaded.profile).vm, tools, Path(work), progress=lambda d, t: None,
-                          say=lambda m: err.print(m), boot_timeout=timeout, source=result.manifest.profile.source,
-                          repo=loaded.path.resolve().parent, allow_downgrade=allow_downgrade,
-                          plat=image_spec(loaded.profile).platform)
+        return _update_device(Target.parse(plan.devices[name], ssh_config), built[name], by_name[name], tools,
+                              progress=lambda d, t: None, boot_timeout=timeout, allow_downgrade=allow_downgrade)
 
     results = rollout(plan.order(), plan.batch, update_one)
     if as_json:
@@ -757,8 +764,7 @@ def fleet_update(directory: Path, inventory: Path, ssh_config: Path | None, out_
             table.add_column(col)
         for r in results:
             rep = r.report
-            why = r.error or "; ".join(f"{k}: {v}" for k, v in sorted(
-                (((rep.reason if rep else None) or {}).get("problems") or {}).items()))
+            why = r.error or (rep.why() if rep else "")
             table.add_row(r.name, plan.devices[r.name], str(r.state), rep.entry if rep else "",
                           f"{rep.sent_bytes / 2**20:.1f} MiB" if rep else "", why[:200])
         out.print(table)

@@ -31,6 +31,7 @@ from .image.disk import DiskIds, Slot, kernel_cmdline, layout, uki_entry
 from .image.platform import HOST, Platform
 from .image.provenance import Source, downgrade
 from .image.run import NULL_LOG
+from .image.spec import ImageSpec
 from .image.tools import ToolsTree
 from .runner import CommandFailed, run, spawn
 
@@ -225,6 +226,11 @@ def payload(tools: ToolsTree, image: Path, name: str, vm: bool, slot: Slot, work
     return Payload(image, offset, size, h.hexdigest(), uki, root_blocks=tuple(blocks))
 
 
+def problems(verdict: dict[str, Any] | None) -> str:
+    """A health verdict's problems (appliance.dataplane.health), as one line."""
+    return "; ".join(f"{k}: {v}" for k, v in sorted(((verdict or {}).get("problems") or {}).items()))
+
+
 @dataclass
 class UpdateReport:
     outcome: Outcome
@@ -238,6 +244,10 @@ class UpdateReport:
     seconds: dict[str, float] = field(default_factory=dict)
     reason: dict[str, Any] | None = None  # the device's last unhealthy verdict, after a rollback
     status: dict[str, Any] | None = None
+
+    def why(self) -> str:
+        """The device's reason for a rollback, as one line."""
+        return problems(self.reason)
 
     def to_json(self) -> dict[str, Any]:
         return {"outcome": str(self.outcome), "host": self.host, "slot": self.slot, "entry": self.entry,
@@ -317,14 +327,15 @@ def reboot(target: Target) -> None:
     target.run("systemd-run --no-block --on-active=1 systemctl reboot", timeout=30)
 
 
-def update(target: Target, image: Path, name: str, vm: bool, tools: ToolsTree, work: Path, *,
+def update(target: Target, image: Path, spec: ImageSpec, tools: ToolsTree, work: Path, *,
            progress: Callable[[int, int], None], say: Callable[[str], None], boot_timeout: float = 600,
            reuse: bool = True, source: Source | None = None, repo: Path | None = None,
-           allow_downgrade: bool = False, plat: Platform = HOST) -> UpdateReport:
-    """The whole update of one device: its status, the payload for its other slot, the transfer,
-    the reboot, and the verdict. reuse=False sends every block, none taken from the running root.
-    source: the image's commit (provenance), compared with the device's in repo: an older one is
-    refused unless allow_downgrade."""
+           allow_downgrade: bool = False) -> UpdateReport:
+    """The whole update of one device to spec's image: its status, the payload for its other slot,
+    the transfer, the reboot, and the verdict. reuse=False sends every block, none taken from the
+    running root. source: the image's commit (provenance), compared with the device's in repo: an
+    older one is refused unless allow_downgrade."""
+    name = spec.name
     report = UpdateReport(Outcome.UNREACHABLE, target.host)
     t0 = time.monotonic()
     before = target.status()
@@ -337,7 +348,7 @@ def update(target: Target, image: Path, name: str, vm: bool, tools: ToolsTree, w
     if older and not allow_downgrade:
         raise InputError(f"{target.host}: refusing to downgrade: {older} (--allow-downgrade to do it anyway)")
     slot = Slot(before["booted_slot"]).other
-    p = payload(tools, image, name, vm, slot, work, plat)
+    p = payload(tools, image, name, spec.vm, slot, work, spec.platform)
     has = target.run(f"{REMOTE_TOOL} slot sources", timeout=600, compress=True) if reuse else None
     if has is not None and has.returncode == 0:
         p = p.with_plan(json.loads(has.stdout))

@@ -18,7 +18,7 @@ import pytest
 
 from appliance.dataplane.health import HealthConfig
 from appliance.errors import ApplianceError, InputError
-from appliance.image import Cache
+from appliance.image import Cache, image_spec
 from appliance.image.debian import Archive
 from appliance.image.disk import DiskIds, Slot
 from appliance.image.provenance import Source
@@ -114,7 +114,7 @@ class UpdateScenario(BootTest):
         older = source_of_revision("HEAD~1")
         with tempfile.TemporaryDirectory() as work:
             try:
-                update(target, self.workdir / "images" / f"{v4.name}.img", v4.name, True,
+                update(target, self.workdir / "images" / f"{v4.name}.img", image_spec(v4),
                        build_tools(self.cache, Archive.from_env(), NULL_LOG), Path(work), progress=lambda d, t: None,
                        say=print, source=older, repo=REPO)
                 self.steps["downgrade"] = "not refused"
@@ -132,7 +132,7 @@ class UpdateScenario(BootTest):
         image = self._build(profile)
         tools = build_tools(self.cache, Archive.from_env(), NULL_LOG)
         with tempfile.TemporaryDirectory() as work:
-            return update(target, image, profile.name, True, tools, Path(work), say=print, boot_timeout=900,
+            return update(target, image, image_spec(profile), tools, Path(work), say=print, boot_timeout=900,
                           **{"progress": lambda d, t: None, **kw})
 
     def _update_cut(self, target: Target, profile: Profile) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from .spec import image_spec
 
 def profile_info(loaded: LoadedProfile) -> ProfileInfo:
     return ProfileInfo(str(loaded.path), loaded.digest, tuple(str(f) for f in loaded.files),
-                       source_of([Path(str(f)) for f in loaded.files] or [loaded.path]))
+                       source_of([Path(str(f)) for f in loaded.files]))
 
 
 def build_profile(path: Path, options: BuildOptions, step: Step, *, secrets: Path | None = None,

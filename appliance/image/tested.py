@@ -14,15 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import appliance
-
 from ..fsutil import atomic_write
 
+PACKAGE = Path(__file__).resolve().parents[1]  # appliance/
 CODE_SUFFIXES = {".py", ".j2", ".go", ".mod", ".sum"}
 
 
 @functools.cache
-def code_digest(root: Path = Path(appliance.__file__).parent) -> str:
+def code_digest(root: Path = PACKAGE) -> str:
     """A digest of the appliance code that builds images (its package: Python, templates, Go)."""
     h = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.suffix in CODE_SUFFIXES and "__pycache__" not in p.parts):
