@@ -414,31 +414,43 @@ class BootTest:
         if self.live is None:
             raise LabError("the lab is not running")
         live, timings = self.live, {"boot_to_ssh": 0.0}
-        self._wait_up(live.lab, live.profile, live.peers, live.vm, timings)
+        # the peers' handshakes from before the reboot would count, and their sessions are stale (the
+        # appliance forgot them): each starts afresh, and each must complete a handshake again
+        for peer in live.peers:
+            live.lab.run(peer.ns, ["wg", "setconf", "wgp", "/dev/stdin"], input=peer.setconf)
+        self._wait_up(live.lab, live.profile, live.peers, live.vm, timings, every=True)
         self._wait_ipv6(live.lab, live.wan, live.profile, live.vm, timings)
 
-    def _wait_up(self, lab: Lab, p: Profile, peers: list[LabPeer], vm: VM, timings: dict[str, float]) -> None:
+    def _wait_up(self, lab: Lab, p: Profile, peers: list[LabPeer], vm: VM, timings: dict[str, float],
+                 every: bool = False) -> None:
         """Until SSH answers and a peer has completed a handshake; each time is taken when it happens.
         A ping to the appliance's tunnel address gives the peers something to send. A WireGuard peer
         whose initiation went unanswered (the tunnel was not up yet) tries again only after 5 s
         (REKEY_TIMEOUT): each lab peer is set anew every REARM_S instead (which drops a handshake in
         flight, so not more often), the peers in turn, so the time is when the appliance first
-        answers, to REARM_S / peers. The ping waits no longer than a poll: a handshake is what counts."""
+        answers, to REARM_S / peers. The ping waits no longer than a poll: a handshake is what counts.
+        every: until each peer has completed one (after a reboot, before the suite's traffic)."""
         target = str(p.wireguard.addresses[0].ip)
         clock = vm.seconds
         start = clock()
         rearmed = [start - REARM_S + i * REARM_S / len(peers) for i in range(len(peers))]
 
+        done: set[int] = set()  # peers with a handshake (no longer set anew)
+
         def any_handshake() -> bool:
             for i, peer in enumerate(peers):
+                if i in done:
+                    continue
                 if clock() - rearmed[i] >= REARM_S:
                     rearmed[i] = clock()
                     lab.run(peer.ns, ["wg", "setconf", "wgp", "/dev/stdin"], input=peer.setconf)
                     lab.run(peer.ns, ["ping", "-c", "1", "-W", "0.2", target], check=False)
                 out = lab.run(peer.ns, ["wg", "show", "wgp", "latest-handshakes"], check=False).stdout
                 if any(int(x.split()[-1]) > 0 for x in out.splitlines() if x.strip()):
-                    return True
-            return False
+                    done.add(i)
+                    if not every:
+                        return True
+            return len(done) == len(peers)
 
         def both() -> bool:  # SSH is watched apart (_SshWatch)
             if not vm.running():
