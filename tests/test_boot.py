@@ -27,10 +27,15 @@ def boot(name: str, sabotage=None) -> BootReport:  # type: ignore[no-untyped-def
     return report
 
 
+def why(report: BootReport) -> str:
+    """What a failing assertion shows: the checks that failed, the suite's output and the console."""
+    return (f"{report.failures}\n{report.output[-5000:]}\n--- console ---\n{report.console[-3000:]}")
+
+
 @pytest.mark.parametrize("name,checks", [("exit-node", 20), ("subnet-router", 20), ("userspace-exit-node", 15)])
 def test_example_passes(name: str, checks: int) -> None:
     report = boot(name)
-    assert report.ok, report.output[-5000:] + "\n--- console ---\n" + report.console[-3000:]
+    assert report.ok, why(report)
     assert report.passed >= checks
     assert {"boot_to_ssh", "boot_to_handshake"} <= set(report.timings)
 
@@ -44,7 +49,7 @@ def test_variant_passes(variant: Path) -> None:
     ACL, DNS, metrics and address setting both ways) passes the suite derived from it."""
     report = BootTest(load_profile(variant).profile, Cache(CACHE), step).run()
     print(f"\n{variant.stem}: {report.passed} passed, {report.failed} failed, {report.timings} ({report.accel})")
-    assert report.ok, report.output[-5000:] + "\n--- console ---\n" + report.console[-3000:]
+    assert report.ok, why(report)
     assert {"boot_to_ssh", "boot_to_handshake"} <= set(report.timings)
 
 
@@ -68,7 +73,7 @@ def test_broken_image_is_caught_by_traffic() -> None:
     report = boot("exit-node", sabotage=drop_snat)
     assert not report.ok
     assert {"test_hardware_watchdog_armed", "test_state_on_the_data_partition",
-            "test_root_is_read_only"} <= set(report.failures), report.failures
+            "test_root_is_read_only"} <= set(report.failures), why(report)
     traffic = [f for f in report.failures if f.startswith("test_traffic")]
     for proto in ("tcp", "udp", "icmp"):  # what must have arrived from the appliance's address did not
         assert any(f"-{proto}" in f and "ipv6" not in f for f in traffic), report.failures
@@ -89,6 +94,6 @@ def test_unhealthy_boot_is_not_blessed() -> None:
     report = boot("exit-node", sabotage=unhealthy)
     failed = {f.split("[")[0] for f in report.failures}
     assert failed == {"test_boot_is_healthy", "test_boot_is_blessed", "test_system_is_running",
-                      "test_unit_active"}, report.failures
+                      "test_unit_active"}, why(report)
     assert [f for f in report.failures if f.startswith("test_unit_active")] == [
         "test_unit_active[appliance-health.service]"], report.failures

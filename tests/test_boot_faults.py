@@ -30,3 +30,33 @@ def test_a_reboot_is_pending_until_the_firmware_starts_again() -> None:
     # a power cycle starts the firmware with no restart before it: the next restart still counts
     assert reboot_pending(BOOT + RESTART + BOOT + BOOT + RESTART)
     assert not reboot_pending(BOOT + BOOT + RESTART + BOOT)
+
+
+def _failed_boot(tmp_path, console: str, accel: str = "tcg"):  # type: ignore[no-untyped-def]
+    from appliance.image import Cache
+    from appliance.profile import load_profile
+    from appliance.ui import step
+    from appliance.verify.boot import BootReport, BootTest
+    from conftest import PROFILES
+
+    test = BootTest(load_profile(PROFILES / "exit-node.yaml").profile, Cache(tmp_path / "cache"), step,
+                    workdir=tmp_path / "work")
+    (test.workdir / "vm").mkdir(parents=True)
+    (test.workdir / "vm" / "console.log").write_text(console)
+    report = BootReport("exit-node", passed=20, failed=24, failures=["test_traffic[x]"], output="...",
+                        timings={"suite": 140.0}, accel=accel)
+    return test, report
+
+
+def test_a_suite_failed_by_the_emulators_fault_runs_once_more(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    test, report = _failed_boot(tmp_path, BOOT + INT3)
+    assert test._retry(1, report)
+    assert (report.passed, report.failed, report.failures, report.timings) == (0, 0, [], {})
+    assert len(report.emulator_faults) == 1 and (test.workdir / "vm-emulator-fault" / "console.log").exists()
+
+
+def test_a_suite_failed_otherwise_is_reported_as_it_is(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    for console, attempt, accel in ((BOOT, 1, "tcg"), (BOOT + INT3, 2, "tcg"), (BOOT + INT3, 1, "kvm")):
+        test, report = _failed_boot(tmp_path / f"{attempt}{accel}{len(console)}", console, accel)
+        assert not test._retry(attempt, report)
+        assert report.failed == 24 and report.failures == ["test_traffic[x]"] and not report.emulator_faults
