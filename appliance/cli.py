@@ -557,13 +557,14 @@ def test_cmd(profile: Path, keep: bool, out_dir: Path, as_json: bool, cache_dir:
 @click.option("--persist", is_flag=True, help="write changes to the image (default: a throwaway overlay)")
 def run_cmd(profile: Path, out_dir: Path, persist: bool) -> None:
     """Boot OUT_DIR/NAME.img of PROFILE in QEMU with its serial console on this terminal."""
+    from .image import image_spec
     from .verify.vm import run_interactive
 
-    name = _load(profile).profile.name
-    image = out_dir / f"{name}.img"
+    loaded = _load(profile).profile
+    image = out_dir / f"{loaded.name}.img"
     if not image.exists():
         raise ApplianceError(f"{image} does not exist: run `appliance build {profile}` first")
-    raise SystemExit(run_interactive(image.resolve(), persist))
+    raise SystemExit(run_interactive(image.resolve(), persist, image_spec(loaded).platform))
 
 
 @cli.command("flash")

@@ -21,16 +21,16 @@ from pathlib import Path
 from .disk import DATA_TYPE, ESP_TYPE, VAR_IN_ROOT, DiskIds, Layout, MiB, Slot
 from .platform import Platform
 from .run import BuildLog
-from .tools import ToolsTree
+from .tools import EfiBinaries, ToolsTree
 
 
 def build_uki(tools: ToolsTree, kernel: Path, initrd: Path, os_release: Path, cmdline: str, out: Path,
-              sde: int, log: BuildLog, plat: Platform) -> None:
+              sde: int, log: BuildLog, efi: EfiBinaries) -> None:
     version = kernel.name.removeprefix("vmlinuz-")
     tools.run(["ukify", "build", f"--linux={kernel}", f"--initrd={initrd}", f"--cmdline={cmdline}",
                f"--os-release=@{os_release}", f"--uname={version}",
-               f"--stub={plat.uki_stub}", f"--output={out}"],
-              binds=[kernel.parent, os_release.parent, out.parent], log=log, what="ukify",
+               f"--stub={efi.stub}", f"--output={out}"],
+              binds=[kernel.parent, os_release.parent, out.parent, *efi.binds], log=log, what="ukify",
               env={"SOURCE_DATE_EPOCH": str(sde)})
     os.utime(out, (sde, sde))
 
@@ -41,7 +41,7 @@ LOADER_CONF = "timeout 0\neditor no\nauto-entries no\nauto-firmware no\n"
 
 
 def build_esp(tools: ToolsTree, uki: Path, out: Path, ids: DiskIds, size: int, sde: int, log: BuildLog,
-              entry: str, plat: Platform) -> None:
+              entry: str, plat: Platform, efi: EfiBinaries) -> None:
     """The ESP: systemd-boot (from the tools tree) as the firmware's fallback loader, its
     loader.conf, and the UKI as entry."""
     conf = out.with_name("loader.conf")
@@ -50,12 +50,13 @@ def build_esp(tools: ToolsTree, uki: Path, out: Path, ids: DiskIds, size: int, s
     script = (
         f"mkfs.vfat -F 32 -n ESP -i {ids.esp_serial} --invariant -C {out} {size // 1024} >/dev/null && "
         f"mmd -i {out} ::/EFI ::/EFI/BOOT ::/EFI/Linux ::/loader && "
-        f"mcopy -m -i {out} {plat.systemd_boot} ::{plat.fallback_loader} && "
+        f"mcopy -m -i {out} {efi.loader} ::{plat.fallback_loader} && "
         f"mcopy -m -i {out} {conf} ::/loader/loader.conf && "
         f"mcopy -m -i {out} {uki} ::/{entry}")
     # mtools stamps the directories it makes with SOURCE_DATE_EPOCH instead of the time of the build
     try:
-        tools.run(["sh", "-c", script], binds=[out.parent, uki.parent], log=log, what="ESP (mkfs.vfat, mtools)",
+        tools.run(["sh", "-c", script], binds=[out.parent, uki.parent, *efi.binds], log=log,
+                  what="ESP (mkfs.vfat, mtools)",
                   env={"MTOOLS_SKIP_CHECK": "1", "SOURCE_DATE_EPOCH": str(sde)})
     finally:
         conf.unlink(missing_ok=True)

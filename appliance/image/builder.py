@@ -28,12 +28,13 @@ from .manifest import BuildManifest, OutputFile, ProfileInfo
 from .netstack import IMAGE_PATH as NETSTACK_PATH
 from .netstack import build_netstack
 from .outputs import allocated, bmap, compress, sha256, write_manifest
+from .platform import HOST
 from .rootfs import BaseTree, build_base, newest_base
 from .run import BuildLog, ImageError, require_root
 from .spec import ImageSpec
 from .stage import remove_tree, split_var, stage_tree
 from .tested import matching_record, packages_digest
-from .tools import ToolsTree, build_tools, tools_key
+from .tools import ToolsTree, build_tools, efi_binaries, tools_key
 
 ESP_RECIPE = 3  # bump when the way the ESP is made changes
 DEFAULT_SOURCE_DATE_EPOCH = 1735689600  # 2025-01-01: used when neither lock nor environment sets one
@@ -217,7 +218,7 @@ def _base(ctx: BuildContext) -> None:
 
 
 def _netstack(ctx: BuildContext) -> None:
-    binary = build_netstack(ctx.opts.cache, ctx.archive, ctx.log)
+    binary = build_netstack(ctx.opts.cache, ctx.archive, ctx.log, ctx.spec.platform)
     ctx.config.file(NETSTACK_PATH, binary.read_bytes(), mode=0o755)
 
 
@@ -242,16 +243,34 @@ def tree_expectations(config: ConfigTree, spec: ImageSpec) -> dict[str, Any]:
         "enabled_units": [*spec.enable_units, *spec.appliance_units],
         "packages": list(spec.packages),
         "secret_paths": [e.path for e in config if e.secret],
+        # its programs run through qemu-user: nft's netfilter netlink is not translated (see
+        # _check_ruleset_foreign)
+        "foreign_arch": spec.platform != HOST,
     }
 
 
 def _check_tree(ctx: BuildContext) -> None:
     check = ctx.need(ctx.opts.check_tree, "the tree checks")
-    result = check(ctx.need(ctx.tree, "the staged tree"), tree_expectations(ctx.config, ctx.spec), ctx.work / "verify")
+    tree = ctx.need(ctx.tree, "the staged tree")
+    result = check(tree, tree_expectations(ctx.config, ctx.spec), ctx.work / "verify")
     ctx.log.write(result.output)
     if not result.ok:
         shown = ", ".join(result.failures[:8]) or result.output.strip().splitlines()[-1]
         raise ImageError(f"the root tree failed {result.failed} check(s): {shown} (full log: {ctx.log.path})")
+    if ctx.spec.platform != HOST:
+        _check_ruleset_foreign(ctx, tree)
+
+
+def _check_ruleset_foreign(ctx: BuildContext, tree: Path) -> None:
+    """The tree checks run the image's own nft on its ruleset; an image of another architecture runs
+    its programs through qemu-user, which has no netfilter netlink: the tools tree's nft (the same
+    Debian release, the host's architecture) checks it instead."""
+    tools = ctx.need(ctx.tools, "the tools tree")
+    etc = tree / "etc"
+    try:
+        tools.run(["nft", "-c", "-f", etc / "nftables.conf"], binds=[etc], log=ctx.log, what="nft -c (ruleset)")
+    except ImageError as e:
+        raise ImageError(f"the root tree failed its ruleset check: {e}") from None
 
 
 def _esp(ctx: BuildContext) -> None:
@@ -263,10 +282,12 @@ def _esp(ctx: BuildContext) -> None:
 
     entry = uki_entry(ctx.spec.name)
 
+    efi = efi_binaries(ctx.opts.cache, ctx.archive, tools, plat, log)
+
     def make(tmp: Path) -> dict[str, object]:
         build_uki(tools, base.kernel, base.initrd, base.tree / "usr/lib/os-release", cmdline, tmp / "uki.efi",
-                  sde, log, plat)
-        build_esp(tools, tmp / "uki.efi", tmp / "esp.img", ids, ESP_SIZE, sde, log, entry, plat)
+                  sde, log, efi)
+        build_esp(tools, tmp / "uki.efi", tmp / "esp.img", ids, ESP_SIZE, sde, log, entry, plat, efi)
         (tmp / "uki.efi").unlink()
         return {"cmdline": cmdline, "base": base.entry.key, "entry": entry}
 

@@ -32,6 +32,7 @@ class CacheKind(StrEnum):
     ESP = "esp"  # an ESP image with its UKI
     GOTREE = "gotree"  # the Go toolchain tree
     NETSTACK = "netstack"  # the compiled appliance-netstack
+    EFI = "efi"  # systemd-boot and its UKI stub for an architecture other than the host's
 COMPLETE = "complete.json"
 # an entry's directory, and a build's temporary one (see get_or_build)
 _ENTRY_RE = re.compile(r"(?P<kind>[a-z]+)-(?P<key>[0-9a-z]+)")

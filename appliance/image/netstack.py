@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .cache import Cache, CacheKind, content_key
 from .debian import Archive, mmdebstrap_args
+from .platform import HOST, Platform
 from .run import NULL_LOG, BuildLog, run
 from .tools import ToolsTree
 
@@ -42,8 +43,10 @@ def _go_tree(cache: Cache, archive: Archive, log: BuildLog) -> ToolsTree:
     return ToolsTree(cache.get_or_build(CacheKind.GOTREE, key, make))
 
 
-def build_netstack(cache: Cache | None = None, archive: Archive | None = None, log: BuildLog = NULL_LOG) -> Path:
-    """The compiled binary, from the cache when this source was compiled before."""
+def build_netstack(cache: Cache | None = None, archive: Archive | None = None, log: BuildLog = NULL_LOG,
+                   plat: Platform = HOST) -> Path:
+    """The compiled binary for plat, from the cache when this source was compiled before. Go
+    cross-compiles by itself (GOARCH): nothing is emulated."""
     cache = cache or Cache()
     archive = archive or Archive.from_env()
     src = sources()
@@ -56,7 +59,7 @@ def build_netstack(cache: Cache | None = None, archive: Archive | None = None, l
             (work / name).write_bytes(data)
         # Debian's Go libraries live in /usr/share/gocode (GOPATH mode, no module downloads)
         env = {"HOME": "/tmp", "GO111MODULE": "off", "GOPATH": "/usr/share/gocode", "GOCACHE": f"{tmp}/gocache",
-               "GOTELEMETRY": "off", "CGO_ENABLED": "0", "GOFLAGS": "-trimpath"}
+               "GOTELEMETRY": "off", "CGO_ENABLED": "0", "GOFLAGS": "-trimpath", "GOARCH": plat.goarch}
         tree.run(["sh", "-c", f"cd {work} && go vet . && go build -ldflags=-s -o {tmp / BINARY} ."],
                  binds=[tmp], log=log, env=env, what="go build (appliance-netstack)")
         shutil.rmtree(tmp / "gocache", ignore_errors=True)
@@ -64,5 +67,7 @@ def build_netstack(cache: Cache | None = None, archive: Archive | None = None, l
         return {"sha256": hashlib.sha256((tmp / BINARY).read_bytes()).hexdigest()}
 
     digest = {name: hashlib.sha256(data).hexdigest() for name, data in src.items()}
-    key = content_key({"tree": tree.entry.key, "sources": digest, "recipe": NETSTACK_RECIPE})
+    # the host's key is as it was before other architectures (its cached binary stays valid)
+    arch = {} if plat == HOST else {"goarch": plat.goarch}
+    key = content_key({"tree": tree.entry.key, "sources": digest, "recipe": NETSTACK_RECIPE, **arch})
     return cache.get_or_build(CacheKind.NETSTACK, key, make).path / BINARY

@@ -20,6 +20,14 @@ class Platform:
     firmware_machine: str  # a machine type those descriptors list
     tcg_cpu: str  # the CPU QEMU emulates without KVM
     buildable: bool  # whether images can be built for it yet
+    # the watchdog a lab VM gets (QEMU -device, and the driver the VM image's initramfs loads for
+    # it), or "" where QEMU's machine and Debian's cloud kernel have none in common
+    vm_watchdog: str = ""
+
+    @property
+    def goarch(self) -> str:
+        """Go's name for it (GOARCH): Debian's, for every architecture in this table."""
+        return self.arch
 
     @property
     def uki_stub(self) -> str:
@@ -40,9 +48,12 @@ PLATFORMS = {
     "amd64": Platform("amd64", "x64", "x86_64-linux-gnu", "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709", "ttyS0",
                       # la57=off: with 5-level paging (which TCG's "max" CPU offers) the guest's reboot
                       # hangs after "reboot: Restarting system" under OVMF; an update reboots the guest
-                      "qemu-system-x86_64", "q35,smm=off", "x86_64", "pc-q35-7.2", "max,la57=off", buildable=True),
+                      "qemu-system-x86_64", "q35,smm=off", "x86_64", "pc-q35-7.2", "max,la57=off", buildable=True,
+                      vm_watchdog="i6300esb"),
+    # no watchdog in the lab: Debian's arm64 cloud kernel has no i6300esb driver, and QEMU's virt
+    # machine has no watchdog of its own (the SBSA watchdog comes with sbsa-ref only)
     "arm64": Platform("arm64", "aa64", "aarch64-linux-gnu", "B921B045-1DF0-41C3-AF44-4C6F280D3FAE", "ttyAMA0",
-                      "qemu-system-aarch64", "virt", "aarch64", "virt-7.2", "max", buildable=False),
+                      "qemu-system-aarch64", "virt", "aarch64", "virt-7.2", "max", buildable=True),
 }
 HOST = PLATFORMS["amd64"]  # what builds run on (the tools tree) and the lab's default
 

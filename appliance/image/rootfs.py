@@ -19,6 +19,7 @@ from .cache import Cache, CacheKind, Entry, content_key, dir_size
 from .debian import Archive, dpkg_excludes, mmdebstrap_args
 from .disk import DPKG_DB
 from .lock import Lock
+from .platform import HOST
 from .run import BuildLog, ImageError, run
 from .spec import INITRAMFS_VM, ImageSpec
 from .tools import ToolsTree
@@ -226,7 +227,10 @@ def build_base(cache: Cache, tools: ToolsTree, archive: Archive, spec: ImageSpec
                snapshot: str | None, lock: Lock | None, sde: int, rebuild: bool = False) -> BaseTree:
     if not spec.platform.buildable:
         raise ImageError(f"arch {spec.arch}: images cannot be built for it yet (issue #17)")
-    missing = sorted(set(spec.packages) - tools.available_packages(spec.packages, log))
+    # the tools tree knows the host's package lists; another architecture's missing packages are
+    # found by mmdebstrap itself (_MISSING below), later but with the same message
+    missing = sorted(set(spec.packages) - tools.available_packages(spec.packages, log)) \
+        if spec.platform == HOST else []
     if missing:
         raise ImageError(_missing_message(missing, spec))
 

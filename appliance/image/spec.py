@@ -43,9 +43,10 @@ BASE_PACKAGES = [
 # 0.5 MiB instead of 7 MiB: ~4 s less of unpacking and initramfs under emulation. The root disk is
 # virtio-blk or NVMe (virtio-scsi and AHCI cost 1.3 s more here). virtio_net: the NICs exist when udev
 # starts in the root, so its coldplug (which handles net first) names them before anything else.
-# i6300esb: the VM's watchdog (QEMU -device i6300esb), there before PID 1 starts so that systemd arms
-# it (RuntimeWatchdogSec=) at once; a driver that appears later is not picked up.
-VM_INITRD_MODULES = ["virtio_blk", "virtio_net", "i6300esb"]
+# Then the VM's watchdog where the platform has one (Platform.vm_watchdog: QEMU -device i6300esb), there
+# before PID 1 starts so that systemd arms it (RuntimeWatchdogSec=) at once; a driver that appears
+# later is not picked up.
+VM_INITRD_MODULES = ["virtio_blk", "virtio_net"]
 # The root file system's driver (disk.ROOT_FS_TYPE), which both initramfs implementations load first.
 ROOT_FS_MODULES = ["erofs"]
 INITRAMFS_VM = Initramfs.TINY
@@ -114,6 +115,10 @@ class ImageSpec:
         return d
 
 
+def vm_initrd_modules(plat: Platform) -> list[str]:
+    return VM_INITRD_MODULES + ([plat.vm_watchdog] if plat.vm_watchdog else [])
+
+
 def image_spec(p: Profile) -> ImageSpec:
     packages = set(BASE_PACKAGES)
     if p.kernel_mode:
@@ -136,7 +141,7 @@ def image_spec(p: Profile) -> ImageSpec:
         packages=tuple(sorted(packages)),
         extra_packages=tuple(sorted(p.system.packages)),
         initramfs=initramfs,
-        initrd_modules=tuple(ROOT_FS_MODULES + (VM_INITRD_MODULES if vm else [])),
+        initrd_modules=tuple(ROOT_FS_MODULES + (vm_initrd_modules(platform(p.system.arch)) if vm else [])),
         modules_exclude=tuple(MODULES_EXCLUDE_ALL + (MODULES_EXCLUDE_VM if vm else [])),
         modules_blacklist=tuple(MODULES_BLACKLIST_ALL + (MODULES_BLACKLIST_VM if vm else [])),
         enable_units=tuple(enabled_units(p)),

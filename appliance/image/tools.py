@@ -11,11 +11,15 @@ from pathlib import Path
 
 from .cache import Cache, CacheKind, Entry, content_key
 from .debian import Archive, mmdebstrap_args
+from .platform import HOST, Platform
 from .run import BuildLog, run
 
 TOOLS_PACKAGES = sorted([
     "systemd", "systemd-ukify", "systemd-boot-efi", "python3-pefile", "e2fsprogs", "dosfstools", "mtools",
     "fdisk", "util-linux", "erofs-utils", "zstd", "kmod", "binutils", "cpio", "apt",
+    # the ruleset of an image for another architecture is checked by this (the same Debian) nft:
+    # qemu-user does not translate netfilter's netlink sockets, so the image's own cannot run
+    "nftables",
 ])
 TOOLS_RECIPE = 1  # bump when the way the tree is made changes
 
@@ -74,3 +78,35 @@ class ToolsTree:
             elif current and line.strip().startswith("Candidate:") and "(none)" not in line:
                 found.add(current)
         return found
+
+
+EFI_PACKAGES = ["systemd-boot-efi"]
+EFI_RECIPE = 1
+
+
+@dataclass(frozen=True)
+class EfiBinaries:
+    """systemd-boot and the UKI stub for a platform, as paths inside the tools tree's chroot (binds:
+    what must be bound there for them to be seen)."""
+
+    stub: str
+    loader: str
+    binds: tuple[Path, ...] = ()
+
+
+def efi_binaries(cache: Cache, archive: Archive, tools: ToolsTree, plat: Platform, log: BuildLog) -> EfiBinaries:
+    """The host's come with the tools tree. Another architecture's are the same Debian package of that
+    architecture, unpacked (mmdebstrap's extract variant: no maintainer script, nothing emulated)."""
+    if plat == HOST:
+        return EfiBinaries(plat.uki_stub, plat.systemd_boot)
+
+    def make(tmp: Path) -> dict[str, object]:
+        run([*mmdebstrap_args(cache.root / "debs", variant="extract", plat=plat), f"--include={','.join(EFI_PACKAGES)}",
+             archive.suite, tmp / "tree", *archive.sources()], log=log, what=f"mmdebstrap (EFI binaries, {plat.arch})")
+        return {"packages": EFI_PACKAGES, "arch": plat.arch}
+
+    key = content_key({"packages": EFI_PACKAGES, "arch": plat.arch, "suite": archive.suite, "recipe": EFI_RECIPE,
+                       "tools": tools.entry.key})
+    root = cache.get_or_build(CacheKind.EFI, key, make).path / "tree"
+    efi = root / plat.uki_stub.lstrip("/").rsplit("/", 1)[0]
+    return EfiBinaries(f"{root}{plat.uki_stub}", f"{root}{plat.systemd_boot}", (efi,))

@@ -277,7 +277,8 @@ class BootTest:
             _peer_namespace(lab, wan, i, peer)
         tag = f"{os.getpid() % 10000}"
         nics = [Nic(f"aplu{tag}", UPLINK_MAC)] + ([Nic(f"apll{tag}", LAN_MAC)] if lan_ns else [])
-        with (running(image, nics, self.workdir / "vm", persistent=self.persistent_disk) as vm,
+        with (running(image, nics, self.workdir / "vm", persistent=self.persistent_disk,
+                     plat=image_spec(p).platform) as vm,
               _SshWatch(vm.ssh_port, vm.seconds, report.timings), self._unsticking(vm)):
             report.accel = "kvm" if "kvm" in vm.accel else "tcg"
             with self.step(f"boot in QEMU ({report.accel}), lab network, peers"):
@@ -528,6 +529,7 @@ class BootTest:
             "disk": {"entries": [Path(uki_entry(p.name, tries=None)).name], "machine_id": ids.machine_id,
                      "root_partuuid": ids.slot_partition(Slot.A), "data_partuuid": ids.data_part},
             "units": sorted({*spec.enable_units, *spec.appliance_units}),
+            "watchdog": spec.platform.vm_watchdog,
             "uplink_mac": UPLINK_MAC, "uplink_ip": uplink_ip, "uplink_ip6": uplink6 or "",
             "offload": {"rx-udp-gro-forwarding": uplink.offload.udp_gro_forwarding,
                         "rx-gro-list": uplink.offload.gro_list},

@@ -105,7 +105,10 @@ def test_kernel_only_in_the_uki(host: Any) -> None:
 
 
 def test_ruleset_checks_with_image_nft(host: Any) -> None:
-    """The image's own nft (trixie) accepts the ruleset; -c commits nothing."""
+    """The image's own nft (trixie) accepts the ruleset; -c commits nothing. (An image of another
+    architecture: the build checks it with the tools tree's nft.)"""
+    if EXPECT.get("foreign_arch"):
+        return
     result = host.run("nft -c -f /etc/nftables.conf")
     assert result.rc == 0, result.stderr
 

@@ -114,10 +114,10 @@ class VM:
         for i, (nic, fd) in enumerate(zip(self.nics, tap_fds, strict=True)):
             cmd += ["-netdev", f"tap,id=lab{i},fd={fd}",
                     "-device", f"virtio-net-pci,netdev=lab{i},mac={nic.mac},romfile="]
-        cmd += ["-object", "rng-random,id=rng,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng",
-                # a hardware watchdog, as boards have: a hung system is reset (a failed boot try)
-                "-device", "i6300esb", "-action", "watchdog=reset",
-                "-display", "none"]
+        cmd += ["-object", "rng-random,id=rng,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng"]
+        if self.plat.vm_watchdog:  # a hardware watchdog, as boards have: a hung system is reset (a failed boot try)
+            cmd += ["-device", self.plat.vm_watchdog, "-action", "watchdog=reset"]
+        cmd += ["-display", "none"]
         # an interactive console multiplexes QEMU's monitor (Ctrl-A C); a lab's goes to a file, kept
         # across power cycles
         serial = f"file,id=serial,path={self.console},append=on"
@@ -211,11 +211,11 @@ class VM:
             run(["ip", *(["-n", ns] if ns else []), "link", "del", name], check=False)
 
 
-def run_interactive(image: Path, persist: bool = False) -> int:
+def run_interactive(image: Path, persist: bool = False, plat: Platform = HOST) -> int:
     """Boot the image with the serial console on this terminal (Ctrl-A X quits QEMU)."""
     workdir = Path(tempfile.mkdtemp(prefix="appliance-run-"))
     try:
-        vm = VM(image, workdir)
+        vm = VM(image, workdir, plat=plat)
         cmd = vm.command(console="mon:stdio", snapshot=not persist)
         print(f"SSH: ssh -p {vm.ssh_port} root@127.0.0.1   (serial console below; Ctrl-A X quits)", flush=True)
         return spawn(cmd, env={"TMPDIR": str(workdir)}).wait()
@@ -268,11 +268,12 @@ def open_tap(ns: str | None, name: str) -> int:
 
 
 @contextlib.contextmanager
-def running(image: Path, nics: list[Nic], workdir: Path | None = None, persistent: bool = False) -> Iterator[VM]:
+def running(image: Path, nics: list[Nic], workdir: Path | None = None, persistent: bool = False,
+            plat: Platform = HOST) -> Iterator[VM]:
     """A started VM, stopped and cleaned up however the block ends (exceptions, Ctrl-C)."""
     own = workdir is None
     wd = workdir or Path(tempfile.mkdtemp(prefix="appliance-vm-"))
-    vm = VM(image, wd, nics, persistent=persistent)
+    vm = VM(image, wd, nics, persistent=persistent, plat=plat)
     try:
         vm.start()
         yield vm
