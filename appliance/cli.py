@@ -564,7 +564,8 @@ def run_cmd(profile: Path, out_dir: Path, persist: bool) -> None:
     image = out_dir / f"{loaded.name}.img"
     if not image.exists():
         raise ApplianceError(f"{image} does not exist: run `appliance build {profile}` first")
-    raise SystemExit(run_interactive(image.resolve(), persist, image_spec(loaded).platform))
+    spec = image_spec(loaded)
+    raise SystemExit(run_interactive(image.resolve(), persist, spec.platform, hardware=not spec.vm))
 
 
 @cli.command("flash")

@@ -19,7 +19,7 @@ from .cache import Cache, CacheKind, Entry, content_key, dir_size
 from .debian import Archive, dpkg_excludes, mmdebstrap_args
 from .disk import DPKG_DB
 from .lock import Lock
-from .platform import HOST
+from .platform import HOST, Platform
 from .run import BuildLog, ImageError, run
 from .spec import INITRAMFS_VM, ImageSpec
 from .tools import ToolsTree
@@ -57,6 +57,8 @@ def base_key(spec: ImageSpec, archive: Archive, snapshot: str | None, lock: Lock
         "spec": spec.base_inputs(), "suite": archive.suite, "sources": archive.sources(),
         "snapshot": None if lock else snapshot, "lock": lock.packages if lock else None,
         "source_date_epoch": sde, "recipe": BASE_RECIPE,
+        # the host's key is as before emulated trees existed
+        **({} if spec.platform == HOST else {"emulated_recipe": EMULATED_RECIPE}),
     })
 
 
@@ -68,7 +70,19 @@ def _generator(spec: ImageSpec) -> str:
 def _essential_hooks(spec: ImageSpec) -> list[str]:
     # build the initramfs once at the end instead of at every kernel/udev/... trigger
     gen = _generator(spec)
-    return [f'chroot "$1" dpkg-divert --quiet --local --rename --add {gen}', f'ln -sf /bin/true "$1{gen}"']
+    hooks = [f'chroot "$1" dpkg-divert --quiet --local --rename --add {gen}', f'ln -sf /bin/true "$1{gen}"']
+    if spec.platform != HOST:
+        hooks += _EMULATED_HOOKS
+    return hooks
+
+
+EMULATED_RECIPE = 1  # bump when the hooks below change
+# Work that runs through qemu-user in a tree of another architecture, and whose result the image
+# does not keep: openssh-server's postinst makes three host keys (RSA takes seconds emulated) unless
+# the files exist; they are removed at the end with the rest of the host identity (_customize_hooks).
+_EMULATED_HOOKS = [
+    'mkdir -p "$1/etc/ssh" && for t in rsa ecdsa ed25519; do : > "$1/etc/ssh/ssh_host_${t}_key"; done',
+]
 
 
 # The base tree's own files: drop-ins and settings of Debian's packages, written here and copied
@@ -227,6 +241,8 @@ def build_base(cache: Cache, tools: ToolsTree, archive: Archive, spec: ImageSpec
                snapshot: str | None, lock: Lock | None, sde: int, rebuild: bool = False) -> BaseTree:
     if not spec.platform.buildable:
         raise ImageError(f"arch {spec.arch}: images cannot be built for it yet (issue #17)")
+    if spec.platform != HOST:
+        _require_emulation(spec.platform)
     # the tools tree knows the host's package lists; another architecture's missing packages are
     # found by mmdebstrap itself (_MISSING below), later but with the same message
     missing = sorted(set(spec.packages) - tools.available_packages(spec.packages, log)) \
@@ -271,6 +287,21 @@ def build_base(cache: Cache, tools: ToolsTree, archive: Archive, spec: ImageSpec
 
     key = base_key(spec, archive, snapshot, lock, sde)
     return BaseTree(cache.get_or_build(CacheKind.BASE, key, make, rebuild=rebuild))
+
+
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
+
+
+def _require_emulation(plat: Platform, binfmt: Path = BINFMT) -> None:
+    """A tree of another architecture runs its maintainer scripts through qemu-user, which the kernel
+    starts for that architecture's programs (binfmt_misc); with the F flag it works inside a chroot."""
+    entry = binfmt / f"qemu-{plat.firmware_arch}"
+    text = entry.read_text() if entry.exists() else ""
+    if "enabled" not in text.splitlines()[:1] or "F" not in next(
+            (line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags:")), ""):
+        raise ImageError(f"arch {plat.arch}: this machine cannot run {plat.arch} programs ({entry} is missing, "
+                         "disabled or without the F flag): install qemu-user-static and binfmt-support "
+                         "(make setup does)")
 
 
 def newest_base(cache: Cache, spec: ImageSpec) -> BaseTree | None:

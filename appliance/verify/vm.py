@@ -75,6 +75,9 @@ class VM:
     # writes go to the image itself, and the guest may reboot (updates): for a copy of an image
     persistent: bool = False
     plat: Platform = HOST  # the image's architecture
+    # devices of real hardware (an AHCI/SATA disk, Intel e1000e NICs) instead of virtio: what a
+    # generic image's kernel and initramfs must find by themselves on a box
+    hardware: bool = False
     # where the lab moved each TAP (its name at start -> (namespace, name there)), for a power cycle
     moved: dict[str, tuple[str, str]] = field(default_factory=dict)
     power_cycles: list[float] = field(default_factory=list)  # seconds after start, each time the plug was pulled
@@ -107,13 +110,13 @@ class VM:
                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.code}",
                "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
                "-drive", f"if=none,id=disk,format=raw,file={self.image}{overlay},cache=unsafe",
-               "-device", "virtio-blk-pci,drive=disk,bootindex=0",
+               *self._disk_device(),
                "-netdev", f"user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
                # romfile=: no iPXE option ROM for OVMF to load (and run) for each NIC; the image boots from disk
-               "-device", f"virtio-net-pci,netdev=mgmt,mac={MGMT_MAC},romfile="]
+               "-device", f"{self._nic_model},netdev=mgmt,mac={MGMT_MAC},romfile="]
         for i, (nic, fd) in enumerate(zip(self.nics, tap_fds, strict=True)):
             cmd += ["-netdev", f"tap,id=lab{i},fd={fd}",
-                    "-device", f"virtio-net-pci,netdev=lab{i},mac={nic.mac},romfile="]
+                    "-device", f"{self._nic_model},netdev=lab{i},mac={nic.mac},romfile="]
         cmd += ["-object", "rng-random,id=rng,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng"]
         if self.plat.vm_watchdog:  # a hardware watchdog, as boards have: a hung system is reset (a failed boot try)
             cmd += ["-device", self.plat.vm_watchdog, "-action", "watchdog=reset"]
@@ -125,6 +128,15 @@ class VM:
                                                      "chardev:serial"]
         # a lab VM's reboot ends QEMU (a panic is a failure), unless the test reboots it on purpose
         return cmd if self.persistent else [*cmd, "-no-reboot"]
+
+    def _disk_device(self) -> list[str]:
+        if self.hardware:
+            return ["-device", "ich9-ahci,id=ahci", "-device", "ide-hd,drive=disk,bus=ahci.0,bootindex=0"]
+        return ["-device", "virtio-blk-pci,drive=disk,bootindex=0"]
+
+    @property
+    def _nic_model(self) -> str:
+        return "e1000e" if self.hardware else "virtio-net-pci"
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -211,11 +223,11 @@ class VM:
             run(["ip", *(["-n", ns] if ns else []), "link", "del", name], check=False)
 
 
-def run_interactive(image: Path, persist: bool = False, plat: Platform = HOST) -> int:
+def run_interactive(image: Path, persist: bool = False, plat: Platform = HOST, hardware: bool = False) -> int:
     """Boot the image with the serial console on this terminal (Ctrl-A X quits QEMU)."""
     workdir = Path(tempfile.mkdtemp(prefix="appliance-run-"))
     try:
-        vm = VM(image, workdir, plat=plat)
+        vm = VM(image, workdir, plat=plat, hardware=hardware)
         cmd = vm.command(console="mon:stdio", snapshot=not persist)
         print(f"SSH: ssh -p {vm.ssh_port} root@127.0.0.1   (serial console below; Ctrl-A X quits)", flush=True)
         return spawn(cmd, env={"TMPDIR": str(workdir)}).wait()
@@ -269,11 +281,11 @@ def open_tap(ns: str | None, name: str) -> int:
 
 @contextlib.contextmanager
 def running(image: Path, nics: list[Nic], workdir: Path | None = None, persistent: bool = False,
-            plat: Platform = HOST) -> Iterator[VM]:
+            plat: Platform = HOST, hardware: bool = False) -> Iterator[VM]:
     """A started VM, stopped and cleaned up however the block ends (exceptions, Ctrl-C)."""
     own = workdir is None
     wd = workdir or Path(tempfile.mkdtemp(prefix="appliance-vm-"))
-    vm = VM(image, wd, nics, persistent=persistent, plat=plat)
+    vm = VM(image, wd, nics, persistent=persistent, plat=plat, hardware=hardware)
     try:
         vm.start()
         yield vm
