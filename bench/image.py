@@ -1,6 +1,8 @@
-"""Image build benchmark: cold build, warm rebuild, config-only rebuild; tree and image sizes.
+"""Image build benchmark: cold build, warm rebuild, config-only rebuild; tree and image sizes; for
+each profile given, in the same run (default: the amd64 exit node, then the same on arm64, whose root
+tree's maintainer scripts run through qemu-user), so that their figures compare.
 
-usage: python bench/image.py [--profile profiles/exit-node.yaml] [--out bench/results/image.json]
+usage: python bench/image.py [--profile P ...] [--out bench/results/image.json]
 Needs root. The cold build uses a fresh cache (the .deb files are shared, so the network is not
 what is measured); warm builds reuse it."""
 
@@ -51,13 +53,8 @@ def row(label: str, seconds: float, m: dict[str, Any]) -> dict[str, Any]:
             "outside_assembly_s": round(seconds - assembly, 1), "stages": stages}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--profile", type=Path, default=REPO / "profiles/exit-node.yaml")
-    ap.add_argument("--out", type=Path, default=REPO / "bench/results/image.json")
-    args = ap.parse_args()
+def bench_profile(profile: Path, shared_debs: Path) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="appliance-bench-"))
-    shared_debs = Path(os.environ.get("APPLIANCE_CACHE") or Path.home() / ".cache/appliance") / "debs"
     try:
         cache = work / "cache"
         cache.mkdir()
@@ -65,19 +62,18 @@ def main() -> None:
             (cache / "debs").symlink_to(shared_debs)
         out, secrets = work / "images", work / "secrets"
         runs = []
-        t, cold = build(args.profile, cache, out, secrets)
+        t, cold = build(profile, cache, out, secrets)
         runs.append(row("cold (empty cache, .debs present)", t, cold))
-        t, warm = build(args.profile, cache, out, secrets)
+        t, warm = build(profile, cache, out, secrets)
         runs.append(row("warm, no change", t, warm))
-        changed = work / args.profile.name
-        changed.write_text(args.profile.read_text().replace("dataplane:", NEW_PEER + "dataplane:", 1))
+        changed = work / profile.name
+        changed.write_text(profile.read_text().replace("dataplane:", NEW_PEER + "dataplane:", 1))
         t, cfg = build(changed, cache, out, secrets)
         runs.append(row("warm, config-only change (new peer)", t, cfg))
         name = cold["name"]
         img = cold["outputs"][f"{name}.img"]
-        result = {
-            "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "profile": str(args.profile),
+        return {
+            "profile": str(profile),
             "runs": runs,
             "sizes": {"root_tree_mib": round(cold["root_tree_bytes"] / 2**20, 1),
                       "image_raw_mib": round(img["size"] / 2**20, 1),
@@ -88,17 +84,36 @@ def main() -> None:
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--profile", type=Path, action="append",
+                    help="a profile to build (repeat; default: the exit node on amd64, then on arm64)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench/results/image.json")
+    args = ap.parse_args()
+    profiles = args.profile or [REPO / "profiles/exit-node.yaml", REPO / "profiles/arm64-exit-node.yaml"]
+    shared_debs = Path(os.environ.get("APPLIANCE_CACHE") or Path.home() / ".cache/appliance") / "debs"
+    results = [bench_profile(p, shared_debs) for p in profiles]
+    m = machine()
+    result = {"machine": m, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "profiles": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    m = result["machine"]
     print(f"machine: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}")
-    print(f"{'run':40} {'total s':>8} {'assembly s':>11} {'outside s':>10}")
-    for r in runs:
-        print(f"{r['run']:40} {r['seconds']:8.1f} {r['assembly_s']:11.1f} {r['outside_assembly_s']:10.1f}")
-    s = result["sizes"]
-    print(f"root tree {s['root_tree_mib']} MiB; image raw {s['image_raw_mib']} MiB, allocated "
-          f"{s['image_allocated_mib']} MiB, zstd {s['image_zstd_mib']} MiB ({s['image_zstd_mb']} MB); "
-          f"rebuild bit-identical: {result['reproducible']}")
+    for r in results:
+        print(f"\n{r['profile']}")
+        print(f"{'run':40} {'total s':>8} {'assembly s':>11} {'outside s':>10}")
+        for run in r["runs"]:
+            print(f"{run['run']:40} {run['seconds']:8.1f} {run['assembly_s']:11.1f} {run['outside_assembly_s']:10.1f}")
+        s = r["sizes"]
+        print(f"root tree {s['root_tree_mib']} MiB; image raw {s['image_raw_mib']} MiB, allocated "
+              f"{s['image_allocated_mib']} MiB, zstd {s['image_zstd_mib']} MiB ({s['image_zstd_mb']} MB); "
+              f"rebuild bit-identical: {r['reproducible']}")
+    base = results[0]["runs"]
+    for r in results[1:]:
+        ratios = ", ".join(f"{a['run'].split(' (')[0]} {b['seconds'] / a['seconds']:.2f}x"
+                           for a, b in zip(base, r["runs"], strict=True))
+        print(f"{r['profile']} vs {results[0]['profile']}: {ratios}")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ from .cases import (
 from .netns import Lab, LabCommandFailed, protocol_counters, split_wg_quick, start_peer, wait_for
 from .static import verify_tree
 from .suite import run_suite
-from .vm import MGMT_MAC, VM, Nic, running
+from .vm import MGMT_MAC, VM, Nic, lab_devices, running
 
 UPLINK_LEASE = "198.18.30.128"  # the lab's DHCP server reserves it for UPLINK_MAC
 WAN_NET = "198.18.30.0/24"
@@ -530,6 +530,7 @@ class BootTest:
                      "root_partuuid": ids.slot_partition(Slot.A), "data_partuuid": ids.data_part},
             "units": sorted({*spec.enable_units, *spec.appliance_units}),
             "watchdog": spec.platform.vm_watchdog,
+            "devices": lab_devices(hardware=not spec.vm),
             "uplink_mac": UPLINK_MAC, "uplink_ip": uplink_ip, "uplink_ip6": uplink6 or "",
             "offload": {"rx-udp-gro-forwarding": uplink.offload.udp_gro_forwarding,
                         "rx-gro-list": uplink.offload.gro_list},

@@ -138,6 +138,7 @@ class VM:
     def _nic_model(self) -> str:
         return "e1000e" if self.hardware else "virtio-net-pci"
 
+
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for nic in self.nics:  # persistent: the lab's addresses and servers on it outlive a power cycle
@@ -293,3 +294,9 @@ def running(image: Path, nics: list[Nic], workdir: Path | None = None, persisten
         vm.stop()
         if own:
             shutil.rmtree(wd, ignore_errors=True)
+
+
+def lab_devices(hardware: bool) -> dict[str, str]:
+    """What the guest sees of VM.hardware's devices: its NICs' driver, its disk's name."""
+    return {"nic_driver": "e1000e", "disk_prefix": "sd"} if hardware else {"nic_driver": "virtio_net",
+                                                                           "disk_prefix": "vd"}
