@@ -40,6 +40,8 @@ CASES = [
     Case("timezone", 4, ["  timezone: Mars/Olympus"], 4, "system.timezone", "IANA time zone"),
     Case("packages-typo", 5, ["  packges: [tcpdump]"], 5, "system.packges", "did you mean 'packages'"),
     Case("package-name", 5, ["  packages: [tcpdump, Vim]"], 5, "system.packages[1]", "Debian package name"),
+    Case("module-name", 5, ['  kernel_modules: [iwlwifi, "snd hda; rm -rf /"]'], 5, "system.kernel_modules[1]",
+         "kernel module name"),
     Case("ssh-key-garbage", 7, ['    authorized_keys: ["my laptop key"]'], 7, "system.ssh.authorized_keys[0]",
          "OpenSSH public key"),
     Case("match-both", 10, ['    match: {name: "en*", mac: "52:54:00:12:34:01"}'], 10, "interfaces.uplink.match",

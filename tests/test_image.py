@@ -453,3 +453,33 @@ def test_fleet_update_stops_after_an_unreachable_canary(exit_node: dict[str, Any
     assert ran.returncode == 4, ran.stderr[-2000:]
     states = [(d["name"], d["state"]) for d in json.loads(ran.stdout)["devices"]]
     assert states == [("exit-node", "unreachable"), ("exit-node-2", "not started")], states
+
+
+def test_kernel_modules_brings_back_what_a_hardware_image_leaves_out(tmp_path: Path) -> None:
+    """A generic (hardware) image leaves out sound, graphics, Wi-Fi and the like; a module named in
+    system.kernel_modules stays, with what it depends on, and the build's tree check found it
+    (test_kernel_modules_the_profile_keeps). A name the kernel does not have stops the build's hook
+    with a message naming it."""
+    from appliance.image import image_spec
+    from appliance.image.rootfs import _keep_modules_hook, newest_base
+    from appliance.profile import load_profile
+
+    text = (PROFILES / "exit-node.yaml").read_text().replace("  board: qemu ", "  board: generic ").replace(
+        "  timezone: UTC", "  timezone: UTC\n  kernel_modules: [iwlwifi]")
+    profile = tmp_path / "exit-node.yaml"
+    profile.write_text(text)
+    build(profile, tmp_path / "images", tmp_path / "secrets")
+    base = newest_base(Cache(CACHE), image_spec(load_profile(profile).profile))
+    assert base is not None
+    kernel = base.tree / "usr/lib/modules" / base.kernel_version / "kernel"
+    assert list((kernel / "drivers/net/wireless/intel/iwlwifi").glob("iwlwifi.ko*"))
+    assert list((kernel / "net/wireless").glob("cfg80211.ko*"))  # its dependency
+    # the control: the rest of its kind, and other kinds, are gone; wired NICs stay
+    assert not (kernel / "drivers/net/wireless/realtek").exists() and not (kernel / "sound").exists()
+    assert not (kernel / "drivers/gpu").exists() and list((kernel / "drivers/net/ethernet/intel/e1000e").glob("*.ko*"))
+    assert "iwlwifi.ko" in (base.tree / "usr/lib/modules" / base.kernel_version / "modules.dep").read_text()
+    proc = subprocess.run(["sh", "-c", _keep_modules_hook(("no_such_module",)), "hook", str(base.tree)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "kernel module no_such_module (system.kernel_modules) is not a module of kernel" in proc.stderr
+    assert not (base.tree / "kept-modules").exists()

@@ -246,6 +246,7 @@ def tree_expectations(config: ConfigTree, spec: ImageSpec) -> dict[str, Any]:
         # its programs run through qemu-user: nft's netfilter netlink is not translated (see
         # _check_ruleset_foreign)
         "foreign_arch": spec.platform != HOST,
+        "kernel_modules": list(spec.modules_keep),
     }
 
 

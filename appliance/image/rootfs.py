@@ -172,12 +172,34 @@ def _initramfs_hooks(spec: ImageSpec) -> list[str]:
     return hooks + ['chroot "$1" update-initramfs -c -k all']
 
 
+def _keep_modules_hook(names: tuple[str, ...]) -> str:
+    """system.kernel_modules: each module and what it depends on (modprobe's own resolution) is put
+    aside before the excluded subtrees go, and back after; a name the kernel does not have fails
+    the build and says so (one built into the kernel needs nothing)."""
+    return (
+        'set -e; for v in $(ls "$1/usr/lib/modules"); do for m in ' + " ".join(shlex.quote(n) for n in names) + '; do '
+        'out=$(chroot "$1" modprobe -S "$v" --show-depends "$m" 2>/dev/null) || true; '
+        'case "$out" in builtin*) continue;; esac; '
+        'deps=$(echo "$out" | awk \'$1 == "insmod" {print $2}\'); '
+        'if [ -z "$deps" ]; then echo "kernel module $m (system.kernel_modules) is not a module of kernel $v" >&2; '
+        'exit 1; fi; '
+        'for f in $deps; do rel=${f#/usr}; rel=${rel#/lib/modules/}; '
+        'mkdir -p "$1/kept-modules/$(dirname "$rel")"; cp -a "$1/usr/lib/modules/$rel" "$1/kept-modules/$rel"; '
+        'done; done; done')
+
+
 def _customize_hooks(spec: ImageSpec, files: Path) -> list[str]:
     hooks: list[str] = []
     if spec.modules_exclude:
         dirs = " ".join(f'"$1"/usr/lib/modules/*/kernel/{shlex.quote(d)}' for d in spec.modules_exclude)
+        if spec.modules_keep:
+            hooks.append(_keep_modules_hook(spec.modules_keep))
         hooks += [f"rm -rf {dirs}",
                   'for v in $(ls "$1/usr/lib/modules"); do chroot "$1" depmod -a "$v"; done']
+        if spec.modules_keep:
+            hooks.append('if [ -d "$1/kept-modules" ]; then cp -a "$1/kept-modules/." "$1/usr/lib/modules/"; '
+                         'rm -rf "$1/kept-modules"; fi; '
+                         'for v in $(ls "$1/usr/lib/modules"); do chroot "$1" depmod -a "$v"; done')
     hooks += [
         f"sync-in {shlex.quote(str(files))} /",  # base_files(), before the initramfs reads them
         'rm -f "$1/usr/lib/udev/hwdb.bin"',  # before the initramfs, which would copy it

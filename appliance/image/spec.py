@@ -66,6 +66,17 @@ MODULES_EXCLUDE_VM = [
     "fs/ntfs3", "fs/jfs", "fs/f2fs", "fs/nilfs2", "fs/reiserfs", "net/sunrpc", "sound",
     "drivers/cdrom", "drivers/scsi/sr_mod.ko.xz",  # QEMU's q35 has a CD drive; the appliance boots from disk
 ]
+# On hardware, kinds of device an edge router has no use for (and drivers for which Debian's image
+# ships no firmware): sound, graphics and video capture, Wi-Fi and Bluetooth, NFC, industrial
+# sensors, staging drivers, input devices beyond keyboards and mice; and the file systems of the VM
+# list. Kept: every wired NIC (PCI, USB, Thunderbolt), storage, USB, HID, netfilter, crypto,
+# tun/WireGuard, watchdogs, hwmon. system.kernel_modules keeps named modules (and what they need).
+MODULES_EXCLUDE_HARDWARE = [
+    "sound", "drivers/gpu", "drivers/media", "drivers/staging", "drivers/iio", "drivers/net/wireless",
+    "drivers/bluetooth", "net/bluetooth", "drivers/nfc", "net/nfc", "drivers/input/joystick",
+    "drivers/input/tablet", "drivers/input/touchscreen", "fs/btrfs", "fs/xfs", "fs/smb", "fs/nfs", "fs/ntfs3",
+    "fs/jfs", "fs/f2fs", "fs/nilfs2", "fs/reiserfs", "net/sunrpc",
+]
 # Modules nothing here uses, which would still be loaded at every boot (each load costs ~0.2 s of CPU
 # under emulation). systemd loads autofs4 and ip_tables itself: the appliance has no automount and
 # uses nftables. In a VM, udev would load the CPU's crypto accelerators (the kernel's own crypto
@@ -96,6 +107,7 @@ class ImageSpec:
     disable_units: tuple[str, ...]
     appliance_units: tuple[str, ...] = ()  # the appliance's own, enabled by the rendered tree
     netstack: bool = False  # the userspace dataplane's binary, compiled from Go and added to the tree
+    modules_keep: tuple[str, ...] = ()  # system.kernel_modules: kept (with their dependencies) in spite of excludes
 
     @property
     def vm(self) -> bool:
@@ -112,6 +124,8 @@ class ImageSpec:
         d.pop("extra_packages")
         d.pop("appliance_units")
         d.pop("netstack")
+        if not d["modules_keep"]:  # as before the field existed: cached trees stay valid
+            d.pop("modules_keep")
         return d
 
 
@@ -142,10 +156,11 @@ def image_spec(p: Profile) -> ImageSpec:
         extra_packages=tuple(sorted(p.system.packages)),
         initramfs=initramfs,
         initrd_modules=tuple(ROOT_FS_MODULES + (vm_initrd_modules(platform(p.system.arch)) if vm else [])),
-        modules_exclude=tuple(MODULES_EXCLUDE_ALL + (MODULES_EXCLUDE_VM if vm else [])),
+        modules_exclude=tuple(MODULES_EXCLUDE_ALL + (MODULES_EXCLUDE_VM if vm else MODULES_EXCLUDE_HARDWARE)),
         modules_blacklist=tuple(MODULES_BLACKLIST_ALL + (MODULES_BLACKLIST_VM if vm else [])),
         enable_units=tuple(enabled_units(p)),
         disable_units=tuple(DISABLED_UNITS),
         appliance_units=tuple(appliance_units(p)),
         netstack=p.userspace,
+        modules_keep=tuple(sorted(set(p.system.kernel_modules))),
     )

@@ -23,6 +23,7 @@ from .types import (
     IPAddress,
     ListenAddress,
     MacAddress,
+    ModuleName,
     Name,
     Network,
     PackageName,
@@ -67,6 +68,10 @@ class System(Strict):
     ssh: Ssh = Field(default_factory=Ssh, description="management SSH")
     packages: list[PackageName] = Field(
         default_factory=list, description="extra Debian packages to install into the image")
+    kernel_modules: list[ModuleName] = Field(
+        default_factory=list, description="kernel modules kept in the image although their kind is left out "
+                                          "(sound, video, cameras, Wi-Fi, ...: see \"Boards and architectures\"), "
+                                          "with what they depend on")
 
     @field_validator("timezone")
     @classmethod

@@ -157,6 +157,17 @@ def check_package(value: Any) -> str:
     return value
 
 
+# a kernel module's name as modprobe takes it: the file name without .ko (kmod treats - and _ alike)
+_MODULE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,55}")
+
+
+def check_module(value: Any) -> str:
+    if not isinstance(value, str) or not _MODULE_RE.fullmatch(value):
+        raise ValueError("expected a kernel module name as modprobe takes it (lowercase letters, digits, '_', '-'), "
+                         "e.g. iwlwifi")
+    return value
+
+
 def check_mac(value: Any) -> str:
     text = _require_str(value, "a MAC address such as 52:54:00:12:34:56").lower().replace("-", ":")
     if not _MAC_RE.fullmatch(text):
@@ -330,6 +341,7 @@ Name = Annotated[
     _string_schema("hostname label", "exit-ams-1", r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"),
 ]
 PackageName = Annotated[str, PlainValidator(check_package), _string_schema("Debian package name", "tcpdump")]
+ModuleName = Annotated[str, PlainValidator(check_module), _string_schema("kernel module name", "iwlwifi")]
 MacAddress = Annotated[
     str, BeforeValidator(check_mac), _string_schema("MAC address", "52:54:00:12:34:56")
 ]

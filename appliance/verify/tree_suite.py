@@ -104,6 +104,14 @@ def test_kernel_only_in_the_uki(host: Any) -> None:
     assert host.run("ls /usr/lib/modules/*/kernel/drivers/net/wireguard/wireguard.ko*").rc == 0
 
 
+def test_kernel_modules_the_profile_keeps(host: Any) -> None:
+    """Every module of system.kernel_modules is in the tree (or built into the kernel), although its
+    kind is left out of the image."""
+    missing = [m for m in EXPECT.get("kernel_modules", [])
+               if host.run(f"modinfo -k $(ls /usr/lib/modules) -F filename {shlex.quote(m)}").rc != 0]
+    assert not missing, f"not in the image: {missing}"
+
+
 def test_ruleset_checks_with_image_nft(host: Any) -> None:
     """The image's own nft (trixie) accepts the ruleset; -c commits nothing. (An image of another
     architecture: the build checks it with the tools tree's nft.)"""
