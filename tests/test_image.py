@@ -377,16 +377,17 @@ def test_tree_verification_catches_a_broken_tree(exit_node: dict[str, Any], tmp_
         config = render(p, SecretStore(exit_node["secrets"]).appliance_keys(p.name, ["phone"]))
         for path, text in system_files(DiskIds.for_name(p.name)).items():  # as the build's own stage adds them
             config.file(path, text)
-        expect = tree_expectations(config, image_spec(p))
+        expect = {**tree_expectations(config, image_spec(p)), "kernel_modules": ["wireguard"]}
         assert verify_tree(tree, expect, tmp_path / "v1").ok
         os.chmod(tree / "etc/credstore/network.wireguard.private.wg0", 0o644)
         os.chmod(tree / "etc/sysctl.d/90-appliance.conf", 0o600)
         (tree / "etc/nftables.conf").write_text("flush ruleset\n")
         subprocess.run(["chroot", str(tree), "systemctl", "disable", "--quiet", "ssh.service"], check=True)
-        result = verify_tree(tree, expect, tmp_path / "v2")
+        result = verify_tree(tree, {**expect, "kernel_modules": ["wireguard", "no_such_module"]}, tmp_path / "v2")
         failed = set(result.failures)
         assert {"test_key_files_root_only", "test_rendered_files_owner_mode_kind", "test_rendered_file_contents",
                 "test_units_enabled"} <= failed, result.output
+        assert any(f.startswith("test_kernel_modules_the_profile_keeps") for f in failed), result.output
     finally:
         subprocess.run(["rm", "-rf", str(tree.parent)], check=True)
 

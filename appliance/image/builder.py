@@ -283,7 +283,7 @@ def _esp(ctx: BuildContext) -> None:
 
     entry = uki_entry(ctx.spec.name)
 
-    efi = efi_binaries(ctx.opts.cache, ctx.archive, tools, plat, log)
+    efi = efi_binaries(ctx.opts.cache, ctx.archive, plat, log)
 
     def make(tmp: Path) -> dict[str, object]:
         build_uki(tools, base.kernel, base.initrd, base.tree / "usr/lib/os-release", cmdline, tmp / "uki.efi",

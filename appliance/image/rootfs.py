@@ -57,8 +57,6 @@ def base_key(spec: ImageSpec, archive: Archive, snapshot: str | None, lock: Lock
         "spec": spec.base_inputs(), "suite": archive.suite, "sources": archive.sources(),
         "snapshot": None if lock else snapshot, "lock": lock.packages if lock else None,
         "source_date_epoch": sde, "recipe": BASE_RECIPE,
-        # the host's key is as before emulated trees existed
-        **({} if spec.platform == HOST else {"emulated_recipe": EMULATED_RECIPE}),
     })
 
 
@@ -70,19 +68,7 @@ def _generator(spec: ImageSpec) -> str:
 def _essential_hooks(spec: ImageSpec) -> list[str]:
     # build the initramfs once at the end instead of at every kernel/udev/... trigger
     gen = _generator(spec)
-    hooks = [f'chroot "$1" dpkg-divert --quiet --local --rename --add {gen}', f'ln -sf /bin/true "$1{gen}"']
-    if spec.platform != HOST:
-        hooks += _EMULATED_HOOKS
-    return hooks
-
-
-EMULATED_RECIPE = 1  # bump when the hooks below change
-# Work that runs through qemu-user in a tree of another architecture, and whose result the image
-# does not keep: openssh-server's postinst makes three host keys (RSA takes seconds emulated) unless
-# the files exist; they are removed at the end with the rest of the host identity (_customize_hooks).
-_EMULATED_HOOKS = [
-    'mkdir -p "$1/etc/ssh" && for t in rsa ecdsa ed25519; do : > "$1/etc/ssh/ssh_host_${t}_key"; done',
-]
+    return [f'chroot "$1" dpkg-divert --quiet --local --rename --add {gen}', f'ln -sf /bin/true "$1{gen}"']
 
 
 # The base tree's own files: drop-ins and settings of Debian's packages, written here and copied
@@ -192,14 +178,11 @@ def _customize_hooks(spec: ImageSpec, files: Path) -> list[str]:
     hooks: list[str] = []
     if spec.modules_exclude:
         dirs = " ".join(f'"$1"/usr/lib/modules/*/kernel/{shlex.quote(d)}' for d in spec.modules_exclude)
-        if spec.modules_keep:
-            hooks.append(_keep_modules_hook(spec.modules_keep))
-        hooks += [f"rm -rf {dirs}",
-                  'for v in $(ls "$1/usr/lib/modules"); do chroot "$1" depmod -a "$v"; done']
-        if spec.modules_keep:
-            hooks.append('if [ -d "$1/kept-modules" ]; then cp -a "$1/kept-modules/." "$1/usr/lib/modules/"; '
-                         'rm -rf "$1/kept-modules"; fi; '
-                         'for v in $(ls "$1/usr/lib/modules"); do chroot "$1" depmod -a "$v"; done')
+        keep = [_keep_modules_hook(spec.modules_keep), f"rm -rf {dirs}",
+                'if [ -d "$1/kept-modules" ]; then cp -a "$1/kept-modules/." "$1/usr/lib/modules/"; '
+                'rm -rf "$1/kept-modules"; fi'] \
+            if spec.modules_keep else [f"rm -rf {dirs}"]
+        hooks += [*keep, 'for v in $(ls "$1/usr/lib/modules"); do chroot "$1" depmod -a "$v"; done']
     hooks += [
         f"sync-in {shlex.quote(str(files))} /",  # base_files(), before the initramfs reads them
         'rm -f "$1/usr/lib/udev/hwdb.bin"',  # before the initramfs, which would copy it
@@ -318,9 +301,9 @@ def _require_emulation(plat: Platform, binfmt: Path = BINFMT) -> None:
     """A tree of another architecture runs its maintainer scripts through qemu-user, which the kernel
     starts for that architecture's programs (binfmt_misc); with the F flag it works inside a chroot."""
     entry = binfmt / f"qemu-{plat.firmware_arch}"
-    text = entry.read_text() if entry.exists() else ""
-    if "enabled" not in text.splitlines()[:1] or "F" not in next(
-            (line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags:")), ""):
+    lines = entry.read_text().splitlines() if entry.exists() else []
+    flags = next((line.removeprefix("flags:") for line in lines if line.startswith("flags:")), "")
+    if lines[:1] != ["enabled"] or "F" not in flags:
         raise ImageError(f"arch {plat.arch}: this machine cannot run {plat.arch} programs ({entry} is missing, "
                          "disabled or without the F flag): install qemu-user-static and binfmt-support "
                          "(make setup does)")

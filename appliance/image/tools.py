@@ -94,7 +94,7 @@ class EfiBinaries:
     binds: tuple[Path, ...] = ()
 
 
-def efi_binaries(cache: Cache, archive: Archive, tools: ToolsTree, plat: Platform, log: BuildLog) -> EfiBinaries:
+def efi_binaries(cache: Cache, archive: Archive, plat: Platform, log: BuildLog) -> EfiBinaries:
     """The host's come with the tools tree. Another architecture's are the same Debian package of that
     architecture, unpacked (mmdebstrap's extract variant: no maintainer script, nothing emulated)."""
     if plat == HOST:
@@ -105,8 +105,7 @@ def efi_binaries(cache: Cache, archive: Archive, tools: ToolsTree, plat: Platfor
              archive.suite, tmp / "tree", *archive.sources()], log=log, what=f"mmdebstrap (EFI binaries, {plat.arch})")
         return {"packages": EFI_PACKAGES, "arch": plat.arch}
 
-    key = content_key({"packages": EFI_PACKAGES, "arch": plat.arch, "suite": archive.suite, "recipe": EFI_RECIPE,
-                       "tools": tools.entry.key})
+    key = content_key({"packages": EFI_PACKAGES, "arch": plat.arch, "suite": archive.suite, "recipe": EFI_RECIPE})
     root = cache.get_or_build(CacheKind.EFI, key, make).path / "tree"
     efi = root / plat.uki_stub.lstrip("/").rsplit("/", 1)[0]
     return EfiBinaries(f"{root}{plat.uki_stub}", f"{root}{plat.systemd_boot}", (efi,))

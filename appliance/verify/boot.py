@@ -277,8 +277,9 @@ class BootTest:
             _peer_namespace(lab, wan, i, peer)
         tag = f"{os.getpid() % 10000}"
         nics = [Nic(f"aplu{tag}", UPLINK_MAC)] + ([Nic(f"apll{tag}", LAN_MAC)] if lan_ns else [])
+        spec = image_spec(p)
         with (running(image, nics, self.workdir / "vm", persistent=self.persistent_disk,
-                     plat=image_spec(p).platform, hardware=not image_spec(p).vm) as vm,
+                     plat=spec.platform, hardware=not spec.vm) as vm,
               _SshWatch(vm.ssh_port, vm.seconds, report.timings), self._unsticking(vm)):
             report.accel = "kvm" if "kvm" in vm.accel else "tcg"
             with self.step(f"boot in QEMU ({report.accel}), lab network, peers"):

@@ -138,7 +138,6 @@ class VM:
     def _nic_model(self) -> str:
         return "e1000e" if self.hardware else "virtio-net-pci"
 
-
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for nic in self.nics:  # persistent: the lab's addresses and servers on it outlive a power cycle
