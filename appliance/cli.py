@@ -352,18 +352,19 @@ def update_cmd(profile: Path, host: str, ssh_config: Path | None, out_dir: Path,
     device's reason is shown); 4 unreachable (no answer from the device within --timeout);
     1 the update failed before the reboot (nothing changed on the device); 2 bad input."""
 
-    from .image import BuildOptions, Cache
+    from .image import BuildOptions, Cache, image_spec
     from .image.debian import Archive
     from .image.run import NULL_LOG
     from .image.tools import build_tools
     from .ui import progress_bar
-    from .update import EXIT_ROLLED_BACK, EXIT_UNREACHABLE, Outcome, Target
+    from .update import EXIT_ROLLED_BACK, EXIT_UNREACHABLE, Outcome, Target, require_updatable
     from .verify import verify_tree
 
     target = Target.parse(host, ssh_config)
     with step(f"validate {profile}"):
         loaded = _load(profile)
     p = loaded.profile
+    require_updatable(image_spec(p))  # before minutes of building
     with step("keys and configuration"):
         keys = _keys(secrets_dir, loaded)
     cache = Cache(cache_dir)
@@ -565,6 +566,14 @@ def run_cmd(profile: Path, out_dir: Path, persist: bool) -> None:
     if not image.exists():
         raise ApplianceError(f"{image} does not exist: run `appliance build {profile}` first")
     spec = image_spec(loaded)
+    if spec.boot.kind == "rpi":  # booted as its firmware would, in raspi4b (no network there)
+        import tempfile
+
+        from .verify import raspi
+        if persist:
+            raise InputError("--persist: a Pi image boots in QEMU's raspi4b on an overlay only")
+        with tempfile.TemporaryDirectory(prefix="appliance-run-") as work:
+            raise SystemExit(raspi.run_interactive(image.resolve(), spec.platform, spec.boot, Path(work)))
     raise SystemExit(run_interactive(image.resolve(), persist, spec.platform, hardware=not spec.vm))
 
 
@@ -726,12 +735,12 @@ def fleet_update(directory: Path, inventory: Path, ssh_config: Path | None, out_
     before its reboot; 2 bad input (the inventory, a profile, an untested image)."""
 
     from . import fleet
-    from .image import BuildOptions, Cache
+    from .image import BuildOptions, Cache, image_spec
     from .image.debian import Archive
     from .image.run import NULL_LOG
     from .image.tools import build_tools
     from .rollout import exit_status, load_inventory, rollout
-    from .update import Target
+    from .update import Target, require_updatable
     from .verify import verify_tree
 
     plan = load_inventory(inventory)
@@ -742,6 +751,8 @@ def fleet_update(directory: Path, inventory: Path, ssh_config: Path | None, out_
     unknown = [n for n in plan.devices if n not in by_name]
     if unknown:
         raise InputError(f"{inventory}: no profile under {directory} for {', '.join(unknown)}")
+    for name in plan.order():
+        require_updatable(image_spec(by_name[name].profile))
     cache = Cache(cache_dir)
     built = {}
     for name in plan.order():

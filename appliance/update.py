@@ -327,6 +327,14 @@ def reboot(target: Target) -> None:
     target.run("systemd-run --no-block --on-active=1 systemctl reboot", timeout=30)
 
 
+def require_updatable(spec: ImageSpec) -> None:
+    """Updates in the field fall back to the running root through UEFI boot counting (systemd-boot)."""
+    if spec.boot.kind != "uefi":
+        raise InputError(f"{spec.name}: updates in the field need UEFI boot counting (systemd-boot) to fall back "
+                         f"to the running root; a {spec.board} boots through its own firmware, and A/B with the "
+                         f"Pi's tryboot is not built yet: flash the new image instead (`appliance flash`)")
+
+
 def update(target: Target, image: Path, spec: ImageSpec, tools: ToolsTree, work: Path, *,
            progress: Callable[[int, int], None], say: Callable[[str], None], boot_timeout: float = 600,
            reuse: bool = True, source: Source | None = None, repo: Path | None = None,
@@ -336,6 +344,7 @@ def update(target: Target, image: Path, spec: ImageSpec, tools: ToolsTree, work:
     running root. source: the image's commit (provenance), compared with the device's in repo: an
     older one is refused unless allow_downgrade."""
     name = spec.name
+    require_updatable(spec)
     report = UpdateReport(Outcome.UNREACHABLE, target.host)
     t0 = time.monotonic()
     before = target.status()

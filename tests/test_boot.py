@@ -43,6 +43,15 @@ def test_example_passes(name: str, checks: int) -> None:
     assert {"boot_to_ssh", "boot_to_handshake"} <= set(report.timings)
 
 
+def test_rpi4_image_boots_in_raspi4b() -> None:
+    """The Pi image (built through qemu-user like any arm64 one): its boot partition read without
+    mounting, then its own kernel, initramfs, device tree, command line and root booted in QEMU's
+    raspi4b to multi-user.target (no lab network: raspi4b has no Ethernet; verify/raspi.py)."""
+    report = boot("rpi4-subnet-router")
+    assert report.ok, why(report)
+    assert report.passed == 3 and "multi_user" in report.timings, why(report)
+
+
 VARIANTS = sorted((Path(__file__).parent / "variants").glob("*.yaml"))
 
 

@@ -116,6 +116,14 @@ def test_fail_boot_goes_back_only_when_it_can(tmp_path: Path) -> None:
         assert run == [], files
 
 
+def test_fail_boot_on_a_board_without_boot_counting(tmp_path: Path) -> None:
+    """A Pi's boot partition has no EFI/Linux: an unhealthy boot stays, and says why."""
+    (tmp_path / "pi").mkdir()
+    run = Calls()
+    assert "counts no tries" in slots.fail_boot(tmp_path / "pi", run, booted="a")
+    assert run == []
+
+
 def test_rollback(tmp_path: Path) -> None:
     run = Calls()
     esp = esp_with(tmp_path, "n-1-a.efi", "n-2-b.efi")

@@ -289,7 +289,10 @@ def fail_boot(esp: Path = ESP, run: Any = subprocess.run, booted: str | None = N
     """This boot was unhealthy: when it was a try of a new entry and a blessed one exists to go back
     to, mark it bad (systemd-bless-boot bad: systemd-boot skips it from now on) and reboot."""
     booted = booted or booted_slot()
-    current = entries(esp)
+    try:
+        current = entries(esp)
+    except FileNotFoundError:  # a Raspberry Pi's boot partition: its firmware counts no tries
+        return "staying: this boot loader counts no tries (no EFI/Linux entries)"
     trying = [e for e in current if e.slot == booted and e.state == "trying"]
     fallback = [e for e in current if e.slot != booted and e.state == "good"]
     if not trying or not fallback:

@@ -84,7 +84,7 @@ def build_data_fs(tools: ToolsTree, var: Path, out: Path, ids: DiskIds, size: in
 
 
 def write_disk(tools: ToolsTree, out: Path, esp: Path, root: Path, data: Path, lay: Layout, ids: DiskIds,
-               log: BuildLog, root_type: str) -> None:
+               log: BuildLog, root_type: str, boot_type: str = ESP_TYPE) -> None:
     """Partition table on a sparse file, then the file systems copied in at their offsets (slot B
     stays a hole). The file is 0600 from its first byte: it will hold the appliance's private key."""
     with open(private_file(out), "wb") as f:
@@ -97,7 +97,7 @@ def write_disk(tools: ToolsTree, out: Path, esp: Path, root: Path, data: Path, l
         "label: gpt\n"
         f"label-id: {ids.disk}\n"
         "first-lba: 2048\n"
-        + part(lay.esp_offset, lay.esp_size, ESP_TYPE, ids.esp, "esp")
+        + part(lay.esp_offset, lay.esp_size, boot_type, ids.esp, "esp")
         + "".join(part(lay.slot_offset(s), lay.slot_size, root_type, ids.slot_partition(s), f"root-{s}")
                   for s in Slot)
         + part(lay.data_offset, lay.data_size, DATA_TYPE, ids.data_part, "data"))

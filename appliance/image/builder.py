@@ -22,7 +22,7 @@ from ..render.tree import ConfigTree
 from .assemble import build_data_fs, build_esp, build_root_fs, build_uki, write_disk
 from .cache import Cache, CacheKind, content_key
 from .debian import Archive
-from .disk import ESP_SIZE, DiskIds, Layout, Slot, kernel_cmdline, layout, system_files, uki_entry
+from .disk import ESP_SIZE, ESP_TYPE, DiskIds, Layout, Slot, kernel_cmdline, layout, system_files, uki_entry
 from .lock import Lock
 from .manifest import BuildManifest, OutputFile, ProfileInfo
 from .netstack import IMAGE_PATH as NETSTACK_PATH
@@ -30,13 +30,15 @@ from .netstack import build_netstack
 from .outputs import allocated, bmap, compress, sha256, write_manifest
 from .platform import HOST
 from .rootfs import BaseTree, build_base, newest_base
+from .rpi_boot import boot_files, build_rpi_boot
 from .run import BuildLog, ImageError, require_root
 from .spec import ImageSpec
 from .stage import remove_tree, split_var, stage_tree
 from .tested import matching_record, packages_digest
-from .tools import ToolsTree, build_tools, efi_binaries, tools_key
+from .tools import ToolsTree, build_tools, efi_binaries, tools_key, unpacked_packages
 
 ESP_RECIPE = 3  # bump when the way the ESP is made changes
+RPI_BOOT_RECIPE = 1  # the same for the Pi's boot partition
 DEFAULT_SOURCE_DATE_EPOCH = 1735689600  # 2025-01-01: used when neither lock nor environment sets one
 
 Step = Callable[[str], AbstractContextManager[None]]
@@ -278,7 +280,7 @@ def _esp(ctx: BuildContext) -> None:
     """The ESP depends only on the base (kernel, initramfs) and the command line: cached on both."""
     base, tools = ctx.need(ctx.base, "the base tree"), ctx.need(ctx.tools, "the tools tree")
     plat = ctx.spec.platform
-    ctx.cmdline = cmdline = kernel_cmdline(ctx.ids, Slot.A, vm=ctx.spec.vm, serial=plat.serial)
+    ctx.cmdline = cmdline = kernel_cmdline(ctx.ids, Slot.A, vm=ctx.spec.vm, serial=ctx.spec.serial)
     ids, sde, log = ctx.ids, ctx.sde, ctx.log
 
     entry = uki_entry(ctx.spec.name)
@@ -294,6 +296,24 @@ def _esp(ctx: BuildContext) -> None:
 
     key = content_key({"base": base.entry.key, "cmdline": cmdline, "serial": ids.esp_serial, "sde": sde,
                        "recipe": ESP_RECIPE, "entry": entry})
+    ctx.esp = ctx.opts.cache.get_or_build(CacheKind.ESP, key, make).path / "esp.img"
+
+
+def _rpi_boot(ctx: BuildContext) -> None:
+    """The Pi firmware's boot partition, in the ESP's place: cached on the base and the command line."""
+    base, tools, spec = ctx.need(ctx.base, "the base tree"), ctx.need(ctx.tools, "the tools tree"), ctx.spec
+    ctx.cmdline = cmdline = kernel_cmdline(ctx.ids, Slot.A, vm=False, serial=spec.serial)
+    firmware = unpacked_packages(ctx.opts.cache, ctx.archive, spec.platform, spec.boot.firmware_packages, ctx.log,
+                                 components="main non-free-firmware")
+    dtb_dir = base.tree / "usr/lib" / f"linux-image-{base.kernel_version}" / spec.boot.dtb_dir
+    files = boot_files(spec.boot, firmware, base.kernel, base.initrd, dtb_dir, cmdline, spec.name)
+
+    def make(tmp: Path) -> dict[str, object]:
+        build_rpi_boot(tools, files, tmp / "esp.img", ctx.ids, ESP_SIZE, ctx.sde, ctx.log)
+        return {"cmdline": cmdline, "base": base.entry.key, "files": sorted(files)}
+
+    key = content_key({"base": base.entry.key, "cmdline": cmdline, "serial": ctx.ids.esp_serial, "sde": ctx.sde,
+                       "recipe": RPI_BOOT_RECIPE, "board": spec.board, "firmware": str(firmware)})
     ctx.esp = ctx.opts.cache.get_or_build(CacheKind.ESP, key, make).path / "esp.img"
 
 
@@ -318,7 +338,7 @@ def _root_fs(ctx: BuildContext) -> None:
 def _disk(ctx: BuildContext) -> None:
     write_disk(ctx.need(ctx.tools, "the tools tree"), ctx.tmp["img"], ctx.need(ctx.esp, "the ESP"),
                ctx.work / "root.img", ctx.work / "data.img", ctx.need(ctx.layout, "the layout"), ctx.ids, ctx.log,
-               ctx.spec.platform.root_type)
+               ctx.spec.platform.root_type, ctx.spec.boot.part_type or ESP_TYPE)
     if not ctx.opts.keep_tree:
         remove_tree(ctx.need(ctx.tree, "the staged tree"))
 
@@ -354,7 +374,9 @@ STEPS = [
     BuildStep("configuration onto the root tree", "stage", _stage),
     BuildStep("verify root tree (testinfra, chroot)", "verify_tree", _check_tree,
               lambda ctx: ctx.opts.check_tree is not None),
-    BuildStep("ESP with unified kernel image", "esp", _esp),
+    BuildStep("ESP with unified kernel image", "esp", _esp, lambda ctx: ctx.spec.boot.kind == "uefi"),
+    BuildStep("Pi boot partition (firmware, config.txt, kernel, device trees)", "esp", _rpi_boot,
+              lambda ctx: ctx.spec.boot.kind == "rpi"),
     BuildStep("data partition (mkfs.ext4 -d /var)", "data_fs", _data_fs),
     BuildStep("root file system (mkfs.erofs)", "root_fs", _root_fs),
     BuildStep("GPT disk image", "disk", _disk),

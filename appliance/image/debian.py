@@ -30,10 +30,10 @@ class Archive:
         return cls(os.environ.get(MIRROR_ENV, "http://deb.debian.org/debian"),
                    os.environ.get(SECURITY_MIRROR_ENV, "http://deb.debian.org/debian-security"))
 
-    def sources(self) -> list[str]:
-        return [f"deb {self.mirror} {self.suite} main",
-                f"deb {self.mirror} {self.suite}-updates main",
-                f"deb {self.security} {self.suite}-security main"]
+    def sources(self, components: str = "main") -> list[str]:
+        return [f"deb {self.mirror} {self.suite} {components}",
+                f"deb {self.mirror} {self.suite}-updates {components}",
+                f"deb {self.security} {self.suite}-security {components}"]
 
     def _inrelease_urls(self) -> list[str]:
         return [f"{self.mirror}/dists/{self.suite}/InRelease",

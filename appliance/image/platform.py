@@ -1,6 +1,8 @@
-"""Everything that differs by CPU architecture, in one table that the build and the lab read: Debian's
-and UEFI's names for it, the root partition's GPT type, the EFI binaries, the serial console, and
-how QEMU emulates it. Nothing else in appliance names an architecture."""
+"""Everything that differs by CPU architecture or board, in two tables that the build and the lab
+read. Per architecture: Debian's and UEFI's names for it, the root partition's GPT type, the EFI
+binaries, the serial console, and how QEMU emulates it. Per board: how it boots (UEFI or the
+Raspberry Pi's firmware), the firmware and device trees that boot needs, its serial console. Nothing
+else in appliance names an architecture or a board's hardware."""
 
 from __future__ import annotations
 
@@ -63,3 +65,39 @@ def platform(arch: str) -> Platform:
         return PLATFORMS[arch]
     except KeyError:
         raise ValueError(f"no platform for architecture {arch!r} (known: {', '.join(PLATFORMS)})") from None
+
+
+@dataclass(frozen=True)
+class BoardBoot:
+    """How a board's firmware finds the kernel: "uefi" (systemd-boot and a UKI per root slot on an
+    ESP, boot counting) or "rpi" (the Pi's firmware reads config.txt, cmdline.txt, the kernel, the
+    initramfs and the board's device tree from the first FAT partition; no boot counting)."""
+
+    kind: str
+    # Debian packages (non-free-firmware) whose files the firmware loads, unpacked onto the boot partition
+    firmware_packages: tuple[str, ...] = ()
+    firmware_dir: str = ""  # where those packages keep them
+    firmware_files: tuple[str, ...] = ()  # globs in firmware_dir: what this board's firmware loads
+    dtb_dir: str = ""  # under /usr/lib/linux-image-VERSION/
+    dtbs: tuple[str, ...] = ()  # the device trees of the board's models (the firmware picks by model)
+    serial: str = ""  # the console on the board's serial header, where not the architecture's
+    part_type: str = ""  # GPT type of the boot partition, where not the ESP's
+
+
+UEFI_BOOT = BoardBoot("uefi")
+BOARD_BOOT = {
+    "generic": UEFI_BOOT,
+    "qemu": UEFI_BOOT,
+    # Pi 4 B, Pi 400, CM4: the EEPROM boot loader reads start4.elf/fixup4.dat (and the variants
+    # config.txt may select) from the first FAT partition, GPT or MBR. The serial header's UART is
+    # the mini UART (ttyS1 with the mainline device tree; the PL011 serves Bluetooth).
+    "rpi4": BoardBoot("rpi", ("raspi-firmware",), "/usr/lib/raspi-firmware", ("start4*.elf", "fixup4*.dat"),
+                      "broadcom", ("bcm2711-rpi-4-b.dtb", "bcm2711-rpi-400.dtb", "bcm2711-rpi-cm4-io.dtb"),
+                      # Microsoft basic data, as Raspberry Pi's own GPT images have it: the EEPROM's
+                      # reading of ESP-typed partitions has had bugs (rpi-eeprom #359, #558)
+                      serial="ttyS1", part_type="EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"),
+}
+
+
+def board_boot(board: str) -> BoardBoot:
+    return BOARD_BOOT[board]

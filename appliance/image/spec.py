@@ -10,7 +10,7 @@ from typing import Any
 
 from ..profile.model import Profile
 from ..render.renderer import appliance_units, enabled_units
-from .platform import Platform, platform
+from .platform import BoardBoot, Platform, board_boot, platform
 
 
 class Arch(StrEnum):
@@ -21,6 +21,7 @@ class Arch(StrEnum):
 class Board(StrEnum):
     GENERIC = "generic"  # real hardware: the full kernel, initramfs-tools
     QEMU = "qemu"  # virtual machines: the cloud kernel, tiny-initramfs
+    RPI4 = "rpi4"  # Raspberry Pi 4/400/CM4: the full kernel, initramfs-tools, booted by the Pi's firmware
 
 
 class Initramfs(StrEnum):
@@ -117,6 +118,15 @@ class ImageSpec:
     def platform(self) -> Platform:
         return platform(self.arch)
 
+    @property
+    def boot(self) -> BoardBoot:
+        return board_boot(self.board)
+
+    @property
+    def serial(self) -> str:
+        """The kernel's serial console: the board's, else its architecture's."""
+        return self.boot.serial or self.platform.serial
+
     def base_inputs(self) -> dict[str, Any]:
         """The parts that decide the base tree's content (the name does not)."""
         d = asdict(self)
@@ -142,6 +152,7 @@ def image_spec(p: Profile) -> ImageSpec:
     if p.userspace:
         packages.add("wireguard-tools")  # `wg show` reads the userspace dataplane's UAPI socket too
     vm = p.system.board == VM_BOARD
+    # Debian's full kernel drives the Pi 4 (device trees, SD/eMMC, GENET Ethernet, PCIe USB)
     kernel = f"linux-image-cloud-{p.system.arch}" if vm else f"linux-image-{p.system.arch}"
     packages.add(kernel)
     initramfs = INITRAMFS_VM if vm else INITRAMFS_HARDWARE

@@ -96,16 +96,27 @@ class EfiBinaries:
 
 def efi_binaries(cache: Cache, archive: Archive, plat: Platform, log: BuildLog) -> EfiBinaries:
     """The host's come with the tools tree. Another architecture's are the same Debian package of that
-    architecture, unpacked (mmdebstrap's extract variant: no maintainer script, nothing emulated)."""
+    architecture, unpacked."""
     if plat == HOST:
         return EfiBinaries(plat.uki_stub, plat.systemd_boot)
-
-    def make(tmp: Path) -> dict[str, object]:
-        run([*mmdebstrap_args(cache.root / "debs", variant="extract", plat=plat), f"--include={','.join(EFI_PACKAGES)}",
-             archive.suite, tmp / "tree", *archive.sources()], log=log, what=f"mmdebstrap (EFI binaries, {plat.arch})")
-        return {"packages": EFI_PACKAGES, "arch": plat.arch}
-
-    key = content_key({"packages": EFI_PACKAGES, "arch": plat.arch, "suite": archive.suite, "recipe": EFI_RECIPE})
-    root = cache.get_or_build(CacheKind.EFI, key, make).path / "tree"
+    root = unpacked_packages(cache, archive, plat, EFI_PACKAGES, log, recipe=EFI_RECIPE)
     efi = root / plat.uki_stub.lstrip("/").rsplit("/", 1)[0]
     return EfiBinaries(f"{root}{plat.uki_stub}", f"{root}{plat.systemd_boot}", (efi,))
+
+
+def unpacked_packages(cache: Cache, archive: Archive, plat: Platform, packages: Sequence[str], log: BuildLog,
+                      components: str = "main", recipe: int = EFI_RECIPE) -> Path:
+    """Debian packages of an architecture unpacked into a cached tree, without their dependencies and
+    without running anything of theirs (mmdebstrap's extract variant: nothing emulated)."""
+    def make(tmp: Path) -> dict[str, object]:
+        run([*mmdebstrap_args(cache.root / "debs", variant="extract", plat=plat), f"--include={','.join(packages)}",
+             archive.suite, tmp / "tree", *archive.sources(components)], log=log,
+            what=f"mmdebstrap ({', '.join(packages)}, {plat.arch})")
+        return {"packages": list(packages), "arch": plat.arch}
+
+    # (the key of the first use, the EFI binaries, is kept as it was: main only)
+    key_parts: dict[str, object] = {"packages": list(packages), "arch": plat.arch, "suite": archive.suite,
+                                    "recipe": recipe}
+    if components != "main":
+        key_parts["components"] = components
+    return cache.get_or_build(CacheKind.EFI, content_key(key_parts), make).path / "tree"

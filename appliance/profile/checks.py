@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .errors import format_path
-from .model import TUNNEL_INTERFACE, NetInterface, Profile, StaticIPv4, StaticIPv6, UserspaceDataplane
+from .model import BOARD_ARCHES, TUNNEL_INTERFACE, NetInterface, Profile, StaticIPv4, StaticIPv6, UserspaceDataplane
 from .types import IPNetwork, split_host_port
 
 Path = tuple[str | int, ...]
@@ -25,6 +25,7 @@ class Finding:
 
 def cross_checks(p: Profile) -> list[Finding]:
     return [
+        *_board(p),
         *_roles(p),
         *_interfaces(p),
         *_peers(p),
@@ -37,6 +38,13 @@ def cross_checks(p: Profile) -> list[Finding]:
         *_metrics(p),
         *_health(p),
     ]
+
+
+def _board(p: Profile) -> Iterator[Finding]:
+    board, arch = p.system.board, p.system.arch
+    if arch not in BOARD_ARCHES[board]:
+        yield Finding(("system", "board"), f"board {board} runs {' or '.join(BOARD_ARCHES[board])}, not {arch}: "
+                                           f"set system.arch to {BOARD_ARCHES[board][0]}")
 
 
 def _roles(p: Profile) -> Iterator[Finding]:

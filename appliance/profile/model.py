@@ -53,6 +53,18 @@ def _timezones() -> frozenset[str]:
     return frozenset(zoneinfo.available_timezones())
 
 
+# Boards a profile may name, with the architectures each runs (a board outside its list is an error
+# at the board's line, not a failed build)
+BOARD_ARCHES: dict[str, tuple[str, ...]] = {"generic": ("amd64", "arm64"), "qemu": ("amd64", "arm64"),
+                                            "rpi4": ("arm64",)}
+# Boards people will ask for, and why they are not buildable yet
+UNSUPPORTED_BOARDS = {
+    "rpi5": "rpi5 is not supported yet: its Ethernet sits behind the RP1 chip, which Debian trixie's kernel "
+            "(6.12) has no driver for; trixie-backports' kernels have one, but images are built from trixie "
+            "main only. Use rpi4, or generic with UEFI firmware",
+}
+
+
 class Ssh(Strict):
     authorized_keys: list[SshPublicKey] = Field(
         default_factory=list, description="OpenSSH public keys allowed to log in as root (key login only)")
@@ -60,9 +72,11 @@ class Ssh(Strict):
 
 
 class System(Strict):
-    board: Literal["generic", "qemu"] = Field(
-        "generic", description="generic: real hardware (full kernel, initramfs-tools); qemu: virtual machines "
-                              "booting from a virtio-blk or NVMe disk (cloud kernel, tiny-initramfs)")
+    board: Literal["generic", "qemu", "rpi4"] = Field(
+        "generic", description="generic: real hardware booting by UEFI (full kernel, initramfs-tools); qemu: "
+                              "virtual machines booting from a virtio-blk or NVMe disk (cloud kernel, "
+                              "tiny-initramfs); rpi4: Raspberry Pi 4, 400 and CM4, booted by the Pi's own "
+                              "firmware (arm64 only)")
     arch: Literal["amd64", "arm64"] = Field("amd64", description="Debian architecture of the image")
     timezone: TimezoneName = Field("UTC", description="IANA time zone, e.g. Europe/Amsterdam")
     ssh: Ssh = Field(default_factory=Ssh, description="management SSH")
@@ -72,6 +86,13 @@ class System(Strict):
         default_factory=list, description="kernel modules kept in the image although their kind is left out "
                                           "(sound, video, cameras, Wi-Fi, ...: see \"Boards and architectures\"), "
                                           "with what they depend on")
+
+    @field_validator("board", mode="before")
+    @classmethod
+    def _supported_board(cls, value: Any) -> Any:
+        if value in UNSUPPORTED_BOARDS:
+            raise ValueError(UNSUPPORTED_BOARDS[value])
+        return value
 
     @field_validator("timezone")
     @classmethod
