@@ -171,6 +171,28 @@ def test_update_commands_refuse_a_bad_host(host: str) -> None:
         assert "--host" in result.output and "Traceback" not in result.output
 
 
+def test_a_pi_is_not_updated_and_nothing_is_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Pi has no boot counting to fall back with: `update` says so before keys, builds or SSH.
+    Control: without that check the same command goes on to make the keys and build."""
+    out, secrets = tmp_path / "images", tmp_path / "secrets"
+    args = ["update", str(PROFILES / "rpi4-subnet-router.yaml"), "--host", "127.0.0.1:9", "--out-dir", str(out),
+            "--secrets", str(secrets)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "tryboot" in result.output, result.output
+    assert not out.exists() and not secrets.exists()
+
+    import appliance.cli
+    import appliance.update
+
+    def no_build(*a: object, **k: object) -> None:
+        raise SystemExit(7)
+
+    monkeypatch.setattr(appliance.update, "require_updatable", lambda spec: None)
+    monkeypatch.setattr(appliance.cli, "_build_image", no_build)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 7 and secrets.exists(), result.output
+
+
 def test_status_of_a_device_that_does_not_answer(tmp_path: Path) -> None:
     """Nothing listens on the port: `status` says unreachable and exits 4 (ssh is real, loopback only)."""
     import socket

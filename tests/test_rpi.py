@@ -37,6 +37,18 @@ def test_board_table_for_rpi4() -> None:
     assert image_spec(load_profile(PROFILES / "exit-node.yaml").profile).boot.kind == "uefi"
 
 
+def test_board_tables_agree() -> None:
+    """The profile's boards (and their architectures), the image's Board enum and the boot table
+    name the same boards; every architecture a board runs is one the platform table has."""
+    from appliance.image.platform import BOARD_BOOT, PLATFORMS
+    from appliance.image.spec import Board
+    from appliance.profile.model import BOARD_ARCHES
+
+    assert set(BOARD_ARCHES) == set(BOARD_BOOT) == {b.value for b in Board}
+    assert {a for archs in BOARD_ARCHES.values() for a in archs} <= set(PLATFORMS)
+    assert all(b.dtbs for b in BOARD_BOOT.values() if b.kind == "rpi")  # raspi4b boots the first
+
+
 def test_pi_images_are_not_updated_in_the_field() -> None:
     with pytest.raises(InputError, match="tryboot"):
         require_updatable(image_spec(PI))

@@ -40,6 +40,12 @@ def build_uki(tools: ToolsTree, kernel: Path, initrd: Path, os_release: Path, cm
 LOADER_CONF = "timeout 0\neditor no\nauto-entries no\nauto-firmware no\n"
 
 
+def mkfs_fat(out: Path, label: str, ids: DiskIds, size: int) -> str:
+    """The shell command that makes a boot partition's FAT32 file system: the same bytes each build
+    (--invariant, the volume id from the appliance's name)."""
+    return f"mkfs.vfat -F 32 -n {label} -i {ids.esp_serial} --invariant -C {out} {size // 1024} >/dev/null"
+
+
 def build_esp(tools: ToolsTree, uki: Path, out: Path, ids: DiskIds, size: int, sde: int, log: BuildLog,
               entry: str, plat: Platform, efi: EfiBinaries) -> None:
     """The ESP: systemd-boot (from the tools tree) as the firmware's fallback loader, its
@@ -48,7 +54,7 @@ def build_esp(tools: ToolsTree, uki: Path, out: Path, ids: DiskIds, size: int, s
     conf.write_text(LOADER_CONF)
     os.utime(conf, (sde, sde))  # mcopy -m keeps it
     script = (
-        f"mkfs.vfat -F 32 -n ESP -i {ids.esp_serial} --invariant -C {out} {size // 1024} >/dev/null && "
+        f"{mkfs_fat(out, 'ESP', ids, size)} && "
         f"mmd -i {out} ::/EFI ::/EFI/BOOT ::/EFI/Linux ::/loader && "
         f"mcopy -m -i {out} {efi.loader} ::{plat.fallback_loader} && "
         f"mcopy -m -i {out} {conf} ::/loader/loader.conf && "

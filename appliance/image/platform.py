@@ -79,7 +79,9 @@ class BoardBoot:
     firmware_dir: str = ""  # where those packages keep them
     firmware_files: tuple[str, ...] = ()  # globs in firmware_dir: what this board's firmware loads
     dtb_dir: str = ""  # under /usr/lib/linux-image-VERSION/
-    dtbs: tuple[str, ...] = ()  # the device trees of the board's models (the firmware picks by model)
+    # the device trees of the board's models (the firmware picks by model); the first is the model
+    # QEMU emulates, if it does
+    dtbs: tuple[str, ...] = ()
     serial: str = ""  # the console on the board's serial header, where not the architecture's
     part_type: str = ""  # GPT type of the boot partition, where not the ESP's
 

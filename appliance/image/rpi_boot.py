@@ -13,9 +13,11 @@ done yet)."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 from pathlib import Path
 
+from .assemble import mkfs_fat
 from .disk import DiskIds
 from .platform import BoardBoot
 from .run import BuildLog
@@ -66,9 +68,8 @@ def build_rpi_boot(tools: ToolsTree, files: dict[str, Path | str], out: Path, id
                     raise FileNotFoundError(2, "a file the Pi's boot partition needs is missing", str(src))
                 shutil.copyfile(src, dst)
             os.utime(dst, (sde, sde))  # mcopy -m keeps it
-        names = " ".join(str(stage / n) for n in sorted(files))
-        script = (f"mkfs.vfat -F 32 -n BOOT -i {ids.esp_serial} --invariant -C {out} {size // 1024} >/dev/null && "
-                  f"mcopy -m -i {out} {names} ::/")
+        names = " ".join(shlex.quote(str(stage / n)) for n in sorted(files))
+        script = f"{mkfs_fat(out, 'BOOT', ids, size)} && mcopy -m -i {out} {names} ::/"
         tools.run(["sh", "-c", script], binds=[out.parent], log=log, what="Pi boot partition (mkfs.vfat, mtools)",
                   env={"MTOOLS_SKIP_CHECK": "1", "SOURCE_DATE_EPOCH": str(sde)})
     finally:

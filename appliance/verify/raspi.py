@@ -228,7 +228,7 @@ def raspi_command(image: Path, plat: Platform, board_boot: BoardBoot, work: Path
     config = read_boot_file(image, boot, CONFIG_TXT, work / CONFIG_TXT).read_text()
     kernel = read_boot_file(image, boot, config_value(config, "kernel") or "", work / "kernel")
     initrd = read_boot_file(image, boot, config_value(config, "initramfs") or "", work / "initrd")
-    dtb = read_boot_file(image, boot, "bcm2711-rpi-4-b.dtb", work / "board.dtb")
+    dtb = read_boot_file(image, boot, board_boot.dtbs[0], work / "board.dtb")
     cmdline = read_boot_file(image, boot, CMDLINE_TXT, work / CMDLINE_TXT).read_text().strip()
     nodes = disable_not_modelled(dtb) + card_on_legacy_sdhci(dtb)
     sd = work / "sd.qcow2"
