@@ -203,8 +203,11 @@ def diff(repo: Path, rev1: str, rev2: str, subdir: str = ".") -> list[DeviceDiff
             lines += difflib.unified_diff(x1.get(path, "").splitlines(keepends=True),
                                           x2.get(path, "").splitlines(keepends=True),
                                           f"a/{path}", f"b/{path}")
-        spec_changed = image_spec(p1.profile).base_inputs() != image_spec(p2.profile).base_inputs()
-        changes = "packages and configuration" if spec_changed else ("configuration" if lines else "")
-        status = Change.CHANGED if lines or spec_changed else Change.UNCHANGED
+        base_changed = image_spec(p1.profile).base_inputs() != image_spec(p2.profile).base_inputs()
+        # boards of one architecture may share a root tree and still boot from other files
+        board_changed = p1.profile.system.board != p2.profile.system.board
+        changes = ("packages and configuration" if base_changed else "boot files and configuration"
+                   if board_changed else "configuration" if lines else "")
+        status = Change.CHANGED if lines or base_changed or board_changed else Change.UNCHANGED
         results.append(DeviceDiff(name, status, "".join(lines), changes))
     return results

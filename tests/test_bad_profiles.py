@@ -45,6 +45,7 @@ CASES = [
     Case("rpi4-amd64", 4, ["  board: rpi4", "  timezone: UTC"], 4, "system.board", "runs arm64, not amd64"),
     Case("rpi5", 4, ["  board: rpi5", "  arch: arm64", "  timezone: UTC"], 4, "system.board", "RP1"),
     Case("board-typo", 4, ["  board: raspberrypi", "  timezone: UTC"], 4, "system.board", "'rpi4'"),
+    Case("board-list", 4, ["  board: []", "  timezone: UTC"], 4, "system.board", "'rpi4'"),  # found by fuzzing
     Case("ssh-key-garbage", 7, ['    authorized_keys: ["my laptop key"]'], 7, "system.ssh.authorized_keys[0]",
          "OpenSSH public key"),
     Case("match-both", 10, ['    match: {name: "en*", mac: "52:54:00:12:34:01"}'], 10, "interfaces.uplink.match",

@@ -33,9 +33,11 @@ def why(report: BootReport) -> str:
 
 
 # arm64-exit-node: built on this amd64 machine through qemu-user, booted in qemu-system-aarch64 (AAVMF);
-# fleet/sites/ams: a generic-board image (full kernel, initramfs-tools) on an AHCI disk and e1000e NICs
+# fleet/sites/ams and arm64-subnet-router: generic-board images (full kernel, initramfs-tools) on an
+# AHCI disk and e1000e NICs, amd64 (q35, OVMF) and arm64 (virt, AAVMF)
 @pytest.mark.parametrize("name,checks", [("exit-node", 20), ("subnet-router", 20), ("userspace-exit-node", 15),
-                                         ("arm64-exit-node", 20), ("fleet/sites/ams", 20)])
+                                         ("arm64-exit-node", 20), ("fleet/sites/ams", 20),
+                                         ("arm64-subnet-router", 20)])
 def test_example_passes(name: str, checks: int) -> None:
     report = boot(name)
     assert report.ok, why(report)

@@ -82,6 +82,21 @@ def test_diff_between_revisions(tmp_path: Path) -> None:
     assert "###" not in stat and "site-ams" in stat
 
 
+def test_diff_sees_a_board_change_that_keeps_the_root_tree(tmp_path: Path) -> None:
+    """generic -> rpi4 on arm64 keeps the base tree (test_rpi) but not the image: still a change."""
+    repo = _fleet_repo(tmp_path / "fleet-repo")
+    fra = repo / "sites/fra.yaml"
+    fra.write_text(fra.read_text().replace("name: site-fra", "name: site-fra\nsystem: {arch: arm64}"))
+    _git(repo, "commit", "-qam", "fra on arm64")
+    fra.write_text(fra.read_text().replace("system: {arch: arm64}", "system: {arch: arm64, board: rpi4}"))
+    _git(repo, "commit", "-qam", "fra on a Pi")
+    result = CliRunner().invoke(cli, ["fleet", "diff", "HEAD~1", "HEAD", "--repo", str(repo), "--stat"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") == 4}
+    assert "changed" in rows["site-fra"] and "boot files and configuration" in rows["site-fra"], result.stdout
+    assert "unchanged" in rows["site-ams"], result.stdout  # control
+
+
 def test_diff_unknown_revision(tmp_path: Path) -> None:
     repo = _fleet_repo(tmp_path / "r")
     result = CliRunner().invoke(cli, ["fleet", "diff", "nope", "HEAD", "--repo", str(repo)])

@@ -313,7 +313,8 @@ def _rpi_boot(ctx: BuildContext) -> None:
         return {"cmdline": cmdline, "base": base.entry.key, "files": sorted(files)}
 
     key = content_key({"base": base.entry.key, "cmdline": cmdline, "serial": ctx.ids.esp_serial, "sde": ctx.sde,
-                       "recipe": RPI_BOOT_RECIPE, "board": spec.board, "firmware": str(firmware)})
+                       "recipe": RPI_BOOT_RECIPE, "board": spec.board, "firmware": str(firmware),
+                       "files": sorted(files)})
     ctx.esp = ctx.opts.cache.get_or_build(CacheKind.ESP, key, make).path / "esp.img"
 
 

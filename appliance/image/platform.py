@@ -25,6 +25,8 @@ class Platform:
     # the watchdog a lab VM gets (QEMU -device, and the driver the VM image's initramfs loads for
     # it), or "" where QEMU's machine and Debian's cloud kernel have none in common
     vm_watchdog: str = ""
+    # the disk a lab VM of a generic (hardware) image boots from: "ahci" (SATA) or "nvme"
+    hardware_disk: str = "ahci"
 
     @property
     def goarch(self) -> str:
@@ -54,8 +56,11 @@ PLATFORMS = {
                       vm_watchdog="i6300esb"),
     # no watchdog in the lab: Debian's arm64 cloud kernel has no i6300esb driver, and QEMU's virt
     # machine has no watchdog of its own (the SBSA watchdog comes with sbsa-ref only)
+    # a generic image's lab disk is NVMe: Debian's AAVMF has no AHCI boot driver (it stops in its
+    # shell), and arm64 servers and boards boot from NVMe, SD or eMMC rather than SATA
     "arm64": Platform("arm64", "aa64", "aarch64-linux-gnu", "B921B045-1DF0-41C3-AF44-4C6F280D3FAE", "ttyAMA0",
-                      "qemu-system-aarch64", "virt", "aarch64", "virt-7.2", "max", buildable=True),
+                      "qemu-system-aarch64", "virt", "aarch64", "virt-7.2", "max", buildable=True,
+                      hardware_disk="nvme"),
 }
 HOST = PLATFORMS["amd64"]  # what builds run on (the tools tree) and the lab's default
 
@@ -90,10 +95,12 @@ UEFI_BOOT = BoardBoot("uefi")
 BOARD_BOOT = {
     "generic": UEFI_BOOT,
     "qemu": UEFI_BOOT,
-    # Pi 4 B, Pi 400, CM4: the EEPROM boot loader reads start4.elf/fixup4.dat (and the variants
-    # config.txt may select) from the first FAT partition, GPT or MBR. The serial header's UART is
-    # the mini UART (ttyS1 with the mainline device tree; the PL011 serves Bluetooth).
-    "rpi4": BoardBoot("rpi", ("raspi-firmware",), "/usr/lib/raspi-firmware", ("start4*.elf", "fixup4*.dat"),
+    # Pi 4 B, Pi 400, CM4: the EEPROM boot loader reads start4.elf/fixup4.dat from the first FAT
+    # partition, GPT or MBR; the variants (start4x: camera and codecs, start4db: debug, start4cd: for
+    # gpu_mem=16) only when config.txt asks for them, which the appliance's does not (5 MiB less).
+    # The serial header's UART is the mini UART (ttyS1 with the mainline device tree; the PL011
+    # serves Bluetooth).
+    "rpi4": BoardBoot("rpi", ("raspi-firmware",), "/usr/lib/raspi-firmware", ("start4.elf", "fixup4.dat"),
                       "broadcom", ("bcm2711-rpi-4-b.dtb", "bcm2711-rpi-400.dtb", "bcm2711-rpi-cm4-io.dtb"),
                       # Microsoft basic data, as Raspberry Pi's own GPT images have it: the EEPROM's
                       # reading of ESP-typed partitions has had bugs (rpi-eeprom #359, #558)

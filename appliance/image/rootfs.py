@@ -73,8 +73,11 @@ def _essential_hooks(spec: ImageSpec) -> list[str]:
 
 # The base tree's own files: drop-ins and settings of Debian's packages, written here and copied
 # into the tree by one hook (mmdebstrap's sync-in) before the initramfs is made, which reads some.
-# path -> text; every file 0644 and every directory 0755, owned by root, dated SOURCE_DATE_EPOCH.
+# path -> text; every file 0644 (a hook 0755) and every directory 0755, owned by root, dated SOURCE_DATE_EPOCH.
 BaseFiles = dict[str, str]
+# initramfs-tools runs only executable hooks
+INITRAMFS_CLASSES_HOOK = "etc/initramfs-tools/hooks/appliance-modules"
+EXECUTABLE_BASE_FILES = {INITRAMFS_CLASSES_HOOK}
 
 
 def base_files(spec: ImageSpec, sde: int) -> BaseFiles:
@@ -123,6 +126,11 @@ def base_files(spec: ImageSpec, sde: int) -> BaseFiles:
             f"AUTO_MODULES=no\nINCLUDE_MODULES={','.join(spec.initrd_modules)}\nMICROCODE=no\nDEBUG=no\n")
     else:
         files["etc/initramfs-tools/modules"] = "".join(f"{m}\n" for m in spec.initrd_modules)
+    if spec.initrd_classes:
+        files[INITRAMFS_CLASSES_HOOK] = (
+            "#!/bin/sh\n# appliance: the module classes of ImageSpec.initrd_classes (with MODULES=list)\n"
+            'case "$1" in prereqs) exit 0;; esac\n. /usr/share/initramfs-tools/hook-functions\n'
+            f"auto_add_modules {' '.join(spec.initrd_classes)}\n")
     return files
 
 
@@ -137,7 +145,7 @@ def write_base_files(files: BaseFiles, dest: Path) -> None:
             (dest / parent).mkdir(mode=0o755, exist_ok=True)
             os.chmod(dest / parent, 0o755)
         path.write_text(text)
-        os.chmod(path, 0o644)
+        os.chmod(path, 0o755 if rel in EXECUTABLE_BASE_FILES else 0o644)
 
 
 def _initramfs_hooks(spec: ImageSpec) -> list[str]:
@@ -153,7 +161,8 @@ def _initramfs_hooks(spec: ImageSpec) -> list[str]:
             'find . ! -name . -print0 | LC_ALL=C sort -z | cpio --null -o --quiet --reproducible -R 0:0 -H newc '
             '> "/boot/$0"; cd /; rm -rf "$d"\' "${f##*/}"; done',
         ]
-    hooks.append('sed -i "s/^MODULES=.*/MODULES=most/; s/^#*COMPRESS=.*/COMPRESS=zstd/" '
+    modules = "list" if spec.initrd_classes else "most"  # list: the classes come from the hook
+    hooks.append(f'sed -i "s/^MODULES=.*/MODULES={modules}/; s/^#*COMPRESS=.*/COMPRESS=zstd/" '
                  '"$1/etc/initramfs-tools/initramfs.conf"')
     return hooks + ['chroot "$1" update-initramfs -c -k all']
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from .assemble import mkfs_fat
 from .disk import DiskIds
 from .platform import BoardBoot
-from .run import BuildLog
+from .run import BuildLog, ImageError
 from .tools import ToolsTree
 
 CONFIG_TXT = "config.txt"
@@ -43,7 +43,10 @@ def boot_files(boot: BoardBoot, firmware: Path, kernel: Path, initrd: Path, dtb_
     """Name on the partition -> a file to copy, or a text to write."""
     files: dict[str, Path | str] = {}
     for pattern in boot.firmware_files:
-        for f in sorted((firmware / boot.firmware_dir.lstrip("/")).glob(pattern)):
+        found = sorted((firmware / boot.firmware_dir.lstrip("/")).glob(pattern))
+        if not found:  # a board whose firmware would not start: stop here, not on the device
+            raise ImageError(f"no {pattern} in {', '.join(boot.firmware_packages)} ({boot.firmware_dir})")
+        for f in found:
             files[f.name] = f
     for dtb in boot.dtbs:
         files[dtb] = dtb_dir / dtb

@@ -53,6 +53,12 @@ ROOT_FS_MODULES = ["erofs"]
 INITRAMFS_VM = Initramfs.TINY
 VM_BOARD = Board.QEMU  # the board that boots in virtual machines: cloud kernel, tiny initramfs
 INITRAMFS_HARDWARE = Initramfs.TOOLS
+# What initramfs-tools puts into a hardware image's initramfs: its own module classes (hook-functions'
+# auto_add_modules), every one its MODULES=most takes but "net", NIC drivers for a root on NFS. The
+# root is on a local disk; udev loads NIC drivers from it. They were a third of the initramfs
+# (9.7 of 28 MB on arm64). Kept: every storage class (SATA, SCSI, NVMe, MMC, USB storage, virtio)
+# and "base" (USB hosts, keyboards, the SoC buses, clocks and regulators ARM boards need first).
+INITRD_CLASSES_HARDWARE = ["base", "ide", "scsi", "block", "ata", "dasd", "firewire", "mmc", "usb_storage", "fb"]
 # Module subtrees an edge router never loads (paths under /usr/lib/modules/VERSION/kernel/), as mkosi's
 # KernelModulesExclude=: cluster and network file systems, RDMA, lab hardware. Kept: all of net/
 # (nftables, WireGuard, tunnels), block and NIC drivers, ext4/vfat/overlay, 9p.
@@ -101,7 +107,7 @@ class ImageSpec:
     packages: tuple[str, ...]  # everything installed explicitly, kernel included, sorted
     extra_packages: tuple[str, ...]  # the profile's own, for error messages
     initramfs: Initramfs  # the Debian package that makes it
-    initrd_modules: tuple[str, ...]  # besides initramfs-tools' MODULES=most, or all tiny-initramfs loads
+    initrd_modules: tuple[str, ...]  # besides initramfs-tools' classes, or all tiny-initramfs loads
     modules_exclude: tuple[str, ...]  # kernel module subtrees left out of the image
     modules_blacklist: tuple[str, ...]  # modules never loaded by alias (udev, systemd)
     enable_units: tuple[str, ...]  # Debian's, enabled in the base tree
@@ -109,6 +115,7 @@ class ImageSpec:
     appliance_units: tuple[str, ...] = ()  # the appliance's own, enabled by the rendered tree
     netstack: bool = False  # the userspace dataplane's binary, compiled from Go and added to the tree
     modules_keep: tuple[str, ...] = ()  # system.kernel_modules: kept (with their dependencies) in spite of excludes
+    initrd_classes: tuple[str, ...] = ()  # initramfs-tools' module classes (MODULES=list and a hook); none: tiny
 
     @property
     def vm(self) -> bool:
@@ -128,14 +135,19 @@ class ImageSpec:
         return self.boot.serial or self.platform.serial
 
     def base_inputs(self) -> dict[str, Any]:
-        """The parts that decide the base tree's content (the name does not)."""
+        """The parts that decide the base tree's content (the name does not, nor which hardware board:
+        a board decides the tree only through the kernel, initramfs and module lists, which are here;
+        its boot files are made outside the tree). So rpi4 and arm64 generic share one tree."""
         d = asdict(self)
         d.pop("name")
+        # the field keeps its form, so trees cached before stay valid
+        d["board"] = VM_BOARD if self.vm else Board.GENERIC
         d.pop("extra_packages")
         d.pop("appliance_units")
         d.pop("netstack")
-        if not d["modules_keep"]:  # as before the field existed: cached trees stay valid
-            d.pop("modules_keep")
+        for late in ("modules_keep", "initrd_classes"):  # as before the field existed: cached trees stay valid
+            if not d[late]:
+                d.pop(late)
         return d
 
 
@@ -174,4 +186,5 @@ def image_spec(p: Profile) -> ImageSpec:
         appliance_units=tuple(appliance_units(p)),
         netstack=p.userspace,
         modules_keep=tuple(sorted(set(p.system.kernel_modules))),
+        initrd_classes=() if vm else tuple(INITRD_CLASSES_HARDWARE),
     )

@@ -90,7 +90,7 @@ class System(Strict):
     @field_validator("board", mode="before")
     @classmethod
     def _supported_board(cls, value: Any) -> Any:
-        if value in UNSUPPORTED_BOARDS:
+        if isinstance(value, str) and value in UNSUPPORTED_BOARDS:  # anything else: the type's own error
             raise ValueError(UNSUPPORTED_BOARDS[value])
         return value
 

@@ -551,7 +551,7 @@ class BootTest:
                      "root_partuuid": ids.slot_partition(Slot.A), "data_partuuid": ids.data_part},
             "units": sorted({*spec.enable_units, *spec.appliance_units}),
             "watchdog": spec.platform.vm_watchdog,
-            "devices": lab_devices(hardware=not spec.vm),
+            "devices": lab_devices(hardware=not spec.vm, plat=spec.platform),
             "uplink_mac": UPLINK_MAC, "uplink_ip": uplink_ip, "uplink_ip6": uplink6 or "",
             "offload": {"rx-udp-gro-forwarding": uplink.offload.udp_gro_forwarding,
                         "rx-gro-list": uplink.offload.gro_list},

@@ -169,7 +169,8 @@ def test_handshake_with_a_lab_peer(host: Any) -> None:
 
 def test_booted_on_the_labs_devices(host: Any) -> None:
     """The devices the lab gave the image are the ones it runs on: a generic image on an AHCI (SATA)
-    disk and Intel e1000e NICs, which its own kernel and initramfs had to find; a VM image on virtio."""
+    or NVMe disk and Intel e1000e NICs, which its own kernel and initramfs had to find; a VM image on
+    virtio."""
     links = json.loads(host.check_output("ip -j link show"))
     uplink = next(link["ifname"] for link in links if link.get("address") == X["uplink_mac"])
     assert f"driver: {X['devices']['nic_driver']}" in host.check_output(f"ethtool -i {uplink}").splitlines()

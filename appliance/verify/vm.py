@@ -75,8 +75,8 @@ class VM:
     # writes go to the image itself, and the guest may reboot (updates): for a copy of an image
     persistent: bool = False
     plat: Platform = HOST  # the image's architecture
-    # devices of real hardware (an AHCI/SATA disk, Intel e1000e NICs) instead of virtio: what a
-    # generic image's kernel and initramfs must find by themselves on a box
+    # devices of real hardware (an AHCI/SATA or NVMe disk, Intel e1000e NICs) instead of virtio: what
+    # a generic image's kernel and initramfs must find by themselves on a box
     hardware: bool = False
     # where the lab moved each TAP (its name at start -> (namespace, name there)), for a power cycle
     moved: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -131,7 +131,7 @@ class VM:
 
     def _disk_device(self) -> list[str]:
         if self.hardware:
-            return ["-device", "ich9-ahci,id=ahci", "-device", "ide-hd,drive=disk,bus=ahci.0,bootindex=0"]
+            return HARDWARE_DISKS[self.plat.hardware_disk][0]
         return ["-device", "virtio-blk-pci,drive=disk,bootindex=0"]
 
     @property
@@ -295,7 +295,15 @@ def running(image: Path, nics: list[Nic], workdir: Path | None = None, persisten
             shutil.rmtree(wd, ignore_errors=True)
 
 
-def lab_devices(hardware: bool) -> dict[str, str]:
+# Platform.hardware_disk -> QEMU's devices for it, and the name the guest's kernel gives the disk
+HARDWARE_DISKS = {
+    "ahci": (["-device", "ich9-ahci,id=ahci", "-device", "ide-hd,drive=disk,bus=ahci.0,bootindex=0"], "sd"),
+    "nvme": (["-device", "nvme,drive=disk,serial=appliance,bootindex=0"], "nvme"),
+}
+
+
+def lab_devices(hardware: bool, plat: Platform = HOST) -> dict[str, str]:
     """What the guest sees of VM.hardware's devices: its NICs' driver, its disk's name."""
-    return {"nic_driver": "e1000e", "disk_prefix": "sd"} if hardware else {"nic_driver": "virtio_net",
-                                                                           "disk_prefix": "vd"}
+    if hardware:
+        return {"nic_driver": "e1000e", "disk_prefix": HARDWARE_DISKS[plat.hardware_disk][1]}
+    return {"nic_driver": "virtio_net", "disk_prefix": "vd"}
