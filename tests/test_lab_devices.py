@@ -45,3 +45,19 @@ def test_each_architecture_its_own_qemu_and_watchdog(tmp_path: Path) -> None:
     amd64, arm64 = command(tmp_path / "a", "amd64"), command(tmp_path / "b", "arm64")
     assert amd64.startswith("qemu-system-x86_64 ") and "-device i6300esb -action watchdog=reset" in amd64
     assert arm64.startswith("qemu-system-aarch64 ") and "-machine virt " in arm64 and "i6300esb" not in arm64
+
+
+@pytest.mark.parametrize("name,timeout", [("arm64-subnet-router", 480.0), ("fleet/sites/ams", 240.0),
+                                          ("arm64-exit-node", 240.0), ("rpi4-subnet-router", 240.0)])
+def test_an_emulated_full_kernel_gets_longer_lab_limits(tmp_path: Path, name: str, timeout: float) -> None:
+    """Only a generic image of another architecture (full kernel, all under TCG: 100-150 s to its
+    first handshake here) waits twice as long; amd64 hardware, arm64 VMs and the Pi do not."""
+    from appliance.image import Cache
+    from appliance.profile import load_profile
+    from appliance.ui import step
+    from appliance.verify.boot import BootTest
+    from conftest import PROFILES
+
+    lab = BootTest(load_profile(PROFILES / f"{name}.yaml").profile, Cache(tmp_path / "cache"), step,
+                   workdir=tmp_path / "w")
+    assert lab.timeout == timeout

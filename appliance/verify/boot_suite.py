@@ -25,8 +25,8 @@ def lab(ns: str, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess[
     return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=timeout)
 
 
-def probe(ns: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return lab(ns, sys.executable, LAB["probe"], *args)
+def probe(ns: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return lab(ns, sys.executable, LAB["probe"], *args, timeout=timeout)
 
 
 def arrivals(proto: str, port: int | None) -> list[dict[str, Any]]:
@@ -289,7 +289,9 @@ def _scrape(ns: str, address: str) -> dict[str, list[tuple[dict[str, str], float
     from prometheus_client.parser import text_string_to_metric_families
 
     host = f"[{address}]" if ":" in address else address
-    result = probe(ns, "http", f"http://{host}:{X['metrics']['port']}/metrics")
+    # the first scrape starts the socket-activated exporter (Python, at Nice=10): under TCG, in a
+    # generic image of another architecture, that took more than 10 s once (CI, 2026-12-03)
+    result = probe(ns, "http", f"http://{host}:{X['metrics']['port']}/metrics", "30", timeout=45)
     assert result.returncode == 0, result.stderr
     return {f.name: [(s.labels, s.value) for s in f.samples] for f in text_string_to_metric_families(result.stdout)}
 

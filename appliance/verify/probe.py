@@ -209,7 +209,7 @@ if __name__ == "__main__":
     elif cmd == "udp":
         udp(args[0], int(args[1]), *(float(a) for a in args[2:3]))
     elif cmd == "http":
-        http(args[0])
+        http(args[0], *(float(a) for a in args[1:2]))
     elif cmd == "dns":
         dns(args[0], args[1], *(float(a) for a in args[2:3]))
     elif cmd == "raw":
