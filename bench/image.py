@@ -33,7 +33,20 @@ def machine() -> dict[str, Any]:
     from appliance.verify.vm import kvm_works
 
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_mib": mem, "kernel": platform.release(),
-            "kvm_works": kvm_works()}  # probed: a /dev/kvm node alone is not enough
+            "kvm_works": kvm_works(),  # probed: a /dev/kvm node alone is not enough
+            "qemu_user": qemu_user()}
+
+
+def qemu_user() -> str:
+    """The qemu-user the kernel runs arm64 programs with: its version decides much of an arm64 build."""
+    entry = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+    lines = entry.read_text().splitlines() if entry.exists() else []
+    interpreter = next((ln.split(" ", 1)[1] for ln in lines if ln.startswith("interpreter ")), None)
+    if interpreter is None:
+        return "none registered"
+    # the binfmt-P name expects binfmt's argument layout; the file it links to takes options
+    out = subprocess.run([os.path.realpath(interpreter), "--version"], capture_output=True, text=True).stdout
+    return f"{interpreter}: {out.splitlines()[0] if out else '?'}"
 
 
 def build(profile: Path, cache: Path, out: Path, secrets: Path) -> tuple[float, dict[str, Any]]:
@@ -99,7 +112,7 @@ def main() -> None:
     result = {"machine": m, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "profiles": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"machine: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}")
+    print(f"machine: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}; qemu-user {m['qemu_user']}")
     for r in results:
         print(f"\n{r['profile']}")
         print(f"{'run':40} {'total s':>8} {'assembly s':>11} {'outside s':>10}")

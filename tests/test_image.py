@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from xml.etree import ElementTree
 import pytest
 
 from appliance.image import Cache
-from appliance.image.debian import Archive
+from appliance.image.debian import PYTHON, Archive
 from appliance.image.disk import (
     DATA_TYPE,
     ESP_TYPE,
@@ -491,3 +492,66 @@ def test_kernel_modules_brings_back_what_a_hardware_image_leaves_out(tmp_path: P
     assert proc.returncode == 1
     assert "kernel module no_such_module (system.kernel_modules) is not a module of kernel" in proc.stderr
     assert not (base.tree / "kept-modules").exists()
+
+
+# Runs in the tools tree's python (the suite's version): the hash and cache names are that version's
+BYTECODE_CHECK = r'''
+import importlib.util, marshal, os, sys
+tree, dirs = sys.argv[1], sys.argv[2:]
+count, bad = 0, []
+for d in dirs:
+    for root, _, files in os.walk(os.path.join(tree, d)):
+        for name in sorted(f for f in files if f.endswith(".py")):
+            src = os.path.join(root, name)
+            path = "/" + os.path.relpath(src, tree)
+            count += 1
+            try:
+                data = open(importlib.util.cache_from_source(src), "rb").read()
+            except FileNotFoundError:
+                bad.append(f"{path}: no bytecode")
+                continue
+            source_hash = importlib.util.source_hash(open(src, "rb").read())
+            if data[:4] != importlib.util.MAGIC_NUMBER or data[4:8] != b"\3\0\0\0" or data[8:16] != source_hash:
+                bad.append(f"{path}: not its source's hash-checked bytecode")
+            elif marshal.loads(data[16:]).co_filename != path:
+                bad.append(f"{path}: names {marshal.loads(data[16:]).co_filename}")
+print(count)
+print("\n".join(bad))
+'''
+
+
+def check_bytecode(tools: ToolsTree, tree: Path, dirs: tuple[str, ...]) -> tuple[int, list[str]]:
+    out = in_tools(tools, [f"python{PYTHON}", "-c", BYTECODE_CHECK, str(tree), *dirs], binds=[tree]).splitlines()
+    return int(out[0]), [line for line in out[1:] if line]
+
+
+def test_emulated_tree_has_the_bytecode_of_every_python_file(tools: ToolsTree, tmp_path: Path) -> None:
+    """An arm64 tree's Python is byte-compiled natively after its packages are configured (rootfs.py,
+    NATIVE_BYTECODE): every .py file in the standard library and dist-packages has hash-checked
+    bytecode of its own source, naming the file as the image has it."""
+    from appliance.image import image_spec
+    from appliance.image.rootfs import BYTECODE_DIRS, newest_base
+    from appliance.profile import load_profile
+
+    profile = PROFILES / "arm64-exit-node.yaml"
+    build(profile, tmp_path / "images", tmp_path / "secrets")
+    base = newest_base(Cache(CACHE), image_spec(load_profile(profile).profile))
+    assert base is not None
+    count, bad = check_bytecode(tools, base.tree, BYTECODE_DIRS)
+    assert count > 500 and not bad, bad[:20]
+    # Debian's compilers are back where their packages put them, no diversion left
+    diversions = subprocess.run(["chroot", str(base.tree), "dpkg-divert", "--list"], capture_output=True, text=True,
+                                check=True).stdout
+    assert "py_compile" not in diversions and "py3compile" not in diversions, diversions
+    assert "def compile(" in (base.tree / BYTECODE_DIRS[0] / "py_compile.py").read_text()
+    # the control: a copy of one package with a changed source and a missing cache is caught
+    copy = tmp_path / "copy"
+    shutil.copytree(base.tree / BYTECODE_DIRS[0] / "json", copy / "lib/json")
+    with open(copy / "lib/json/decoder.py", "a") as f:
+        f.write("# changed\n")
+    next((copy / "lib/json/__pycache__").glob("encoder.*.pyc")).unlink()
+    count, bad = check_bytecode(tools, copy, ("lib",))
+    assert "/lib/json/decoder.py: not its source's hash-checked bytecode" in bad
+    assert "/lib/json/encoder.py: no bytecode" in bad
+    # and a file that moved no longer has the name its bytecode gives it
+    assert f"/lib/json/__init__.py: names /usr/lib/python{PYTHON}/json/__init__.py" in bad

@@ -235,7 +235,8 @@ def _stage(ctx: BuildContext) -> None:
     for path, text in system_files(ctx.ids).items():
         ctx.config.file(path, text)
     ctx.work.mkdir(parents=True, exist_ok=True)
-    ctx.tree = stage_tree(ctx.need(ctx.base, "the base tree"), ctx.config, ctx.work / "tree", ctx.sde, ctx.log)
+    ctx.tree = stage_tree(ctx.need(ctx.base, "the base tree"), ctx.config, ctx.work / "tree", ctx.sde,
+                          ctx.need(ctx.tools, "the tools tree"), ctx.log)
 
 
 def tree_expectations(config: ConfigTree, spec: ImageSpec) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from .platform import HOST, Platform
 
 SUITE = "trixie"
+PYTHON = "3.13"  # the suite's python3; an emulated tree's bytecode is made by the tools tree's (rootfs.py)
 MIRROR_ENV = "APPLIANCE_MIRROR"
 SECURITY_MIRROR_ENV = "APPLIANCE_SECURITY_MIRROR"
 

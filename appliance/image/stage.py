@@ -9,12 +9,14 @@ import shutil
 from pathlib import Path
 
 from ..render.tree import ConfigTree
+from .bytecode import compile_bytecode
 from .disk import DPKG_DB
 from .rootfs import BaseTree, clamp_mtimes
 from .run import BuildLog, run
+from .tools import ToolsTree
 
 
-def stage_tree(base: BaseTree, config: ConfigTree, dest: Path, sde: int, log: BuildLog) -> Path:
+def stage_tree(base: BaseTree, config: ConfigTree, dest: Path, sde: int, tools: ToolsTree, log: BuildLog) -> Path:
     if dest.exists():
         remove_tree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -27,19 +29,10 @@ def stage_tree(base: BaseTree, config: ConfigTree, dest: Path, sde: int, log: Bu
     # the profile's system users (sysusers.d) exist in the image: systemd-sysusers does not run at
     # boot on an up-to-date /usr (ConditionNeedsUpdate=); it writes new files, the base keeps its own
     run(["chroot", dest, "systemd-sysusers"], log=log, env={"SOURCE_DATE_EPOCH": str(sde)}, what="systemd-sysusers")
-    _compile_python(dest, log)
+    # the shipped dataplane code: compiled at every boot otherwise (a read-only root has no __pycache__)
+    compile_bytecode(tools, dest, ["usr/lib/appliance/python"], log, "dataplane code")
     clamp_mtimes(dest, sde)  # directories we wrote into got a new mtime
     return dest
-
-
-def _compile_python(tree: Path, log: BuildLog) -> None:
-    """Bytecode for the shipped dataplane code, by the image's own python3: compiled at every boot
-    otherwise (a read-only or fresh root has no __pycache__), seconds under emulation. Hash-checked
-    pyc files hold no timestamps, and a fixed hash seed orders constant sets the same way each build."""
-    code = tree / "usr/lib/appliance/python"
-    if code.is_dir():
-        run(["chroot", tree, "python3", "-m", "compileall", "-q", "--invalidation-mode", "checked-hash",
-             "/usr/lib/appliance/python"], log=log, env={"PYTHONHASHSEED": "0"}, what="compileall (dataplane code)")
 
 
 def remove_tree(path: Path) -> None:
