@@ -250,7 +250,11 @@ cache_option = click.option(
 def build(profile: Path, out_dir: Path, no_cache: bool, use_lock: bool, update_lock: bool, no_verify: bool,
           keep_tree: bool, render_only: bool, as_json: bool, boot_verify: bool, age_identity: Path | None,
           cache_dir: Path | None, secrets_dir: Path | None) -> None:
-    """Build the bootable disk image for PROFILE: OUT_DIR/NAME.img (GPT, UEFI) and friends."""
+    """Build the bootable disk image for PROFILE: OUT_DIR/NAME.img (GPT, UEFI) and friends.
+
+    The root tree is cached per state of the Debian archive; without the archive, the newest cached
+    one is used, and APPLIANCE_REUSE_BASE_DAYS=N takes it also while the archive is reachable if it is
+    at most N days old."""
     from .image import BuildOptions, Cache
     from .secrets.crypt import IDENTITY_ENV
     from .verify import verify_tree

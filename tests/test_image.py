@@ -24,6 +24,7 @@ from xml.etree import ElementTree
 import pytest
 
 from appliance.image import Cache
+from appliance.image.cache import CacheKind
 from appliance.image.debian import PYTHON, Archive
 from appliance.image.disk import (
     DATA_TYPE,
@@ -36,6 +37,7 @@ from appliance.image.disk import (
 )
 from appliance.image.outputs import sha256
 from appliance.image.platform import platform
+from appliance.image.rootfs import REUSE_ENV, BaseTree
 from appliance.image.run import NULL_LOG
 from appliance.image.tested import write_record
 from appliance.image.tools import ToolsTree, build_tools
@@ -57,6 +59,11 @@ def appliance(*args: str, check: bool = True, **kw: Any) -> subprocess.Completed
 
 def build(profile: Path, out: Path, secrets: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return appliance("build", str(profile), "--out-dir", str(out), "--secrets", str(secrets), *extra, check=check)
+
+
+def built_base(proc: subprocess.CompletedProcess[str]) -> BaseTree:
+    """The base tree a `build --json` used (another build of the same spec may be newer)."""
+    return BaseTree(Cache(CACHE).entry(CacheKind.BASE, json.loads(proc.stdout)["base_key"]))
 
 
 @pytest.fixture(scope="session")
@@ -348,9 +355,12 @@ def test_image_tools_accept_rendered_files(exit_node: dict[str, Any], tmp_path: 
         subprocess.run(["rm", "-rf", str(tree.parent)], check=True)
 
 
-def test_lock_rebuilds_the_same_image_from_a_fresh_root_tree(exit_node: dict[str, Any], tmp_path: Path) -> None:
+def test_lock_rebuilds_the_same_image_from_a_fresh_root_tree(exit_node: dict[str, Any], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """--lock writes the versions; a locked build makes a new base tree (pinned by apt preferences)
     from scratch, and because the versions are the same, the image is bit-identical."""
+    # the versions to lock must be the archive's current ones, not those of an older tree the suite reuses
+    monkeypatch.setenv(REUSE_ENV, "0")
     profile = tmp_path / "exit-node.yaml"
     profile.write_text((PROFILES / "exit-node.yaml").read_text())
     first = json.loads(build(profile, tmp_path / "images", exit_node["secrets"], "--lock", "--json").stdout)
@@ -398,10 +408,8 @@ def test_image_tools_accept_edge_values(exit_node: dict[str, Any], tmp_path: Pat
     test's edge values render (test_hostile_strings.EDGE_VALUES)."""
     from test_hostile_strings import edge_trees
 
-    from appliance.image.rootfs import BaseTree
-
     # the exit node's own base (another build of the same spec, e.g. without a lock, may be newer)
-    base = BaseTree(next(e for e in Cache(CACHE).entries() if e.key == exit_node["manifest"]["base_key"]))
+    base = BaseTree(Cache(CACHE).entry(CacheKind.BASE, exit_node["manifest"]["base_key"]))
     for what, root in edge_trees(tmp_path / "edge"):
         tree = tmp_path / "tree"
         subprocess.run(["cp", "-al", str(base.tree), str(tree)], check=True)
@@ -462,17 +470,13 @@ def test_kernel_modules_brings_back_what_a_hardware_image_leaves_out(tmp_path: P
     system.kernel_modules stays, with what it depends on, and the build's tree check found it
     (test_kernel_modules_the_profile_keeps). A name the kernel does not have stops the build's hook
     with a message naming it."""
-    from appliance.image import image_spec
-    from appliance.image.rootfs import _keep_modules_hook, newest_base
-    from appliance.profile import load_profile
+    from appliance.image.rootfs import _keep_modules_hook
 
     text = (PROFILES / "exit-node.yaml").read_text().replace("  board: qemu ", "  board: generic ").replace(
         "  timezone: UTC", "  timezone: UTC\n  kernel_modules: [iwlwifi]")
     profile = tmp_path / "exit-node.yaml"
     profile.write_text(text)
-    build(profile, tmp_path / "images", tmp_path / "secrets")
-    base = newest_base(Cache(CACHE), image_spec(load_profile(profile).profile))
-    assert base is not None
+    base = built_base(build(profile, tmp_path / "images", tmp_path / "secrets", "--json"))
     kernel = base.tree / "usr/lib/modules" / base.kernel_version / "kernel"
     assert list((kernel / "drivers/net/wireless/intel/iwlwifi").glob("iwlwifi.ko*"))
     assert list((kernel / "net/wireless").glob("cfg80211.ko*"))  # its dependency
@@ -529,14 +533,10 @@ def test_emulated_tree_has_the_bytecode_of_every_python_file(tools: ToolsTree, t
     """An arm64 tree's Python is byte-compiled natively after its packages are configured (rootfs.py,
     NATIVE_BYTECODE): every .py file in the standard library and dist-packages has hash-checked
     bytecode of its own source, naming the file as the image has it."""
-    from appliance.image import image_spec
-    from appliance.image.rootfs import BYTECODE_DIRS, newest_base
-    from appliance.profile import load_profile
+    from appliance.image.rootfs import BYTECODE_DIRS
 
     profile = PROFILES / "arm64-exit-node.yaml"
-    build(profile, tmp_path / "images", tmp_path / "secrets")
-    base = newest_base(Cache(CACHE), image_spec(load_profile(profile).profile))
-    assert base is not None
+    base = built_base(build(profile, tmp_path / "images", tmp_path / "secrets", "--json"))
     count, bad = check_bytecode(tools, base.tree, BYTECODE_DIRS)
     assert count > 500 and not bad, bad[:20]
     # Debian's compilers are back where their packages put them, no diversion left

@@ -29,7 +29,7 @@ from .netstack import IMAGE_PATH as NETSTACK_PATH
 from .netstack import build_netstack
 from .outputs import allocated, bmap, compress, sha256, write_manifest
 from .platform import HOST
-from .rootfs import BaseTree, build_base, newest_base
+from .rootfs import REUSE_ENV, BaseTree, base_key, build_base, newest_base, reuse_window
 from .rpi_boot import boot_files, build_rpi_boot
 from .run import BuildLog, ImageError, require_root
 from .spec import ImageSpec
@@ -208,12 +208,20 @@ def _tools(ctx: BuildContext) -> None:
 def _base(ctx: BuildContext) -> None:
     opts = ctx.opts
     snapshot = None if ctx.lock else ctx.archive.snapshot()
+    if ctx.lock is None and not opts.no_cache:
+        exact = snapshot is not None and opts.cache.entry(
+            CacheKind.BASE, base_key(ctx.spec, ctx.archive, snapshot, None, ctx.sde)).complete
+        # offline: any age; online: only within the window the environment allows (none by default)
+        max_age = None if snapshot is None else reuse_window()
+        if not exact and (max_age is None or max_age > 0):
+            cached = newest_base(opts.cache, ctx.spec, ctx.archive, ctx.sde, max_age)
+            if cached is not None:
+                why = "archive unreachable" if snapshot is None else f"archive moved, {REUSE_ENV} allows it"
+                ctx.log.write(f"{why}: reusing the base tree built from the archive of "
+                              f"{cached.entry.meta().get('snapshot')}\n")
+                ctx.base = cached
+                return
     if snapshot is None and ctx.lock is None:
-        cached = newest_base(opts.cache, ctx.spec)
-        if cached is not None and not opts.no_cache:
-            ctx.log.write("archive unreachable: reusing the newest cached base tree\n")
-            ctx.base = cached
-            return
         raise ImageError("cannot reach the Debian archive to build the root tree (and nothing is cached)")
     ctx.base = build_base(opts.cache, ctx.need(ctx.tools, "the tools tree"), ctx.archive, ctx.spec, ctx.log,
                           snapshot=snapshot, lock=ctx.lock, sde=ctx.sde, rebuild=opts.no_cache)

@@ -6,11 +6,11 @@ profile's configuration is laid over a hardlinked copy of it at each build (stag
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -363,13 +363,41 @@ def _require_emulation(plat: Platform, binfmt: Path = BINFMT) -> None:
                          "(make setup does)")
 
 
-def newest_base(cache: Cache, spec: ImageSpec) -> BaseTree | None:
-    """Offline fallback: the newest complete base built for this spec."""
-    wanted = json.loads(json.dumps(spec.base_inputs()))  # as stored: tuples are JSON lists
-    found = [e for e in cache.entries()
-             if e.kind == CacheKind.BASE and e.complete and e.meta().get("spec") == wanted]
-    found.sort(key=lambda e: e.meta().get("created", 0))
-    return BaseTree(found[-1]) if found else None
+# A base tree is rebuilt whenever the archive moves (a security update lands every few days). Where
+# the newest packages matter less than not rebuilding, e.g. a test suite on a warm cache, this many
+# days of an older archive state are accepted; unset or 0: none.
+REUSE_ENV = "APPLIANCE_REUSE_BASE_DAYS"
+
+
+def reuse_window(env: dict[str, str] | None = None) -> float:
+    """Seconds an older archive state's base tree may be reused while the archive is reachable."""
+    raw = (os.environ if env is None else env).get(REUSE_ENV, "").strip()
+    try:
+        days = float(raw or 0)
+    except ValueError:
+        days = -1
+    if not 0 <= days < 10_000:
+        raise ImageError(f"{REUSE_ENV}={raw!r}: expected a number of days (0 or more)")
+    return days * 86400
+
+
+def newest_base(cache: Cache, spec: ImageSpec, archive: Archive, sde: int,
+                max_age: float | None = None) -> BaseTree | None:
+    """The newest complete base tree this recipe built for this spec from any state of the archive
+    (at most max_age seconds old): an entry counts only if its key is the one these inputs give with
+    the snapshot it was built from, so a tree of an older recipe or another spec is never taken."""
+    now = time.time()
+    found = []
+    for e in cache.entries():
+        if e.kind != CacheKind.BASE or not e.complete:
+            continue
+        meta = e.meta()
+        snapshot, created = meta.get("snapshot"), float(meta.get("created", 0))
+        if not isinstance(snapshot, str) or base_key(spec, archive, snapshot, None, sde) != e.key:
+            continue
+        if max_age is None or now - created <= max_age:
+            found.append((created, e))
+    return BaseTree(max(found, key=lambda f: f[0])[1]) if found else None
 
 
 def _missing_message(missing: list[str], spec: ImageSpec) -> str:
