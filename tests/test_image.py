@@ -394,10 +394,18 @@ def test_tree_verification_catches_a_broken_tree(exit_node: dict[str, Any], tmp_
         os.chmod(tree / "etc/sysctl.d/90-appliance.conf", 0o600)
         (tree / "etc/nftables.conf").write_text("flush ruleset\n")
         subprocess.run(["chroot", str(tree), "systemctl", "disable", "--quiet", "ssh.service"], check=True)
+        link = next(r["path"] for r in expect["config"] if r["kind"] == "symlink")
+        (tree / link).unlink()
+        (tree / link).symlink_to("/dev/null")
+        (tree / "etc/machine-id").unlink()  # replaced, not written through a hardlink into the cache
+        (tree / "etc/machine-id").write_text("0" * 32 + "\n")
+        (tree / "boot/vmlinuz-planted").write_text("")
         result = verify_tree(tree, {**expect, "kernel_modules": ["wireguard", "no_such_module"]}, tmp_path / "v2")
         failed = set(result.failures)
         assert {"test_key_files_root_only", "test_rendered_files_owner_mode_kind", "test_rendered_file_contents",
-                "test_units_enabled"} <= failed, result.output
+                "test_units_enabled", "test_symlink_targets", "test_host_identity",
+                "test_kernel_only_in_the_uki"} <= failed, result.output
+        assert "not in the image: ['no_such_module']" in result.output, result.output
         assert any(f.startswith("test_kernel_modules_the_profile_keeps") for f in failed), result.output
     finally:
         subprocess.run(["rm", "-rf", str(tree.parent)], check=True)
