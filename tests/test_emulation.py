@@ -3,15 +3,18 @@ with the F flag, so that it works in a chroot): without it the build stops at on
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from appliance.image import image_spec
+from appliance.image.cache import Entry
 from appliance.image.debian import Archive
 from appliance.image.platform import PLATFORMS
 from appliance.image.rootfs import (
-    NATIVE_BYTECODE,
+    DEPMOD,
+    EMULATED_RECIPE,
     PY3COMPILE,
     PY_COMPILE,
     _customize_hooks,
@@ -21,6 +24,7 @@ from appliance.image.rootfs import (
 )
 from appliance.image.run import ImageError
 from appliance.image.spec import ImageSpec
+from appliance.image.tools import ToolsTree
 from appliance.profile import load_profile
 from conftest import PROFILES
 
@@ -46,18 +50,41 @@ def _spec(name: str) -> ImageSpec:
     return image_spec(load_profile(PROFILES / name).profile)
 
 
-def test_an_emulated_tree_compiles_its_python_natively() -> None:
-    """Debian's byte-compilers stand aside while an arm64 tree's packages are configured and are back
-    before anything else in the tree runs; the tree's key says how it was built."""
+def test_an_emulated_tree_leaves_cpu_independent_work_to_native_tools() -> None:
+    """Debian's byte-compilers and depmod stand aside while an arm64 tree's packages are configured
+    and are back before anything else in the tree runs; depmod then runs natively from the tools tree
+    (with the tree's own as the fallback); the tree's key says how it was built."""
     arm64, amd64 = _spec("arm64-exit-node.yaml"), _spec("exit-node.yaml")
+    tools = ToolsTree(Entry("tools", "k", Path("/cache/tools-k")))
     essential = " ".join(_essential_hooks(arm64))
-    for path in (PY_COMPILE, PY3COMPILE):
+    for path in (PY_COMPILE, PY3COMPILE, DEPMOD):
         assert f"dpkg-divert --quiet --local --rename --add {path}" in essential
-        assert path not in " ".join(_essential_hooks(amd64))  # control: a native tree compiles as Debian does
-    restore = _customize_hooks(arm64, Path("/files"))[:3]
-    assert all(f"--remove {p}" in " ".join(restore) for p in (PY_COMPILE, PY3COMPILE))
-    assert restore[0] == f'rm -f "$1{PY_COMPILE}" "$1{PY3COMPILE}"'  # the stand-ins go before anything runs
-    assert PY_COMPILE not in " ".join(_customize_hooks(amd64, Path("/files")))
+        assert path not in " ".join(_essential_hooks(amd64))  # control: a native tree runs Debian's own
+    hooks = _customize_hooks(arm64, Path("/files"), tools)
+    restore = hooks[:6]
+    for path in (PY_COMPILE, PY3COMPILE, DEPMOD):  # the stand-ins go before anything runs
+        assert f'rm -f "$1{path}"' in restore and f"--rename --remove {path}" in " ".join(restore)
+    native = [h for h in hooks if "depmod -b /run/target" in h]
+    assert len(native) == 1 and native[0].startswith("unshare --mount") and "/cache/tools-k/tree" in native[0]
+    assert native[0].endswith('do chroot "$1" depmod -a "$v"; done; }')  # another kmod: the tree's own
+    amd64_hooks = " ".join(_customize_hooks(amd64, Path("/files"), tools))
+    assert PY_COMPILE not in amd64_hooks and "/run/target" not in amd64_hooks and 'chroot "$1" depmod -a' in amd64_hooks
     archive = Archive("http://mirror", "http://security")
-    assert base_key_inputs(arm64, archive, "s", None, 0)["bytecode"] == NATIVE_BYTECODE
-    assert "bytecode" not in base_key_inputs(amd64, archive, "s", None, 0)  # the host's trees keep their keys
+    assert base_key_inputs(arm64, archive, "s", None, 0)["emulated"] == EMULATED_RECIPE
+    assert "emulated" not in base_key_inputs(amd64, archive, "s", None, 0)  # the host's trees keep their keys
+
+
+def test_a_kept_module_is_resolved_after_a_native_depmod() -> None:
+    """modprobe finds what system.kernel_modules names through modules.dep, which the kernel's
+    postinst did not write in an emulated tree: depmod runs before the modules are put aside, and
+    again after the others are gone. Without kept modules, once (control)."""
+    tools = ToolsTree(Entry("tools", "k", Path("/cache/tools-k")))
+    plain = _spec("arm64-exit-node.yaml")
+    kept = replace(plain, modules_keep=("iwlwifi",))
+    for spec, count in ((plain, 1), (kept, 2)):
+        hooks = _customize_hooks(spec, Path("/files"), tools)
+        native = [i for i, h in enumerate(hooks) if "depmod -b /run/target" in h]
+        assert len(native) == count, hooks
+        if spec.modules_keep:
+            keep = next(i for i, h in enumerate(hooks) if "--show-depends" in h)
+            assert native[0] < keep < native[1]

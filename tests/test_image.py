@@ -537,10 +537,19 @@ def check_bytecode(tools: ToolsTree, tree: Path, dirs: tuple[str, ...]) -> tuple
     return int(out[0]), [line for line in out[1:] if line]
 
 
+def check_module_index(modules: Path, dep: str) -> list[str]:
+    """What a modules.dep text gets wrong about the module files under modules/kernel."""
+    files = {p.relative_to(modules).as_posix() for p in (modules / "kernel").rglob("*.ko*")}
+    indexed = {line.split(":", 1)[0] for line in dep.splitlines() if line}
+    return ([f"not indexed: {f}" for f in sorted(files - indexed)]
+            + [f"indexed, not in the tree: {f}" for f in sorted(indexed - files)])
+
+
 def test_emulated_tree_has_the_bytecode_of_every_python_file(tools: ToolsTree, tmp_path: Path) -> None:
     """An arm64 tree's Python is byte-compiled natively after its packages are configured (rootfs.py,
-    NATIVE_BYTECODE): every .py file in the standard library and dist-packages has hash-checked
-    bytecode of its own source, naming the file as the image has it."""
+    EMULATED_RECIPE): every .py file in the standard library and dist-packages has hash-checked
+    bytecode of its own source, naming the file as the image has it. Its kernel modules' index is
+    made natively too, after the pruning, and names exactly the modules left."""
     from appliance.image.rootfs import BYTECODE_DIRS
 
     profile = PROFILES / "arm64-exit-node.yaml"
@@ -552,6 +561,14 @@ def test_emulated_tree_has_the_bytecode_of_every_python_file(tools: ToolsTree, t
                                 check=True).stdout
     assert "py_compile" not in diversions and "py3compile" not in diversions, diversions
     assert "def compile(" in (base.tree / BYTECODE_DIRS[0] / "py_compile.py").read_text()
+    # depmod too; its index (written by the tools tree's) names exactly the modules the pruned tree has
+    assert "depmod" not in diversions and os.readlink(base.tree / "usr/sbin/depmod") == "../bin/kmod"
+    modules = base.tree / "usr/lib/modules" / base.kernel_version
+    assert check_module_index(modules, (modules / "modules.dep").read_text()) == []
+    lines = (modules / "modules.dep").read_text().splitlines(keepends=True)
+    planted = "".join(lines[1:]) + "kernel/sound/gone.ko.xz:\n"  # the control: one left out, one not there
+    assert check_module_index(modules, planted) == [f"not indexed: {lines[0].split(':')[0]}",
+                                                    "indexed, not in the tree: kernel/sound/gone.ko.xz"]
     # the control: a copy of one package with a changed source and a missing cache is caught
     copy = tmp_path / "copy"
     shutil.copytree(base.tree / BYTECODE_DIRS[0] / "json", copy / "lib/json")

@@ -23,7 +23,7 @@ from .lock import Lock
 from .platform import HOST, Platform
 from .run import BuildLog, ImageError, run
 from .spec import INITRAMFS_VM, ImageSpec
-from .tools import ToolsTree
+from .tools import HOOK_TARGET, ToolsTree
 
 BASE_RECIPE = 14  # bump when the hooks below change what a base tree contains
 
@@ -65,19 +65,23 @@ def base_key_inputs(spec: ImageSpec, archive: Archive, snapshot: str | None, loc
         "source_date_epoch": sde, "recipe": BASE_RECIPE,
     }
     if spec.platform != HOST:
-        inputs["bytecode"] = NATIVE_BYTECODE  # a tree built on this host's own architecture keeps its key
+        inputs["emulated"] = EMULATED_RECIPE  # a tree built on this host's own architecture keeps its key
     return inputs
 
 
-# An emulated tree's maintainer scripts would byte-compile Python's standard library and every
-# python3-* package through qemu-user: a third of a foreign tree's build. There, Debian's compilers
-# stand aside while packages are configured (py_compile.py an empty module, py3compile `true`), and
-# the tools tree's python, the same version from the same suite, compiles the same files natively
-# afterwards: bytecode does not depend on the CPU (837 of 840 files came out byte-identical to the
-# emulated ones, the other 3 differ only in how marshal shares constants).
-NATIVE_BYTECODE = 1  # bump when what the native compile makes changes
+# What an emulated tree's maintainer scripts would run through qemu-user although its result does not
+# depend on the CPU, they leave to the tools tree's native programs of the same version from the same
+# suite. Byte-compiling Python's standard library and every python3-* package: a third of a foreign
+# tree's build; 837 of 840 files came out byte-identical to the emulated ones, the other 3 differ only
+# in how marshal shares constants. depmod, which reads every module: the kernel's postinst ran it
+# over the whole set before the build prunes it and runs it again (17 s emulated, 2 s natively, for
+# the pruned set of one foreign kernel); its 14 index files came out byte-identical. While packages
+# are configured, the tree's own programs stand aside (py_compile.py an empty module, py3compile and
+# depmod `true`).
+EMULATED_RECIPE = 2  # bump when what the native programs make, or which ones run, changes
 PY_COMPILE = f"/usr/lib/python{PYTHON}/py_compile.py"
 PY3COMPILE = "/usr/bin/py3compile"
+DEPMOD = "/usr/sbin/depmod"
 BYTECODE_DIRS = (f"usr/lib/python{PYTHON}", "usr/lib/python3/dist-packages")
 
 
@@ -86,26 +90,51 @@ def _generator(spec: ImageSpec) -> str:
     return "/usr/sbin/mktirfs" if spec.initramfs == INITRAMFS_VM else "/usr/sbin/update-initramfs"
 
 
+def _stand_aside(path: str, *, empty: bool = False) -> list[str]:
+    """Hooks that move the tree's program at path aside (a local diversion, so its package installs
+    it under another name) and leave `true`, or an empty file, in its place."""
+    stand_in = f': > "$1{path}"' if empty else f'ln -sf /bin/true "$1{path}"'
+    return [f'chroot "$1" dpkg-divert --quiet --local --rename --add {path}',
+            *([f'mkdir -p "$1{os.path.dirname(path)}"'] if empty else []), stand_in]
+
+
+def _restore(path: str) -> list[str]:
+    """The reverse of _stand_aside: the stand-in goes, the program comes back."""
+    return [f'rm -f "$1{path}"', f'chroot "$1" dpkg-divert --quiet --local --rename --remove {path}']
+
+
 def _essential_hooks(spec: ImageSpec) -> list[str]:
     # build the initramfs once at the end instead of at every kernel/udev/... trigger
-    gen = _generator(spec)
-    hooks = [f'chroot "$1" dpkg-divert --quiet --local --rename --add {gen}', f'ln -sf /bin/true "$1{gen}"']
+    hooks = _stand_aside(_generator(spec))
     if spec.platform != HOST:
-        hooks += [*(f'chroot "$1" dpkg-divert --quiet --local --rename --add {p}' for p in (PY_COMPILE, PY3COMPILE)),
-                  f'mkdir -p "$1{os.path.dirname(PY_COMPILE)}"', f': > "$1{PY_COMPILE}"',
-                  f'ln -sf /bin/true "$1{PY3COMPILE}"']
+        hooks += [*_stand_aside(PY_COMPILE, empty=True), *_stand_aside(PY3COMPILE), *_stand_aside(DEPMOD)]
     return hooks
 
 
-def _restore_bytecode_compilers(spec: ImageSpec) -> list[str]:
+def _restore_emulated(spec: ImageSpec) -> list[str]:
     if spec.platform == HOST:
         return []
-    return [f'rm -f "$1{PY_COMPILE}" "$1{PY3COMPILE}"',
-            *(f'chroot "$1" dpkg-divert --quiet --local --rename --remove {p}' for p in (PY_COMPILE, PY3COMPILE))]
+    return [*_restore(PY_COMPILE), *_restore(PY3COMPILE), *_restore(DEPMOD)]
+
+
+def _depmod_hook(spec: ImageSpec, tools: ToolsTree) -> str:
+    """depmod for each kernel of the tree: the tree's own on its own architecture, else the tools
+    tree's, if it is the same kmod (else the tree's, emulated: the same bytes, slower)."""
+    own = 'for v in $(ls "$1/usr/lib/modules"); do chroot "$1" depmod -a "$v"; done'
+    if spec.platform == HOST:
+        return own
+    t = HOOK_TARGET
+    native = tools.hook(
+        f"mine=$(dpkg-query -W -f '${{Version}}' kmod); "
+        f"theirs=$(dpkg-query --admindir={t}/var/lib/dpkg -W -f '${{Version}}' kmod); "
+        f'if [ "$mine" != "$theirs" ]; then echo "kmod $mine in the tools tree, $theirs in the tree: '
+        f'depmod runs emulated" >&2; exit 3; fi; '
+        f'for v in $(ls {t}/usr/lib/modules); do depmod -b {t} -a "$v"; done')
+    return f'{native} || {{ [ $? -eq 3 ] && {own}; }}'
 
 
 def _compile_bytecode(tools: ToolsTree, tree: Path, log: BuildLog) -> None:
-    """What the emulated tree's maintainer scripts left out (see NATIVE_BYTECODE)."""
+    """What the emulated tree's maintainer scripts left out (see EMULATED_RECIPE)."""
     if not (tree / BYTECODE_DIRS[0]).is_dir():
         other = sorted(p.name for p in (tree / "usr/lib").glob("python3.*"))
         if other:
@@ -192,8 +221,7 @@ def write_base_files(files: BaseFiles, dest: Path) -> None:
 
 
 def _initramfs_hooks(spec: ImageSpec) -> list[str]:
-    gen = _generator(spec)
-    hooks = [f'rm -f "$1{gen}"', f'chroot "$1" dpkg-divert --quiet --local --rename --remove {gen}']
+    hooks = _restore(_generator(spec))
     if spec.initramfs == INITRAMFS_VM:
         return hooks + [
             'chroot "$1" update-tirfs',
@@ -226,15 +254,18 @@ def _keep_modules_hook(names: tuple[str, ...]) -> str:
         'done; done; done')
 
 
-def _customize_hooks(spec: ImageSpec, files: Path) -> list[str]:
-    hooks = _restore_bytecode_compilers(spec)
+def _customize_hooks(spec: ImageSpec, files: Path, tools: ToolsTree) -> list[str]:
+    hooks = _restore_emulated(spec)
+    depmod = _depmod_hook(spec, tools)
+    if spec.platform != HOST and (spec.modules_keep or not spec.modules_exclude):
+        hooks.append(depmod)  # the kernel's postinst did not run it: modprobe resolves by modules.dep
     if spec.modules_exclude:
         dirs = " ".join(f'"$1"/usr/lib/modules/*/kernel/{shlex.quote(d)}' for d in spec.modules_exclude)
         keep = [_keep_modules_hook(spec.modules_keep), f"rm -rf {dirs}",
                 'if [ -d "$1/kept-modules" ]; then cp -a "$1/kept-modules/." "$1/usr/lib/modules/"; '
                 'rm -rf "$1/kept-modules"; fi'] \
             if spec.modules_keep else [f"rm -rf {dirs}"]
-        hooks += [*keep, 'for v in $(ls "$1/usr/lib/modules"); do chroot "$1" depmod -a "$v"; done']
+        hooks += [*keep, depmod]
     hooks += [
         f"sync-in {shlex.quote(str(files))} /",  # base_files(), before the initramfs reads them
         'rm -f "$1/usr/lib/udev/hwdb.bin"',  # before the initramfs, which would copy it
@@ -320,7 +351,7 @@ def build_base(cache: Cache, tools: ToolsTree, archive: Archive, spec: ImageSpec
         files = tmp / "files"
         write_base_files(base_files(spec, sde), files)
         args += [f"--essential-hook={h}" for h in _essential_hooks(spec)]
-        args += [f"--customize-hook={h}" for h in _customize_hooks(spec, files)]
+        args += [f"--customize-hook={h}" for h in _customize_hooks(spec, files, tools)]
         try:
             # PYTHONDONTWRITEBYTECODE: maintainer scripts' Python writes no import caches (timestamped);
             # py3compile then makes every .pyc, hash-based under SOURCE_DATE_EPOCH: the same bytes each build

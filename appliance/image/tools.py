@@ -22,6 +22,7 @@ TOOLS_PACKAGES = sorted([
     "nftables",
 ])
 TOOLS_RECIPE = 1  # bump when the way the tree is made changes
+HOOK_TARGET = "/run/target"  # where ToolsTree.hook's script finds the tree being built
 
 
 def tools_key(archive: Archive) -> str:
@@ -48,6 +49,15 @@ class ToolsTree:
     @property
     def root(self) -> Path:
         return self.entry.path / "tree"
+
+    def hook(self, script: str) -> str:
+        """A command for an mmdebstrap hook: the shell script run chrooted in the tools tree, natively,
+        with the hook's tree ("$1") at HOOK_TARGET inside; nothing is mounted outside its namespace."""
+        root, target = shlex.quote(str(self.root)), shlex.quote(f"{self.root}{HOOK_TARGET}")
+        outer = (f'set -e; mount --bind {root} {root}; mkdir -p {target}; mount --bind "$0" {target}; '
+                 f"exec chroot {root} /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "
+                 f"/bin/sh -ec {shlex.quote(script)}")
+        return f'unshare --mount --propagation private sh -c {shlex.quote(outer)} "$1"'
 
     def run(self, cmd: Sequence[str | Path], *, binds: Sequence[Path], log: BuildLog, env: dict[str, str] | None = None,
             what: str | None = None, input: str | None = None) -> str:
