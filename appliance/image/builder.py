@@ -28,7 +28,6 @@ from .manifest import BuildManifest, OutputFile, ProfileInfo
 from .netstack import IMAGE_PATH as NETSTACK_PATH
 from .netstack import build_netstack
 from .outputs import allocated, bmap, compress, sha256, write_manifest
-from .platform import HOST
 from .rootfs import REUSE_ENV, BaseTree, base_key, build_base, newest_base, reuse_window
 from .rpi_boot import boot_files, build_rpi_boot
 from .run import BuildLog, ImageError, require_root
@@ -256,7 +255,7 @@ def tree_expectations(config: ConfigTree, spec: ImageSpec) -> dict[str, Any]:
         "secret_paths": [e.path for e in config if e.secret],
         # its programs run through qemu-user: nft's netfilter netlink is not translated (see
         # _check_ruleset_foreign)
-        "foreign_arch": spec.platform != HOST,
+        "foreign_arch": spec.emulated,
         "kernel_modules": list(spec.modules_keep),
     }
 
@@ -269,7 +268,7 @@ def _check_tree(ctx: BuildContext) -> None:
     if not result.ok:
         shown = ", ".join(result.failures[:8]) or result.output.strip().splitlines()[-1]
         raise ImageError(f"the root tree failed {result.failed} check(s): {shown} (full log: {ctx.log.path})")
-    if ctx.spec.platform != HOST:
+    if ctx.spec.emulated:
         _check_ruleset_foreign(ctx, tree)
 
 

@@ -20,7 +20,7 @@ from .cache import Cache, CacheKind, Entry, content_key, dir_size
 from .debian import PYTHON, Archive, dpkg_excludes, mmdebstrap_args
 from .disk import DPKG_DB
 from .lock import Lock
-from .platform import HOST, Platform
+from .platform import Platform
 from .run import BuildLog, ImageError, run
 from .spec import INITRAMFS_VM, ImageSpec
 from .tools import HOOK_TARGET, ToolsTree
@@ -64,7 +64,7 @@ def base_key_inputs(spec: ImageSpec, archive: Archive, snapshot: str | None, loc
         "snapshot": None if lock else snapshot, "lock": lock.packages if lock else None,
         "source_date_epoch": sde, "recipe": BASE_RECIPE,
     }
-    if spec.platform != HOST:
+    if spec.emulated:
         inputs["emulated"] = EMULATED_RECIPE  # a tree built on this host's own architecture keeps its key
     return inputs
 
@@ -106,13 +106,13 @@ def _restore(path: str) -> list[str]:
 def _essential_hooks(spec: ImageSpec) -> list[str]:
     # build the initramfs once at the end instead of at every kernel/udev/... trigger
     hooks = _stand_aside(_generator(spec))
-    if spec.platform != HOST:
+    if spec.emulated:
         hooks += [*_stand_aside(PY_COMPILE, empty=True), *_stand_aside(PY3COMPILE), *_stand_aside(DEPMOD)]
     return hooks
 
 
 def _restore_emulated(spec: ImageSpec) -> list[str]:
-    if spec.platform == HOST:
+    if not spec.emulated:
         return []
     return [*_restore(PY_COMPILE), *_restore(PY3COMPILE), *_restore(DEPMOD)]
 
@@ -121,7 +121,7 @@ def _depmod_hook(spec: ImageSpec, tools: ToolsTree) -> str:
     """depmod for each kernel of the tree: the tree's own on its own architecture, else the tools
     tree's, if it is the same kmod (else the tree's, emulated: the same bytes, slower)."""
     own = 'for v in $(ls "$1/usr/lib/modules"); do chroot "$1" depmod -a "$v"; done'
-    if spec.platform == HOST:
+    if not spec.emulated:
         return own
     t = HOOK_TARGET
     native = tools.hook(
@@ -257,7 +257,7 @@ def _keep_modules_hook(names: tuple[str, ...]) -> str:
 def _customize_hooks(spec: ImageSpec, files: Path, tools: ToolsTree) -> list[str]:
     hooks = _restore_emulated(spec)
     depmod = _depmod_hook(spec, tools)
-    if spec.platform != HOST and (spec.modules_keep or not spec.modules_exclude):
+    if spec.emulated and (spec.modules_keep or not spec.modules_exclude):
         hooks.append(depmod)  # the kernel's postinst did not run it: modprobe resolves by modules.dep
     if spec.modules_exclude:
         dirs = " ".join(f'"$1"/usr/lib/modules/*/kernel/{shlex.quote(d)}' for d in spec.modules_exclude)
@@ -329,12 +329,12 @@ def build_base(cache: Cache, tools: ToolsTree, archive: Archive, spec: ImageSpec
                snapshot: str | None, lock: Lock | None, sde: int, rebuild: bool = False) -> BaseTree:
     if not spec.platform.buildable:
         raise ImageError(f"arch {spec.arch}: images cannot be built for it yet (issue #17)")
-    if spec.platform != HOST:
+    if spec.emulated:
         _require_emulation(spec.platform)
     # the tools tree knows the host's package lists; another architecture's missing packages are
     # found by mmdebstrap itself (_MISSING below), later but with the same message
     missing = sorted(set(spec.packages) - tools.available_packages(spec.packages, log)) \
-        if spec.platform == HOST else []
+        if not spec.emulated else []
     if missing:
         raise ImageError(_missing_message(missing, spec))
 
@@ -354,7 +354,8 @@ def build_base(cache: Cache, tools: ToolsTree, archive: Archive, spec: ImageSpec
         args += [f"--customize-hook={h}" for h in _customize_hooks(spec, files, tools)]
         try:
             # PYTHONDONTWRITEBYTECODE: maintainer scripts' Python writes no import caches (timestamped);
-            # py3compile then makes every .pyc, hash-based under SOURCE_DATE_EPOCH: the same bytes each build
+            # py3compile (or, for an emulated tree, _compile_bytecode afterwards) makes every .pyc,
+            # hash-based under SOURCE_DATE_EPOCH: the same bytes each build
             run([*args, archive.suite, tree, *archive.sources()], log=log, what="mmdebstrap (root tree)",
                 env={"SOURCE_DATE_EPOCH": str(sde), "PYTHONDONTWRITEBYTECODE": "1"})
         except ImageError as e:
@@ -363,7 +364,7 @@ def build_base(cache: Cache, tools: ToolsTree, archive: Archive, spec: ImageSpec
                 raise ImageError(_missing_message(gone, spec)) from None
             raise
         shutil.rmtree(files)
-        if spec.platform != HOST:
+        if spec.emulated:
             _compile_bytecode(tools, tree, log)
         clamp_mtimes(tree, sde)
         packages = _installed(tree, log)

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..profile.model import Profile
 from ..render.renderer import appliance_units, enabled_units
-from .platform import BoardBoot, Platform, board_boot, platform
+from .platform import HOST, BoardBoot, Platform, board_boot, platform
 
 
 class Arch(StrEnum):
@@ -124,6 +124,11 @@ class ImageSpec:
     @property
     def platform(self) -> Platform:
         return platform(self.arch)
+
+    @property
+    def emulated(self) -> bool:
+        """Built on this host through qemu-user: the tree's programs are of another architecture."""
+        return self.platform != HOST
 
     @property
     def boot(self) -> BoardBoot:

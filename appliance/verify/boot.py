@@ -31,7 +31,6 @@ from ..errors import LabError
 from ..image import BuildManifest, BuildOptions, Cache, ProfileInfo, build_loaded, image_spec
 from ..image.assemble import copy_sparse
 from ..image.disk import DiskIds, Slot, uki_entry
-from ..image.platform import HOST
 from ..image.provenance import Source
 from ..peer_config import client_config, routes_for_peer
 from ..profile import Profile
@@ -194,7 +193,7 @@ class BootTest:
 
     def __post_init__(self) -> None:
         spec = image_spec(self.profile)
-        if spec.platform != HOST and not spec.vm and spec.boot.kind == "uefi":
+        if spec.emulated and not spec.vm and spec.boot.kind == "uefi":
             # another architecture's full kernel and initramfs-tools, all emulated: such a generic
             # image's first handshake came 100-150 s after QEMU started here (the host architecture's:
             # ~30 s), too near the lab's limits; they double (a failure still shows, later)
