@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from appliance.errors import EXIT_INVALID, InputError
 from appliance.image import Cache, builder, image_spec
 from appliance.image.cache import COMPLETE, CacheKind
 from appliance.image.debian import Archive
@@ -89,6 +90,7 @@ def step(cache: Cache, spec: ImageSpec, state: str | None, monkeypatch: pytest.M
     monkeypatch.setattr(builder, "build_base", build_base)
     ctx = SimpleNamespace(opts=SimpleNamespace(cache=cache, no_cache=False), lock=None,
                           archive=FixedArchive(state=state), spec=spec, sde=SDE, log=NULL_LOG,
+                          reuse_window=reuse_window(),
                           need=lambda value, what: value, tools=None, base=None)
     builder._base(ctx)  # type: ignore[arg-type]
     return ctx.base if isinstance(ctx.base, str) else ctx.base.entry.key
@@ -124,7 +126,34 @@ def test_reuse_window_reads_days(raw: str, seconds: float) -> None:
     assert reuse_window({}) == 0
 
 
-@pytest.mark.parametrize("raw", ["-1", "two weeks", "nan", "inf"])
+@pytest.mark.parametrize("raw", ["-1", "two weeks", "nan", "inf", "10000"])
 def test_reuse_window_refuses_what_is_not_days(raw: str) -> None:
-    with pytest.raises(ImageError, match=REUSE_ENV):
+    with pytest.raises(InputError, match=f"{REUSE_ENV}=.*from 0 up to 10,000") as e:
         reuse_window({REUSE_ENV: raw})
+    assert e.value.exit_code == EXIT_INVALID
+    assert reuse_window({REUSE_ENV: "9999"}) == 9999 * DAY  # the control: just below the bound
+
+
+@pytest.mark.parametrize("raw,epoch", [("", builder.DEFAULT_SOURCE_DATE_EPOCH), ("1700000000", 1700000000),
+                                       (" 1 ", 1)])
+def test_source_date_epoch_reads_seconds(raw: str, epoch: int) -> None:
+    assert builder.source_date_epoch({"SOURCE_DATE_EPOCH": raw}) == epoch
+
+
+@pytest.mark.parametrize("raw", ["abc", "-5", "0", "1.5", "1e9", "\u0661\u0662", "99999999999"])
+def test_source_date_epoch_refuses_what_is_not_seconds(raw: str) -> None:
+    with pytest.raises(InputError, match="SOURCE_DATE_EPOCH=.*whole number"):
+        builder.source_date_epoch({"SOURCE_DATE_EPOCH": raw})
+
+
+@pytest.mark.parametrize("var,raw", [(REUSE_ENV, "abc"), ("SOURCE_DATE_EPOCH", "abc")])
+def test_a_bad_environment_stops_the_build_before_any_step(var: str, raw: str, tmp_path: Path, spec: ImageSpec,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read once when the build's context is made (exit 2), not at the step that needs it (exit 1)."""
+    opts = builder.BuildOptions(out_dir=tmp_path / "out", cache=Cache(tmp_path / "cache"))
+    monkeypatch.setenv(var, raw)
+    with pytest.raises(InputError, match=var):
+        builder._context(spec, None, None, opts, None, NULL_LOG)  # type: ignore[arg-type]
+    monkeypatch.delenv(var)  # the control: the same call without it makes the context
+    assert builder._context(spec, None, None, opts, None, NULL_LOG).sde > 0  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()  # nothing written either way

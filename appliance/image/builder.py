@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..dataplane.slots import RELEASE_JSON
+from ..errors import InputError
 from ..profile import Profile
 from ..render.tree import ConfigTree
 from .assemble import build_data_fs, build_esp, build_root_fs, build_uki, write_disk
@@ -28,7 +29,7 @@ from .manifest import BuildManifest, OutputFile, ProfileInfo
 from .netstack import IMAGE_PATH as NETSTACK_PATH
 from .netstack import build_netstack
 from .outputs import allocated, bmap, compress, sha256, write_manifest
-from .rootfs import REUSE_ENV, BaseTree, base_key, build_base, newest_base, reuse_window
+from .rootfs import REUSE_ENV, BaseTree, build_base, reusable_base, reuse_window
 from .rpi_boot import boot_files, build_rpi_boot
 from .run import BuildLog, ImageError, require_root
 from .spec import ImageSpec
@@ -110,6 +111,7 @@ class BuildContext:
     paths: dict[str, Path]
     tmp: dict[str, Path]
     ids: DiskIds  # from the appliance's name: the staged tree (ESP mount) and the disk need them
+    reuse_window: float  # seconds: how much older an archive state's base tree may be (rootfs.reuse_window)
     t_start: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
     tools: ToolsTree | None = None
@@ -152,15 +154,25 @@ def _context(spec: ImageSpec, config: ConfigTree, profile: ProfileInfo, opts: Bu
     lock = None
     if opts.lock_path and opts.lock_path.exists() and not opts.update_lock:
         lock = Lock.read(opts.lock_path)
-    sde = lock.source_date_epoch if lock else (
-        opts.source_date_epoch or int(os.environ.get("SOURCE_DATE_EPOCH") or DEFAULT_SOURCE_DATE_EPOCH))
+    sde = lock.source_date_epoch if lock else (opts.source_date_epoch or source_date_epoch())
     paths = output_paths(out_dir, spec.name)
     return BuildContext(
         spec=spec, config=config, profile=profile, opts=opts, step=step, log=log, out_dir=out_dir,
-        archive=Archive.from_env(), lock=lock, sde=sde,
+        archive=Archive.from_env(), lock=lock, sde=sde, reuse_window=reuse_window(),
         work=opts.cache.root.resolve() / "work" / f"{spec.name}-{os.getpid()}", paths=paths,
         tmp={k: p.with_name(f".{p.name}.tmp-{os.getpid()}") for k, p in paths.items()},
         ids=DiskIds.for_name(spec.name))
+
+
+def source_date_epoch(env: dict[str, str] | None = None) -> int:
+    """The environment's SOURCE_DATE_EPOCH (reproducible-builds.org: seconds since 1970, UTC)."""
+    raw = (os.environ if env is None else env).get("SOURCE_DATE_EPOCH", "").strip()
+    if not raw:
+        return DEFAULT_SOURCE_DATE_EPOCH
+    if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) < 2**32:
+        raise InputError(f"SOURCE_DATE_EPOCH={raw[:40]!r}: expected seconds since 1970-01-01 UTC "
+                         "(a whole number, e.g. 1735689600)")
+    return int(raw)
 
 
 def _build(spec: ImageSpec, config: ConfigTree, profile: ProfileInfo, opts: BuildOptions, step: Step,
@@ -208,18 +220,13 @@ def _base(ctx: BuildContext) -> None:
     opts = ctx.opts
     snapshot = None if ctx.lock else ctx.archive.snapshot()
     if ctx.lock is None and not opts.no_cache:
-        exact = snapshot is not None and opts.cache.entry(
-            CacheKind.BASE, base_key(ctx.spec, ctx.archive, snapshot, None, ctx.sde)).complete
-        # offline: any age; online: only within the window the environment allows (none by default)
-        max_age = None if snapshot is None else reuse_window()
-        if not exact and (max_age is None or max_age > 0):
-            cached = newest_base(opts.cache, ctx.spec, ctx.archive, ctx.sde, max_age)
-            if cached is not None:
-                why = "archive unreachable" if snapshot is None else f"archive moved, {REUSE_ENV} allows it"
-                ctx.log.write(f"{why}: reusing the base tree built from the archive of "
-                              f"{cached.entry.meta().get('snapshot')}\n")
-                ctx.base = cached
-                return
+        cached = reusable_base(opts.cache, ctx.spec, ctx.archive, ctx.sde, snapshot, ctx.reuse_window)
+        if cached is not None:
+            why = "archive unreachable" if snapshot is None else f"archive moved, {REUSE_ENV} allows it"
+            ctx.log.write(f"{why}: reusing the base tree built from the archive of "
+                          f"{cached.entry.meta().get('snapshot')}\n")
+            ctx.base = cached
+            return
     if snapshot is None and ctx.lock is None:
         raise ImageError("cannot reach the Debian archive to build the root tree (and nothing is cached)")
     ctx.base = build_base(opts.cache, ctx.need(ctx.tools, "the tools tree"), ctx.archive, ctx.spec, ctx.log,

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InputError
 from ..render.renderer import SSH_HOST_KEY
 from .bytecode import compile_bytecode
 from .cache import Cache, CacheKind, Entry, content_key, dir_size
@@ -401,6 +402,9 @@ def _require_emulation(plat: Platform, binfmt: Path = BINFMT) -> None:
 REUSE_ENV = "APPLIANCE_REUSE_BASE_DAYS"
 
 
+MAX_REUSE_DAYS = 10_000
+
+
 def reuse_window(env: dict[str, str] | None = None) -> float:
     """Seconds an older archive state's base tree may be reused while the archive is reachable."""
     raw = (os.environ if env is None else env).get(REUSE_ENV, "").strip()
@@ -408,9 +412,21 @@ def reuse_window(env: dict[str, str] | None = None) -> float:
         days = float(raw or 0)
     except ValueError:
         days = -1
-    if not 0 <= days < 10_000:
-        raise ImageError(f"{REUSE_ENV}={raw!r}: expected a number of days (0 or more)")
+    if not 0 <= days < MAX_REUSE_DAYS:
+        raise InputError(f"{REUSE_ENV}={raw[:40]!r}: expected a number of days from 0 up to "
+                         f"{MAX_REUSE_DAYS:,} (unset: 0, only the archive's current state)")
     return days * 86400
+
+
+def reusable_base(cache: Cache, spec: ImageSpec, archive: Archive, sde: int, snapshot: str | None,
+                  window: float) -> BaseTree | None:
+    """The cached base tree a build takes instead of the archive's current state's (snapshot; None:
+    the archive is unreachable). Offline: the newest of any age. Online: none if that state's own tree
+    is cached (build_base finds it), else the newest at most window seconds old."""
+    if snapshot is not None and (window <= 0 or cache.entry(
+            CacheKind.BASE, base_key(spec, archive, snapshot, None, sde)).complete):
+        return None
+    return newest_base(cache, spec, archive, sde, None if snapshot is None else window)
 
 
 def newest_base(cache: Cache, spec: ImageSpec, archive: Archive, sde: int,
