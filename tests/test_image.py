@@ -580,3 +580,55 @@ def test_emulated_tree_has_the_bytecode_of_every_python_file(tools: ToolsTree, t
     assert "/lib/json/encoder.py: no bytecode" in bad
     # and a file that moved no longer has the name its bytecode gives it
     assert f"/lib/json/__init__.py: names /usr/lib/python{PYTHON}/json/__init__.py" in bad
+
+
+def test_depmod_of_an_emulated_tree_falls_back_to_the_trees_own(exit_node: dict[str, Any], tools: ToolsTree,
+                                                               tmp_path: Path) -> None:
+    """The tools tree's depmod indexes an emulated tree's modules only if it is the same kmod as the
+    tree's; else the tree's own depmod runs (emulated, for a foreign tree). Run against a tree
+    overlaid on the tools tree, with one module, so that both depmods are at hand and native."""
+    from appliance.image import image_spec
+    from appliance.image.rootfs import _depmod_hook
+    from appliance.profile import load_profile
+
+    arm64 = image_spec(load_profile(PROFILES / "arm64-exit-node.yaml").profile)
+    base = BaseTree(Cache(CACHE).entry(CacheKind.BASE, exit_node["manifest"]["base_key"]))
+    module = next((base.tree / "usr/lib/modules" / base.kernel_version / "kernel/drivers/net/wireguard").glob("*.ko*"))
+    upper, work, target = tmp_path / "upper", tmp_path / "work", tmp_path / "target"
+    for d in (upper / "usr/lib/modules/0.0-test/kernel", work, target):
+        d.mkdir(parents=True)
+    shutil.copy(module, upper / "usr/lib/modules/0.0-test/kernel")
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={tools.root},upperdir={upper},workdir={work}", str(target)], check=True)
+    hook = _depmod_hook(arm64, tools)
+    dep, ran = target / "usr/lib/modules/0.0-test/modules.dep", target / "own-depmod-ran"
+
+    def run_hook() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["sh", "-c", hook, "hook", str(target)], capture_output=True, text=True, timeout=120)
+
+    try:
+        # the same kmod: the tools tree's depmod writes the index
+        own = target / "usr/sbin/depmod"
+        own.unlink()
+        own.write_text(f'#!/bin/sh\necho "$@" > /{ran.name}\n')
+        own.chmod(0o755)
+        proc = run_hook()
+        assert proc.returncode == 0 and "runs emulated" not in proc.stderr, proc.stderr
+        assert dep.read_text().startswith(f"kernel/{module.name}:") and not ran.exists()
+        # another kmod in the tree: its own depmod runs, the tools tree's does not
+        dep.unlink()
+        status = target / "var/lib/dpkg/status"
+        stanzas = status.read_text().split("\n\n")
+        kmod = next(i for i, s in enumerate(stanzas) if s.startswith("Package: kmod\n"))
+        lines = stanzas[kmod].splitlines()
+        stanzas[kmod] = "\n".join("Version: 0-other" if line.startswith("Version: ") else line for line in lines)
+        status.write_text("\n\n".join(stanzas))
+        proc = run_hook()
+        assert proc.returncode == 0, proc.stderr
+        assert "0-other in the tree: depmod runs emulated" in proc.stderr
+        assert ran.read_text() == "-a 0.0-test\n" and not dep.exists()
+        # the control: the fallback's failure is the hook's
+        own.write_text("#!/bin/sh\nexit 1\n")
+        assert run_hook().returncode != 0
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
