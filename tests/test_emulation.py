@@ -88,3 +88,39 @@ def test_a_kept_module_is_resolved_after_a_native_depmod() -> None:
         if spec.modules_keep:
             keep = next(i for i, h in enumerate(hooks) if "--show-depends" in h)
             assert native[0] < keep < native[1]
+
+
+def test_an_emulated_trees_programs_run_on_a_cpu_without_pointer_authentication(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu-user's default CPU emulates pointer authentication at every call and return of Debian's
+    arm64 programs: the commands that run an arm64 tree's programs (mmdebstrap and its hooks, the
+    package list, the staged tree's sysusers, the tree checks) ask it for a Cortex-A72 (QEMU_CPU).
+    A native tree's commands get nothing of the kind (control)."""
+    from appliance.image import Cache, rootfs
+    from appliance.image.builder import tree_expectations
+    from appliance.image.run import NULL_LOG
+    from appliance.render.tree import ConfigTree
+    from appliance.verify import static
+
+    arm64, amd64 = _spec("arm64-exit-node.yaml"), _spec("exit-node.yaml")
+    assert arm64.emulator_env == {"QEMU_CPU": "cortex-a72"} and amd64.emulator_env == {}
+    seen: list[dict[str, str]] = []
+
+    def run(cmd: list[str], **kw: object) -> None:
+        seen.append(dict(kw["env"]))  # type: ignore[call-overload]
+        raise ImageError("stop here")
+
+    monkeypatch.setattr(rootfs, "run", run)
+    monkeypatch.setattr(rootfs, "_require_emulation", lambda plat: None)
+    tools = ToolsTree(Entry("tools", "k", tmp_path / "tools"))
+    monkeypatch.setattr(ToolsTree, "available_packages", lambda self, names, log: set(names))
+    for spec in (arm64, amd64):
+        with pytest.raises(ImageError, match="stop here"):
+            rootfs.build_base(Cache(tmp_path / "cache"), tools, Archive("http://m", "http://s"), spec,
+                              NULL_LOG, snapshot="s", lock=None, sde=1)
+    assert seen[0]["QEMU_CPU"] == "cortex-a72" and "QEMU_CPU" not in seen[1]
+    # the tree checks run their commands in the environment the expectations carry
+    monkeypatch.setattr(static, "run_suite", lambda suite, workdir, hosts, *, env, args: env)
+    for spec, cpu in ((arm64, "cortex-a72"), (amd64, None)):
+        env = static.verify_tree(tmp_path / "tree", tree_expectations(ConfigTree(), spec), tmp_path / spec.name)
+        assert env.get("QEMU_CPU") == cpu  # type: ignore[attr-defined]

@@ -250,7 +250,7 @@ def _stage(ctx: BuildContext) -> None:
         ctx.config.file(path, text)
     ctx.work.mkdir(parents=True, exist_ok=True)
     ctx.tree = stage_tree(ctx.need(ctx.base, "the base tree"), ctx.config, ctx.work / "tree", ctx.sde,
-                          ctx.need(ctx.tools, "the tools tree"), ctx.log)
+                          ctx.need(ctx.tools, "the tools tree"), ctx.log, ctx.spec.emulator_env)
 
 
 def tree_expectations(config: ConfigTree, spec: ImageSpec) -> dict[str, Any]:
@@ -263,6 +263,7 @@ def tree_expectations(config: ConfigTree, spec: ImageSpec) -> dict[str, Any]:
         # its programs run through qemu-user: nft's netfilter netlink is not translated (see
         # _check_ruleset_foreign)
         "foreign_arch": spec.emulated,
+        "emulator_env": spec.emulator_env,  # the environment the checks' commands run in
         "kernel_modules": list(spec.modules_keep),
     }
 

@@ -358,7 +358,7 @@ def build_base(cache: Cache, tools: ToolsTree, archive: Archive, spec: ImageSpec
             # py3compile (or, for an emulated tree, _compile_bytecode afterwards) makes every .pyc,
             # hash-based under SOURCE_DATE_EPOCH: the same bytes each build
             run([*args, archive.suite, tree, *archive.sources()], log=log, what="mmdebstrap (root tree)",
-                env={"SOURCE_DATE_EPOCH": str(sde), "PYTHONDONTWRITEBYTECODE": "1"})
+                env={"SOURCE_DATE_EPOCH": str(sde), "PYTHONDONTWRITEBYTECODE": "1", **spec.emulator_env})
         except ImageError as e:
             gone = sorted({a or b for a, b in _MISSING.findall(str(e))})
             if gone:
@@ -368,7 +368,7 @@ def build_base(cache: Cache, tools: ToolsTree, archive: Archive, spec: ImageSpec
         if spec.emulated:
             _compile_bytecode(tools, tree, log)
         clamp_mtimes(tree, sde)
-        packages = _installed(tree, log)
+        packages = _installed(tree, log, spec.emulator_env)
         if lock:
             lock.check(packages)
         kernels = sorted(p.name.removeprefix("vmlinuz-") for p in (tree / "boot").glob("vmlinuz-*"))
@@ -456,8 +456,8 @@ def _missing_message(missing: list[str], spec: ImageSpec) -> str:
     return f"package{'s' if len(missing) > 1 else ''} {', '.join(missing)} not found in the archive"
 
 
-def _installed(tree: Path, log: BuildLog) -> dict[str, str]:
-    out = run(["chroot", tree, "dpkg-query", "-W", "-f", "${Package}\t${Version}\n"], log=log).stdout
+def _installed(tree: Path, log: BuildLog, env: dict[str, str]) -> dict[str, str]:
+    out = run(["chroot", tree, "dpkg-query", "-W", "-f", "${Package}\t${Version}\n"], log=log, env=env).stdout
     return dict(sorted(line.split("\t", 1) for line in out.splitlines() if "\t" in line))
 
 

@@ -131,6 +131,11 @@ class ImageSpec:
         return self.platform != HOST
 
     @property
+    def emulator_env(self) -> dict[str, str]:
+        """What a command that runs the tree's programs adds to its environment (qemu-user's CPU)."""
+        return self.platform.user_env if self.emulated else {}
+
+    @property
     def boot(self) -> BoardBoot:
         return board_boot(self.board)
 

@@ -16,7 +16,8 @@ from .run import BuildLog, run
 from .tools import ToolsTree
 
 
-def stage_tree(base: BaseTree, config: ConfigTree, dest: Path, sde: int, tools: ToolsTree, log: BuildLog) -> Path:
+def stage_tree(base: BaseTree, config: ConfigTree, dest: Path, sde: int, tools: ToolsTree, log: BuildLog,
+               emulator_env: dict[str, str]) -> Path:
     if dest.exists():
         remove_tree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -28,7 +29,8 @@ def stage_tree(base: BaseTree, config: ConfigTree, dest: Path, sde: int, tools: 
     config.write_into(dest, include_secrets=True, mtime=sde)
     # the profile's system users (sysusers.d) exist in the image: systemd-sysusers does not run at
     # boot on an up-to-date /usr (ConditionNeedsUpdate=); it writes new files, the base keeps its own
-    run(["chroot", dest, "systemd-sysusers"], log=log, env={"SOURCE_DATE_EPOCH": str(sde)}, what="systemd-sysusers")
+    run(["chroot", dest, "systemd-sysusers"], log=log, env={"SOURCE_DATE_EPOCH": str(sde), **emulator_env},
+        what="systemd-sysusers")
     # the shipped dataplane code: compiled at every boot otherwise (a read-only root has no __pycache__)
     compile_bytecode(tools, dest, ["usr/lib/appliance/python"], log, "dataplane code")
     clamp_mtimes(dest, sde)  # directories we wrote into got a new mtime

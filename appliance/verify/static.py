@@ -22,4 +22,5 @@ def verify_tree(tree: Path, expect: dict[str, Any], workdir: Path) -> SuiteResul
     workdir.mkdir(parents=True, exist_ok=True)
     expect_file = workdir / "expect.json"
     expect_file.write_text(json.dumps(expect, indent=1))
-    return run_suite(SUITE, workdir, str(tree), env={EXPECT_ENV: str(expect_file)}, args=("--connection=chroot",))
+    return run_suite(SUITE, workdir, str(tree), env={EXPECT_ENV: str(expect_file), **expect.get("emulator_env", {})},
+                     args=("--connection=chroot",))
