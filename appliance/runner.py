@@ -12,6 +12,7 @@ programs itself."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -81,9 +82,16 @@ def run(cmd: Command, *, log: BuildLog = NULL_LOG, env: Mapping[str, str] | None
     t0 = time.monotonic()
     log.write(f"\n$ {shlex.join(args)}" + (" > FILE" if stdout is not None else "") + "\n")
     try:
-        proc = subprocess.run(args, env=environment(env), input=input, cwd=cwd, text=text,
-                              errors="replace" if text else None, timeout=timeout,
-                              stdout=stdout if stdout is not None else subprocess.PIPE, stderr=subprocess.PIPE)
+        with subprocess.Popen(args, env=environment(env), cwd=cwd, text=text, errors="replace" if text else None,
+                              stdin=subprocess.PIPE if input is not None else None,
+                              stdout=stdout if stdout is not None else subprocess.PIPE, stderr=subprocess.PIPE,
+                              start_new_session=True) as popen:
+            try:
+                raw_out, raw_err = popen.communicate(input, timeout=timeout)
+            except BaseException:  # a timeout, or this process interrupted (Ctrl-C, SIGTERM in the suite)
+                stop(popen)
+                raise
+        proc = subprocess.CompletedProcess(args, popen.returncode, raw_out, raw_err)
     except FileNotFoundError:
         raise error(f"{args[0]} is not installed (run `make setup`)") from None
     except subprocess.TimeoutExpired:
@@ -99,6 +107,24 @@ def run(cmd: Command, *, log: BuildLog = NULL_LOG, env: Mapping[str, str] | None
         raise error(f"{name} {describe_status(proc.returncode)}{where}:\n{tail}", status=proc.returncode,
                     output=out + err)
     return proc
+
+
+# How long a stopped command may take to clean up after SIGINT before it is killed.
+STOP_GRACE = 60.0
+
+
+def stop(proc: subprocess.Popen[Any], grace: float | None = None) -> None:
+    """End a command run in its own session, and what it started: SIGINT to its process group, as a
+    terminal's Ctrl-C, so that it can clean up (mmdebstrap unmounts what it mounted in the tree);
+    SIGKILL to the group after grace seconds, and to whatever of the group outlives its leader."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(STOP_GRACE if grace is None else grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def spawn(cmd: Command, *, env: Mapping[str, str] | None = None, output: IO[Any] | int | None = None,

@@ -79,3 +79,31 @@ def test_clean_removes_only_what_the_cache_made(tmp_path: Path) -> None:
     assert all((d / "keep.txt").read_text() == "mine" for d in theirs)
     assert (tmp_path / "notes-2024.txt").exists()
     assert not (tmp_path / "base-0123456789abcdef0123").exists()
+
+
+@pytest.mark.root
+def test_a_failed_build_with_mounts_left_in_its_tree_is_removed(tmp_path: Path) -> None:
+    """A build killed mid-way leaves what mmdebstrap mounted in the tree (/proc, /sys read-only):
+    the cache detaches them before it removes the temporary directory, so the build's own error is
+    what the caller sees, not rmtree's."""
+    import shutil
+    import subprocess
+
+    def make(tmp: Path) -> dict[str, object]:
+        for name in ("proc", "sys"):
+            (tmp / "tree" / name).mkdir(parents=True)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "none", str(tmp / "tree" / name)], check=True)
+        raise RuntimeError("mmdebstrap was killed")
+
+    with pytest.raises(RuntimeError, match="mmdebstrap was killed"):
+        Cache(tmp_path / "cache").get_or_build("base", "k", make)
+    assert not list((tmp_path / "cache").glob(".base-k.tmp-*"))
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
+    # the control: rmtree alone stops at such a mount
+    (tmp_path / "c" / "sys").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "none", str(tmp_path / "c" / "sys")], check=True)
+    try:
+        with pytest.raises(OSError):
+            shutil.rmtree(tmp_path / "c")
+    finally:
+        subprocess.run(["umount", str(tmp_path / "c" / "sys")], check=True)

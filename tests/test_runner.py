@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from appliance import runner
 from appliance.runner import BuildLog, CommandFailed, environment, run
 from appliance.verify.firmware import FirmwareError, uefi_firmware
 from appliance.verify.suite import run_suite
@@ -89,3 +93,70 @@ def test_firmware_comes_from_the_descriptors(tmp_path: Path) -> None:
     _descriptor(etc, "20-plain.json", fw / "SECURE_CODE.fd", ["requires-smm"])
     with pytest.raises(FirmwareError, match="no UEFI firmware"):
         uefi_firmware(dirs=(share, etc))
+
+
+@pytest.fixture
+def interrupt_in() -> Iterator[Callable[[float], object]]:
+    """Raise KeyboardInterrupt in this (the main) thread after some seconds, as the suite's SIGTERM
+    handler and Ctrl-C do."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    yield lambda seconds: signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def group_gone(pid_file: Path, within: float = 5.0) -> bool:
+    """No running process is left in the group within a few seconds (SIGKILL takes effect
+    asynchronously; a killed process may then wait as a zombie for its parent)."""
+    group = pid_file.read_text().strip()
+
+    def running() -> bool:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[2] == group and fields[0] != "Z":
+                return True
+        return False
+
+    deadline = time.monotonic() + within
+    while running():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_an_interrupted_command_cleans_up_and_takes_what_it_started_with_it(
+        tmp_path: Path, interrupt_in: Callable[[float], object]) -> None:
+    """Interrupted, run() gives the command SIGINT (a terminal's Ctrl-C reaches the whole process
+    group; the command runs in a session of its own) and waits for its cleanup: mmdebstrap unmounts
+    the tree's /proc and /sys then. What it started in the background (which ignores SIGINT) is
+    killed with it."""
+    script = (f'echo $$ > {tmp_path}/pid; trap "echo cleaned > {tmp_path}/cleaned; exit 130" INT; '
+              "sleep 300 & wait")
+    t0 = time.monotonic()
+    interrupt_in(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        run(["sh", "-c", script])
+    assert (tmp_path / "cleaned").read_text() == "cleaned\n"
+    assert time.monotonic() - t0 < 30 and group_gone(tmp_path / "pid")
+
+
+def test_a_command_that_ignores_the_interrupt_is_killed_after_the_grace(
+        tmp_path: Path, interrupt_in: Callable[[float], object], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "STOP_GRACE", 1.0)
+    t0 = time.monotonic()
+    interrupt_in(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        run(["sh", "-c", f'trap "" INT; echo $$ > {tmp_path}/pid; sleep 300'])
+    assert time.monotonic() - t0 < 30 and group_gone(tmp_path / "pid")
+    # and a timeout stops it the same way, as a failure of the command
+    t0 = time.monotonic()
+    with pytest.raises(CommandFailed, match="did not finish within 1 s"):
+        run(["sh", "-c", f'trap "" INT; echo $$ > {tmp_path}/pid2; sleep 300'], timeout=1)
+    assert time.monotonic() - t0 < 30 and group_gone(tmp_path / "pid2")

@@ -21,6 +21,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from .run import run
+
 CACHE_ENV = "APPLIANCE_CACHE"
 
 
@@ -161,7 +163,19 @@ def _remove(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.exists():
+        unmount_below(path)
         shutil.rmtree(path)
+
+
+def unmount_below(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> None:
+    """Detach what is mounted under path: a build killed mid-way (mmdebstrap's /proc, /sys and /dev
+    in the tree) would otherwise stop rmtree at a read-only file system, or let it into one."""
+    prefix = f"{os.path.realpath(path)}/"
+    points = [line.split()[4] for line in mountinfo.read_text().splitlines()]
+    # mountinfo escapes space, tab, newline and backslash in octal
+    points = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), p) for p in points]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        run(["umount", "--lazy", point], check=False)
 
 
 def dir_size(path: Path) -> int:
