@@ -14,6 +14,7 @@ from appliance.image.debian import Archive
 from appliance.image.platform import PLATFORMS
 from appliance.image.rootfs import (
     DEPMOD,
+    DPKG_DEB,
     EMULATED_RECIPE,
     PY3COMPILE,
     PY_COMPILE,
@@ -51,19 +52,21 @@ def _spec(name: str) -> ImageSpec:
 
 
 def test_an_emulated_tree_leaves_cpu_independent_work_to_native_tools() -> None:
-    """Debian's byte-compilers and depmod stand aside while an arm64 tree's packages are configured
-    and are back before anything else in the tree runs; depmod then runs natively from the tools tree
-    (with the tree's own as the fallback); the tree's key says how it was built."""
+    """Debian's byte-compilers and depmod stand aside while an arm64 tree's packages are configured,
+    dpkg-deb for the tools tree's, and all are back before anything else in the tree runs; depmod then
+    runs natively from the tools tree (with the tree's own as the fallback); the tree's key says how
+    it was built."""
     arm64, amd64 = _spec("arm64-exit-node.yaml"), _spec("exit-node.yaml")
     tools = ToolsTree(Entry("tools", "k", Path("/cache/tools-k")))
-    essential = " ".join(_essential_hooks(arm64))
-    for path in (PY_COMPILE, PY3COMPILE, DEPMOD):
+    essential = " ".join(_essential_hooks(arm64, tools))
+    for path in (PY_COMPILE, PY3COMPILE, DEPMOD, DPKG_DEB):
         assert f"dpkg-divert --quiet --local --rename --add {path}" in essential
-        assert path not in " ".join(_essential_hooks(amd64))  # control: a native tree runs Debian's own
+        assert path not in " ".join(_essential_hooks(amd64, tools))  # control: a native tree runs Debian's own
+    assert "patchelf --set-interpreter" in essential and "/cache/tools-k/tree" in essential
     hooks = _customize_hooks(arm64, Path("/files"), tools)
-    restore = hooks[:6]
-    for path in (PY_COMPILE, PY3COMPILE, DEPMOD):  # the stand-ins go before anything runs
-        assert f'rm -f "$1{path}"' in restore and f"--rename --remove {path}" in " ".join(restore)
+    restore = hooks[:7]
+    for path in (PY_COMPILE, PY3COMPILE, DEPMOD, DPKG_DEB):  # the stand-ins go before anything runs
+        assert f'rm -f "$1{path}"' in " ".join(restore) and f"--rename --remove {path}" in " ".join(restore)
     native = [h for h in hooks if "depmod -b /run/target" in h]
     assert len(native) == 1 and native[0].startswith("unshare --mount") and "/cache/tools-k/tree" in native[0]
     assert native[0].endswith('do chroot "$1" depmod -a "$v"; done; }')  # another kmod: the tree's own

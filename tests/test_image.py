@@ -563,6 +563,7 @@ def test_emulated_tree_has_the_bytecode_of_every_python_file(tools: ToolsTree, t
     assert "def compile(" in (base.tree / BYTECODE_DIRS[0] / "py_compile.py").read_text()
     # depmod too; its index (written by the tools tree's) names exactly the modules the pruned tree has
     assert "depmod" not in diversions and os.readlink(base.tree / "usr/sbin/depmod") == "../bin/kmod"
+    assert "dpkg-deb" not in diversions and not (base.tree / "usr/lib/appliance-native").exists()
     modules = base.tree / "usr/lib/modules" / base.kernel_version
     assert check_module_index(modules, (modules / "modules.dep").read_text()) == []
     lines = (modules / "modules.dep").read_text().splitlines(keepends=True)
@@ -594,19 +595,15 @@ def test_depmod_of_an_emulated_tree_falls_back_to_the_trees_own(exit_node: dict[
     arm64 = image_spec(load_profile(PROFILES / "arm64-exit-node.yaml").profile)
     base = BaseTree(Cache(CACHE).entry(CacheKind.BASE, exit_node["manifest"]["base_key"]))
     module = next((base.tree / "usr/lib/modules" / base.kernel_version / "kernel/drivers/net/wireguard").glob("*.ko*"))
-    upper, work, target = tmp_path / "upper", tmp_path / "work", tmp_path / "target"
-    for d in (upper / "usr/lib/modules/0.0-test/kernel", work, target):
-        d.mkdir(parents=True)
-    shutil.copy(module, upper / "usr/lib/modules/0.0-test/kernel")
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                    f"lowerdir={tools.root},upperdir={upper},workdir={work}", str(target)], check=True)
     hook = _depmod_hook(arm64, tools)
-    dep, ran = target / "usr/lib/modules/0.0-test/modules.dep", target / "own-depmod-ran"
 
     def run_hook() -> subprocess.CompletedProcess[str]:
         return subprocess.run(["sh", "-c", hook, "hook", str(target)], capture_output=True, text=True, timeout=120)
 
-    try:
+    with overlay(tools.root, tmp_path) as target:
+        (target / "usr/lib/modules/0.0-test/kernel").mkdir(parents=True)
+        shutil.copy(module, target / "usr/lib/modules/0.0-test/kernel")
+        dep, ran = target / "usr/lib/modules/0.0-test/modules.dep", target / "own-depmod-ran"
         # the same kmod: the tools tree's depmod writes the index
         own = target / "usr/sbin/depmod"
         own.unlink()
@@ -617,12 +614,7 @@ def test_depmod_of_an_emulated_tree_falls_back_to_the_trees_own(exit_node: dict[
         assert dep.read_text().startswith(f"kernel/{module.name}:") and not ran.exists()
         # another kmod in the tree: its own depmod runs, the tools tree's does not
         dep.unlink()
-        status = target / "var/lib/dpkg/status"
-        stanzas = status.read_text().split("\n\n")
-        kmod = next(i for i, s in enumerate(stanzas) if s.startswith("Package: kmod\n"))
-        lines = stanzas[kmod].splitlines()
-        stanzas[kmod] = "\n".join("Version: 0-other" if line.startswith("Version: ") else line for line in lines)
-        status.write_text("\n\n".join(stanzas))
+        set_version(target, "kmod", "0-other")
         proc = run_hook()
         assert proc.returncode == 0, proc.stderr
         assert "0-other in the tree: depmod runs emulated" in proc.stderr
@@ -630,5 +622,85 @@ def test_depmod_of_an_emulated_tree_falls_back_to_the_trees_own(exit_node: dict[
         # the control: the fallback's failure is the hook's
         own.write_text("#!/bin/sh\nexit 1\n")
         assert run_hook().returncode != 0
+
+
+def set_version(tree: Path, package: str, version: str) -> None:
+    """Make the tree's dpkg database say another version of package is installed."""
+    status = tree / "var/lib/dpkg/status"
+    stanzas = status.read_text().split("\n\n")
+    i = next(i for i, s in enumerate(stanzas) if s.startswith(f"Package: {package}\n"))
+    stanzas[i] = "\n".join(f"Version: {version}" if line.startswith("Version: ") else line
+                            for line in stanzas[i].splitlines())
+    status.write_text("\n\n".join(stanzas))
+
+
+def elf_machine(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[18:20], "little")
+
+
+@contextlib.contextmanager
+def overlay(lower: Path, tmp_path: Path) -> Iterator[Path]:
+    """lower, writable at the returned path; what is written goes to tmp_path."""
+    upper, work, target = tmp_path / "upper", tmp_path / "work", tmp_path / "target"
+    for d in (upper, work, target):
+        d.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}",
+                    str(target)], check=True)
+    try:
+        yield target
     finally:
         subprocess.run(["umount", str(target)], check=True)
+
+
+def test_an_emulated_tree_unpacks_its_packages_with_a_native_dpkg_deb(tools: ToolsTree, tmp_path: Path) -> None:
+    """While an arm64 tree's packages are installed, its dpkg-deb is the tools tree's, run natively
+    with its own loader and libraries (eatmydata's too, which dpkg passes on): it reads a package as
+    the tree's own does. Then the tree's own is back, the same bytes, no diversion left. With another
+    dpkg in the tree, the tree's own never leaves, and the restore leaves it alone (control: the
+    plain restore would delete it)."""
+    from appliance.image import image_spec
+    from appliance.image.rootfs import DPKG_DEB, NATIVE_DIR, _native_dpkg_deb_hook, _restore, _restore_emulated
+    from appliance.profile import load_profile
+
+    profile = PROFILES / "arm64-exit-node.yaml"
+    spec = image_spec(load_profile(profile).profile)
+    base = built_base(build(profile, tmp_path / "images", tmp_path / "secrets", "--json"))
+    deb = next((CACHE / "debs").glob(f"wireguard-tools_*_{spec.arch}.deb"))
+    own = (base.tree / DPKG_DEB[1:]).read_bytes()
+    env = {**os.environ, **spec.emulator_env}
+    native_here = elf_machine(Path(sys.executable).resolve())
+    assert elf_machine(base.tree / DPKG_DEB[1:]) != native_here  # the tree's own runs emulated
+
+    def in_tree(*cmd: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(["chroot", str(target), *cmd], capture_output=True, env=env, timeout=120)
+
+    def hook(script: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["sh", "-c", script, "hook", str(target)], capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    def diverted() -> bool:
+        return DPKG_DEB in in_tree("dpkg-divert", "--list").stdout.decode()
+
+    with overlay(base.tree, tmp_path / "same") as target:
+        shutil.copy(deb, target / "tmp/p.deb")
+        proc = hook(_native_dpkg_deb_hook(tools))
+        assert proc.returncode == 0 and "runs emulated" not in proc.stderr, proc.stderr
+        assert os.readlink(target / DPKG_DEB[1:]) == f"{NATIVE_DIR}/dpkg-deb" and diverted()
+        assert elf_machine(target / NATIVE_DIR[1:] / "dpkg-deb") == native_here
+        native, emulated = (in_tree(p, "--fsys-tarfile", "/tmp/p.deb") for p in ("dpkg-deb", f"{DPKG_DEB}.distrib"))
+        assert native.returncode == 0 and len(native.stdout) > 10_000 and native.stdout == emulated.stdout
+        control = in_tree("dpkg-deb", "--control", "/tmp/p.deb", "/tmp/control")
+        assert control.returncode == 0 and (target / "tmp/control/control").read_text().startswith("Package: ")
+        preload = in_tree("env", "LD_PRELOAD=libeatmydata.so", "dpkg-deb", "--version")
+        assert preload.returncode == 0 and not preload.stderr, preload.stderr
+        proc = hook(_restore_emulated(spec)[0])
+        assert proc.returncode == 0, proc.stderr
+        assert (target / DPKG_DEB[1:]).read_bytes() == own and not (target / NATIVE_DIR[1:]).exists() and not diverted()
+
+    with overlay(base.tree, tmp_path / "other") as target:
+        set_version(target, "dpkg", "0-other")
+        proc = hook(_native_dpkg_deb_hook(tools))
+        assert proc.returncode == 0 and "0-other in the tree: dpkg-deb runs emulated" in proc.stderr, proc.stderr
+        assert (target / DPKG_DEB[1:]).read_bytes() == own and not diverted()
+        assert hook(_restore_emulated(spec)[0]).returncode == 0 and (target / DPKG_DEB[1:]).read_bytes() == own
+        assert hook(" && ".join(_restore(DPKG_DEB))).returncode == 0 and not (target / DPKG_DEB[1:]).exists()

@@ -20,6 +20,8 @@ TOOLS_PACKAGES = sorted([
     # the ruleset of an image for another architecture is checked by this (the same Debian) nft:
     # qemu-user does not translate netfilter's netlink sockets, so the image's own cannot run
     "nftables",
+    # an emulated tree's packages are unpacked by this dpkg-deb, run natively (rootfs.py)
+    "patchelf", "libeatmydata1",
 ])
 TOOLS_RECIPE = 1  # bump when the way the tree is made changes
 HOOK_TARGET = "/run/target"  # where ToolsTree.hook's script finds the tree being built
