@@ -20,6 +20,7 @@ from appliance.image.rootfs import (
     PY_COMPILE,
     _customize_hooks,
     _essential_hooks,
+    _native_dpkg_deb_hook,
     _require_emulation,
     base_key_inputs,
 )
@@ -58,11 +59,10 @@ def test_an_emulated_tree_leaves_cpu_independent_work_to_native_tools() -> None:
     it was built."""
     arm64, amd64 = _spec("arm64-exit-node.yaml"), _spec("exit-node.yaml")
     tools = ToolsTree(Entry("tools", "k", Path("/cache/tools-k")))
-    essential = " ".join(_essential_hooks(arm64, tools))
+    essential = " ".join(_essential_hooks(arm64)) + _native_dpkg_deb_hook(tools)
     for path in (PY_COMPILE, PY3COMPILE, DEPMOD, DPKG_DEB):
         assert f"dpkg-divert --quiet --local --rename --add {path}" in essential
-        assert path not in " ".join(_essential_hooks(amd64, tools))  # control: a native tree runs Debian's own
-    assert "patchelf --set-interpreter" in essential and "/cache/tools-k/tree" in essential
+        assert path not in " ".join(_essential_hooks(amd64))  # control: a native tree runs Debian's own
     hooks = _customize_hooks(arm64, Path("/files"), tools)
     restore = hooks[:7]
     for path in (PY_COMPILE, PY3COMPILE, DEPMOD, DPKG_DEB):  # the stand-ins go before anything runs
@@ -108,9 +108,11 @@ def test_an_emulated_trees_programs_run_on_a_cpu_without_pointer_authentication(
     arm64, amd64 = _spec("arm64-exit-node.yaml"), _spec("exit-node.yaml")
     assert arm64.emulator_env == {"QEMU_CPU": "cortex-a72"} and amd64.emulator_env == {}
     seen: list[dict[str, str]] = []
+    extract_hooks: list[list[str]] = []
 
     def run(cmd: list[str], **kw: object) -> None:
         seen.append(dict(kw["env"]))  # type: ignore[call-overload]
+        extract_hooks.append([str(a) for a in cmd if str(a).startswith("--extract-hook=")])
         raise ImageError("stop here")
 
     monkeypatch.setattr(rootfs, "run", run)
@@ -122,6 +124,8 @@ def test_an_emulated_trees_programs_run_on_a_cpu_without_pointer_authentication(
             rootfs.build_base(Cache(tmp_path / "cache"), tools, Archive("http://m", "http://s"), spec,
                               NULL_LOG, snapshot="s", lock=None, sde=1)
     assert seen[0]["QEMU_CPU"] == "cortex-a72" and "QEMU_CPU" not in seen[1]
+    # and an arm64 tree's packages are unpacked by a native dpkg-deb from the first one on
+    assert extract_hooks[0] == [f"--extract-hook={_native_dpkg_deb_hook(tools)}"] and extract_hooks[1] == []
     # the tree checks run their commands in the environment the expectations carry
     monkeypatch.setattr(static, "run_suite", lambda suite, workdir, hosts, *, env, args: env)
     for spec, cpu in ((arm64, "cortex-a72"), (amd64, None)):

@@ -656,8 +656,8 @@ def test_an_emulated_tree_unpacks_its_packages_with_a_native_dpkg_deb(tools: Too
     """While an arm64 tree's packages are installed, its dpkg-deb is the tools tree's, run natively
     with its own loader and libraries (eatmydata's too, which dpkg passes on): it reads a package as
     the tree's own does. Then the tree's own is back, the same bytes, no diversion left. With another
-    dpkg in the tree, the tree's own never leaves, and the restore leaves it alone (control: the
-    plain restore would delete it)."""
+    dpkg-deb version in the tree, the tree's own never leaves, and the restore leaves it alone
+    (control: the plain restore would delete it)."""
     from appliance.image import image_spec
     from appliance.image.rootfs import DPKG_DEB, NATIVE_DIR, _native_dpkg_deb_hook, _restore, _restore_emulated
     from appliance.profile import load_profile
@@ -698,9 +698,11 @@ def test_an_emulated_tree_unpacks_its_packages_with_a_native_dpkg_deb(tools: Too
         assert (target / DPKG_DEB[1:]).read_bytes() == own and not (target / NATIVE_DIR[1:]).exists() and not diverted()
 
     with overlay(base.tree, tmp_path / "other") as target:
-        set_version(target, "dpkg", "0-other")
+        other = target / DPKG_DEB[1:]
+        other.write_text("#!/bin/sh\necho \"Debian 'dpkg-deb' package archive backend version 0-other (arm64).\"\n")
+        own = other.read_bytes()
         proc = hook(_native_dpkg_deb_hook(tools))
-        assert proc.returncode == 0 and "0-other in the tree: dpkg-deb runs emulated" in proc.stderr, proc.stderr
+        assert proc.returncode == 0 and "version 0-other (arm64).: dpkg-deb runs emulated" in proc.stderr, proc.stderr
         assert (target / DPKG_DEB[1:]).read_bytes() == own and not diverted()
         assert hook(_restore_emulated(spec)[0]).returncode == 0 and (target / DPKG_DEB[1:]).read_bytes() == own
         assert hook(" && ".join(_restore(DPKG_DEB))).returncode == 0 and not (target / DPKG_DEB[1:]).exists()

@@ -109,12 +109,11 @@ def _restore(path: str) -> list[str]:
     return [f'rm -f "$1{path}"', f'chroot "$1" dpkg-divert --quiet --local --rename --remove {path}']
 
 
-def _essential_hooks(spec: ImageSpec, tools: ToolsTree) -> list[str]:
+def _essential_hooks(spec: ImageSpec) -> list[str]:
     # build the initramfs once at the end instead of at every kernel/udev/... trigger
     hooks = _stand_aside(_generator(spec))
     if spec.emulated:
-        hooks += [*_stand_aside(PY_COMPILE, empty=True), *_stand_aside(PY3COMPILE), *_stand_aside(DEPMOD),
-                  _native_dpkg_deb_hook(tools)]
+        hooks += [*_stand_aside(PY_COMPILE, empty=True), *_stand_aside(PY3COMPILE), *_stand_aside(DEPMOD)]
     return hooks
 
 
@@ -137,19 +136,23 @@ def _same_as_tools(package: str, otherwise: str) -> str:
 
 
 def _native_dpkg_deb_hook(tools: ToolsTree) -> str:
-    """The tree's dpkg-deb stands aside for the tools tree's, copied with its loader and libraries to
-    NATIVE_DIR, where it finds them (patchelf: interpreter and RPATH, which covers its libraries'
-    own), if it is the same dpkg; else the tree's own is back at once."""
+    """An extract hook: before dpkg installs the first package, the tree's dpkg-deb stands aside for
+    the tools tree's, copied with its loader and libraries to NATIVE_DIR, where it finds them
+    (patchelf: interpreter, and RPATH, which covers its libraries' own), if it is the same version;
+    else the tree's own stays (the same bytes, slower). dpkg is not installed yet: the version is
+    the one each program reports."""
     t, d = HOOK_TARGET, NATIVE_DIR
-    native = tools.hook(
-        _same_as_tools("dpkg", "dpkg-deb runs emulated")
-        + f"ld=$(patchelf --print-interpreter {DPKG_DEB}); mkdir {t}{d}; "
+    install = tools.hook(
+        f"ld=$(patchelf --print-interpreter {DPKG_DEB}); mkdir {t}{d}; "
         f"cp -L {DPKG_DEB} \"$ld\" $(ldd {DPKG_DEB} | awk '$2 == \"=>\" {{print $3}}') "
         f"/usr/lib/*-linux-gnu/libeatmydata.so {t}{d}/; "
         f'patchelf --set-interpreter "{d}/${{ld##*/}}" --force-rpath --set-rpath {d} {t}{d}/dpkg-deb; '
         f"ln -s {d}/dpkg-deb {t}{DPKG_DEB}")
-    aside, back = (f'chroot "$1" dpkg-divert --quiet --local --rename --{op} {DPKG_DEB}' for op in ("add", "remove"))
-    return f'{aside} && {{ {native} || {{ [ $? -eq 3 ] && {back}; }}; }}'
+    mine = f"$(chroot {shlex.quote(str(tools.root))} {DPKG_DEB} --version | head -n 1)"
+    theirs = f'$(chroot "$1" {DPKG_DEB} --version | head -n 1)'
+    return (f'mine="{mine}"; theirs="{theirs}"; if [ -n "$mine" ] && [ "${{mine% (*}}" = "${{theirs% (*}}" ]; then '
+            f'chroot "$1" dpkg-divert --quiet --local --rename --add {DPKG_DEB} && {install}; '
+            f'else echo "tools tree: $mine; tree: $theirs: dpkg-deb runs emulated" >&2; fi')
 
 
 def _depmod_hook(spec: ImageSpec, tools: ToolsTree) -> str:
@@ -381,7 +384,9 @@ def build_base(cache: Cache, tools: ToolsTree, archive: Archive, spec: ImageSpec
                         f'cp {shlex.quote(str(prefs))} "$1/etc/apt/preferences.d/appliance-lock"')
         files = tmp / "files"
         write_base_files(base_files(spec, sde), files)
-        args += [f"--essential-hook={h}" for h in _essential_hooks(spec, tools)]
+        if spec.emulated:
+            args.append(f"--extract-hook={_native_dpkg_deb_hook(tools)}")
+        args += [f"--essential-hook={h}" for h in _essential_hooks(spec)]
         args += [f"--customize-hook={h}" for h in _customize_hooks(spec, files, tools)]
         try:
             # PYTHONDONTWRITEBYTECODE: maintainer scripts' Python writes no import caches (timestamped);
