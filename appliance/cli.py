@@ -847,11 +847,22 @@ def main() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
+    # click's standalone mode turns Ctrl-C into "Aborted!" and exit 1; a shell's convention is 130
     try:
-        cli(standalone_mode=True)
+        code = cli.main(standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.Abort as e:
+        if not isinstance(e.__context__, KeyboardInterrupt):
+            err.print("Aborted!")
+            sys.exit(1)
+        err.print("interrupted")
+        sys.exit(130)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -113,13 +113,13 @@ def run(cmd: Command, *, log: BuildLog = NULL_LOG, env: Mapping[str, str] | None
 STOP_GRACE = 60.0
 
 
-def stop(proc: subprocess.Popen[Any], grace: float | None = None) -> None:
+def stop(proc: subprocess.Popen[Any]) -> None:
     """End a command run in its own session, and what it started: SIGINT to its process group, as a
     terminal's Ctrl-C, so that it can clean up (mmdebstrap unmounts what it mounted in the tree);
-    SIGKILL to the group after grace seconds, and to whatever of the group outlives its leader."""
+    SIGKILL to the group after STOP_GRACE seconds, and to whatever of the group outlives its leader."""
     try:
         os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(STOP_GRACE if grace is None else grace)
+        proc.wait(STOP_GRACE)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
     with contextlib.suppress(ProcessLookupError):

@@ -204,3 +204,37 @@ def test_status_of_a_device_that_does_not_answer(tmp_path: Path) -> None:
     cfg.write_text("Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n")
     result = CliRunner().invoke(cli, ["status", "--host", f"root@127.0.0.1:{port}", "--ssh-config", str(cfg)])
     assert result.exit_code == 4 and "unreachable" in result.output, result.output
+
+
+@pytest.mark.parametrize(("raised", "code", "says"),
+                         [(KeyboardInterrupt, 130, "interrupted"), (EOFError, 1, "Aborted!")])
+def test_an_interrupted_command_exits_as_a_shell_expects(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        raised: type[BaseException], code: int, says: str) -> None:
+    """Ctrl-C (or the SIGTERM that unwinds like it) ends a command with 130, the shell's convention for
+    SIGINT; a prompt that meets the end of its input stays click's "Aborted!", exit 1. Click's own
+    standalone mode says "Aborted!" and exits 1 for both (the control)."""
+    import appliance.cli as cli_module
+
+    def interrupted(path: Path) -> None:
+        raise raised
+
+    monkeypatch.setattr(cli_module, "load_profile", interrupted)
+    monkeypatch.setattr("sys.argv", ["appliance", "validate", str(PROFILES / "exit-node.yaml")])
+    with pytest.raises(SystemExit) as exited:
+        cli_module.main()
+    assert exited.value.code == code and says in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        cli_module.cli(["validate", str(PROFILES / "exit-node.yaml")], standalone_mode=True)
+    assert exited.value.code == 1
+
+
+@pytest.mark.parametrize(("args", "code", "says"), [
+    (["--help"], 0, "Usage: appliance"), (["--version"], 0, "appliance, version"),
+    (["--bogus"], 2, "No such option '--bogus'"), (["build"], 2, "Missing argument 'PROFILE'"),
+    (["validate", "/nonexistent/profile.yaml"], 2, "cannot read profile"),
+])
+def test_the_installed_command_keeps_clicks_exit_codes(args: list[str], code: int, says: str) -> None:
+    proc = subprocess.run([str(Path(shutil.which("appliance") or REPO / ".venv/bin/appliance")), *args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code and says in proc.stdout + proc.stderr, proc
