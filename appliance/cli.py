@@ -694,7 +694,7 @@ def fleet_build(directory: Path, out_dir: Path, cache_dir: Path | None, secrets_
     for col in ("device", "roles", "mode", "image", "sha256", "time", "result"):
         table.add_column(col)
     failed = 0
-    for path in fleet.devices(directory)[0]:
+    for path in fleet.device_profiles(directory):
         t0 = time.monotonic()
         try:
             res = build_profile(path, BuildOptions(out_dir=out_dir, cache=Cache(cache_dir), check_tree=verify_tree),

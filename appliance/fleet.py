@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from .errors import ApplianceError
+from .errors import ApplianceError, InputError
 from .image import image_spec
 from .profile import Issue, LoadedProfile, ProfileError, load_profile
 from .profile.errors import display_file
@@ -59,6 +59,17 @@ def devices(root: Path) -> tuple[list[Path], list[Path]]:
     return [f for f in files if f.resolve() not in bases], [f for f in files if f.resolve() in bases]
 
 
+def device_profiles(directory: Path) -> list[Path]:
+    """The device profiles `fleet check/build/update` work on: none is an error (a mistyped
+    directory, or not a directory at all, would otherwise pass as an empty fleet)."""
+    if not directory.is_dir():
+        raise InputError(f"{directory}: not a directory")
+    found = devices(directory)[0]
+    if not found:
+        raise InputError(f"{directory}: no device profiles (*.yaml, *.yml) in it or below it")
+    return found
+
+
 @dataclass
 class FleetCheck:
     loaded: list[LoadedProfile] = field(default_factory=list)
@@ -71,7 +82,7 @@ class FleetCheck:
 
 def check(root: Path) -> FleetCheck:
     result = FleetCheck()
-    found, _ = devices(root)
+    found = device_profiles(root)
     confine = fleet_root(root)
     for path in found:
         try:

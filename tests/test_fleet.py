@@ -142,3 +142,16 @@ def test_fleet_build_continues_past_a_failure(tmp_path: Path) -> None:
     texts = [p.read_text() for p in (tmp_path / "images").glob("*") if p.suffix in (".json", ".log")]
     texts += [proc.stdout, proc.stderr]
     assert not any(k in t for k in keys for t in texts)
+
+
+@pytest.mark.parametrize("command", ["check", "build"])
+def test_a_fleet_without_devices_is_an_error(tmp_path: Path, command: str) -> None:
+    """A directory without profiles (a mistyped one, one holding only other files) or a device file
+    such as /dev/null is not an empty fleet that passes: exit 2 and why. The example fleet passes
+    (control)."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty/notes.txt").write_text("no profile here\n")
+    for where, why in ((tmp_path / "empty", "no device profiles"), ("/dev/null", "not a directory")):
+        result = CliRunner().invoke(cli, ["fleet", command, str(where)])
+        assert result.exit_code == 2 and why in result.output, result.output
+    assert CliRunner().invoke(cli, ["fleet", "check", str(PROFILES / "fleet")]).exit_code == 0
