@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.image.rootfs import REUSE_ENV
+from appliance.image.debian import REUSE_ENV
 from appliance.secrets import ApplianceKeys, generate_preshared_key, generate_private_key
 
 REPO = Path(__file__).resolve().parent.parent

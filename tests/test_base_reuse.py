@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,8 +17,8 @@ import pytest
 from appliance.errors import EXIT_INVALID, InputError
 from appliance.image import Cache, builder, image_spec
 from appliance.image.cache import COMPLETE, CacheKind
-from appliance.image.debian import Archive
-from appliance.image.rootfs import REUSE_ENV, base_key, newest_base, reuse_window
+from appliance.image.debian import REUSE_ENV, Archive, ArchiveState, reuse_window
+from appliance.image.rootfs import base_key, newest_base
 from appliance.image.run import NULL_LOG, ImageError
 from appliance.image.spec import ImageSpec
 from appliance.profile import load_profile
@@ -51,9 +52,13 @@ def add_base(cache: Cache, key: str, snapshot: str, age_days: float) -> str:
         return {"packages": {}, "kernel_version": "k", "snapshot": snapshot}
 
     entry = cache.get_or_build(CacheKind.BASE, key, make)
-    meta = json.loads((entry.path / COMPLETE).read_text())
-    (entry.path / COMPLETE).write_text(json.dumps({**meta, "created": time.time() - age_days * DAY}))
+    made_ago(entry.path, age_days)
     return key
+
+
+def made_ago(entry: Path, days: float) -> None:
+    meta = json.loads((entry / COMPLETE).read_text())
+    (entry / COMPLETE).write_text(json.dumps({**meta, "created": time.time() - days * DAY}))
 
 
 def key_for(spec: ImageSpec, snapshot: str) -> str:
@@ -90,7 +95,7 @@ def step(cache: Cache, spec: ImageSpec, state: str | None, monkeypatch: pytest.M
     monkeypatch.setattr(builder, "build_base", build_base)
     ctx = SimpleNamespace(opts=SimpleNamespace(cache=cache, no_cache=False), lock=None,
                           archive=FixedArchive(state=state), spec=spec, sde=SDE, log=NULL_LOG,
-                          reuse_window=reuse_window(),
+                          reuse_window=reuse_window(), archive_state=ArchiveState(state, reuse_window()),
                           need=lambda value, what: value, tools=None, base=None)
     builder._base(ctx)  # type: ignore[arg-type]
     return ctx.base if isinstance(ctx.base, str) else ctx.base.entry.key
@@ -157,3 +162,38 @@ def test_a_bad_environment_stops_the_build_before_any_step(var: str, raw: str, t
     monkeypatch.delenv(var)  # the control: the same call without it makes the context
     assert builder._context(spec, None, None, opts, None, NULL_LOG).sde > 0  # type: ignore[arg-type]
     assert not (tmp_path / "out").exists()  # nothing written either way
+
+
+def test_trees_made_from_the_archive_follow_it(tmp_path: Path) -> None:
+    """The tools tree (whose systemd-boot and UKI stub the host's images boot with) and another
+    architecture's unpacked packages are made again when the archive moves, as base trees are; an
+    older state's only within the window, or offline. Keyed without the state (as they were), the
+    first tree ever made would stay in use after every security update (the control)."""
+    from appliance.image.tools import from_archive, tools_key
+
+    cache = Cache(tmp_path)
+    made: list[str | None] = []
+
+    def take(key_for: Callable[[str | None], str], state: ArchiveState, days_ago: float = 0) -> str:
+        def make(tmp: Path) -> dict[str, object]:
+            made.append(state.snapshot)
+            return {}
+        entry = from_archive(cache, CacheKind.TOOLS, key_for, state, make, NULL_LOG)
+        if made and made[-1] == state.snapshot and days_ago:
+            made_ago(entry.path, days_ago)
+        return entry.key
+
+    def key_for(snapshot: str | None) -> str:
+        return tools_key(FixedArchive(state=None), snapshot)
+
+    first = take(key_for, ArchiveState(OLD), days_ago=30)
+    assert take(key_for, ArchiveState(OLD)) == first and made == [OLD]  # the same state: cached
+    moved = take(key_for, ArchiveState(NOW), days_ago=3)
+    assert moved != first and made == [OLD, NOW]  # the archive moved: made anew
+    assert take(key_for, ArchiveState(None)) == moved  # offline: the newest
+    assert take(key_for, ArchiveState("later", window=14 * DAY)) == moved and made == [OLD, NOW]  # in the window
+    assert take(key_for, ArchiveState("later", window=2 * DAY)) != moved and made == [OLD, NOW, "later"]
+    assert take(key_for, ArchiveState("later")) not in (first, moved) and made == [OLD, NOW, "later"]
+    # the control: one key for every state hands out the first tree whatever the archive did since
+    assert take(lambda s: "stale", ArchiveState(OLD)) == take(lambda s: "stale", ArchiveState(NOW)) == "stale"
+    assert made[-1] == OLD and made.count(NOW) == 1

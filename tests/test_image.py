@@ -25,7 +25,7 @@ import pytest
 
 from appliance.image import Cache
 from appliance.image.cache import CacheKind
-from appliance.image.debian import PYTHON, Archive
+from appliance.image.debian import PYTHON, REUSE_ENV, Archive
 from appliance.image.disk import (
     DATA_TYPE,
     ESP_TYPE,
@@ -37,7 +37,7 @@ from appliance.image.disk import (
 )
 from appliance.image.outputs import sha256
 from appliance.image.platform import platform
-from appliance.image.rootfs import REUSE_ENV, BaseTree
+from appliance.image.rootfs import BaseTree
 from appliance.image.run import NULL_LOG
 from appliance.image.tested import write_record
 from appliance.image.tools import ToolsTree, build_tools

@@ -22,20 +22,20 @@ from ..profile import Profile
 from ..render.tree import ConfigTree
 from .assemble import build_data_fs, build_esp, build_root_fs, build_uki, write_disk
 from .cache import Cache, CacheKind, content_key
-from .debian import Archive
+from .debian import REUSE_ENV, Archive, ArchiveState, reuse_window
 from .disk import ESP_SIZE, ESP_TYPE, DiskIds, Layout, Slot, kernel_cmdline, layout, system_files, uki_entry
 from .lock import Lock
 from .manifest import BuildManifest, OutputFile, ProfileInfo
 from .netstack import IMAGE_PATH as NETSTACK_PATH
 from .netstack import build_netstack
 from .outputs import allocated, bmap, compress, sha256, write_manifest
-from .rootfs import REUSE_ENV, BaseTree, build_base, reusable_base, reuse_window
+from .rootfs import BaseTree, build_base, reusable_base
 from .rpi_boot import boot_files, build_rpi_boot
 from .run import BuildLog, ImageError, require_root
 from .spec import ImageSpec
 from .stage import remove_tree, split_var, stage_tree
 from .tested import matching_record, packages_digest
-from .tools import ToolsTree, build_tools, efi_binaries, tools_key, unpacked_packages
+from .tools import ToolsTree, build_tools, efi_binaries, unpacked_packages
 
 ESP_RECIPE = 3  # bump when the way the ESP is made changes
 RPI_BOOT_RECIPE = 1  # the same for the Pi's boot partition
@@ -114,6 +114,7 @@ class BuildContext:
     reuse_window: float  # seconds: how much older an archive state's base tree may be (rootfs.reuse_window)
     t_start: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
+    archive_state: ArchiveState | None = None
     tools: ToolsTree | None = None
     base: BaseTree | None = None
     tree: Path | None = None
@@ -213,12 +214,15 @@ def _timed(ctx: BuildContext, s: BuildStep) -> Iterator[None]:
 
 
 def _tools(ctx: BuildContext) -> None:
-    ctx.tools = build_tools(ctx.opts.cache, ctx.archive, ctx.log, rebuild=ctx.opts.no_cache)
+    # the archive's state decides which cached trees are current; a lock pins the root tree's packages,
+    # not the tools' (the boot loader and UKI stub among them), which follow the archive
+    ctx.archive_state = ArchiveState(ctx.archive.snapshot(), ctx.reuse_window)
+    ctx.tools = build_tools(ctx.opts.cache, ctx.archive, ctx.log, rebuild=ctx.opts.no_cache, state=ctx.archive_state)
 
 
 def _base(ctx: BuildContext) -> None:
     opts = ctx.opts
-    snapshot = None if ctx.lock else ctx.archive.snapshot()
+    snapshot = None if ctx.lock else ctx.need(ctx.archive_state, "the archive's state").snapshot
     if ctx.lock is None and not opts.no_cache:
         cached = reusable_base(opts.cache, ctx.spec, ctx.archive, ctx.sde, snapshot, ctx.reuse_window)
         if cached is not None:
@@ -301,7 +305,7 @@ def _esp(ctx: BuildContext) -> None:
 
     entry = uki_entry(ctx.spec.name)
 
-    efi = efi_binaries(ctx.opts.cache, ctx.archive, plat, log)
+    efi = efi_binaries(ctx.opts.cache, ctx.archive, plat, log, ctx.need(ctx.archive_state, "the archive's state"))
 
     def make(tmp: Path) -> dict[str, object]:
         build_uki(tools, base.kernel, base.initrd, base.tree / "usr/lib/os-release", cmdline, tmp / "uki.efi",
@@ -310,8 +314,9 @@ def _esp(ctx: BuildContext) -> None:
         (tmp / "uki.efi").unlink()
         return {"cmdline": cmdline, "base": base.entry.key, "entry": entry}
 
+    # the boot loader and stub: the tools tree's, or another architecture's unpacked (its path names its entry)
     key = content_key({"base": base.entry.key, "cmdline": cmdline, "serial": ids.esp_serial, "sde": sde,
-                       "recipe": ESP_RECIPE, "entry": entry})
+                       "recipe": ESP_RECIPE, "entry": entry, "tools": tools.entry.key, "efi": efi.stub})
     ctx.esp = ctx.opts.cache.get_or_build(CacheKind.ESP, key, make).path / "esp.img"
 
 
@@ -319,8 +324,9 @@ def _rpi_boot(ctx: BuildContext) -> None:
     """The Pi firmware's boot partition, in the ESP's place: cached on the base and the command line."""
     base, tools, spec = ctx.need(ctx.base, "the base tree"), ctx.need(ctx.tools, "the tools tree"), ctx.spec
     ctx.cmdline = cmdline = kernel_cmdline(ctx.ids, Slot.A, vm=False, serial=spec.serial)
+    state = ctx.need(ctx.archive_state, "the archive's state")
     firmware = unpacked_packages(ctx.opts.cache, ctx.archive, spec.platform, spec.boot.firmware_packages, ctx.log,
-                                 components="main non-free-firmware")
+                                 state, components="main non-free-firmware")
     dtb_dir = base.tree / "usr/lib" / f"linux-image-{base.kernel_version}" / spec.boot.dtb_dir
     files = boot_files(spec.boot, firmware, base.kernel, base.initrd, dtb_dir, cmdline, spec.name)
 
@@ -374,7 +380,8 @@ def _finish(ctx: BuildContext) -> None:
     base, lay = ctx.need(ctx.base, "the base tree"), ctx.need(ctx.layout, "the layout")
     ctx.manifest = BuildManifest.of_build(
         spec=ctx.spec, config_digest=ctx.config.digest(), profile=ctx.profile, base=base,
-        tools_key=tools_key(ctx.archive), suite=ctx.archive.suite, sde=ctx.sde, cmdline=ctx.cmdline,
+        tools_key=ctx.need(ctx.tools, "the tools tree").entry.key, suite=ctx.archive.suite, sde=ctx.sde,
+        cmdline=ctx.cmdline,
         outputs=ctx.outputs, disk_size=lay.disk_size, t_start=ctx.t_start, stages=ctx.timings,
         tested=matching_record(ctx.out_dir, ctx.spec.name, ctx.profile.digest, base.packages))
     write_manifest(ctx.tmp["manifest"], ctx.manifest.to_json())

@@ -125,6 +125,31 @@ class Cache:
                     found.append(e)
         return found
 
+    def newest(self, kind: str, key_for: Callable[[str], str], max_age: float | None = None) -> Entry | None:
+        """The newest complete entry of kind made from any state of the archive (at most max_age
+        seconds old): one counts only if key_for(the snapshot it was made from) is its key, so an
+        entry of another recipe or other inputs is never taken."""
+        now = time.time()
+        found = []
+        for e in self.entries():
+            if e.kind != kind or not e.complete:
+                continue
+            meta = e.meta()
+            snapshot, created = meta.get("snapshot"), float(meta.get("created", 0))
+            if not isinstance(snapshot, str) or key_for(snapshot) != e.key:
+                continue
+            if max_age is None or now - created <= max_age:
+                found.append((created, e))
+        return max(found, key=lambda f: f[0])[1] if found else None
+
+    def reusable(self, kind: str, key_for: Callable[[str], str], snapshot: str | None, window: float) -> Entry | None:
+        """The entry of an older archive state a build takes instead of the current state's (snapshot;
+        None: the archive is unreachable). Offline: the newest of any age. Online: none if the current
+        state's own entry is complete (the caller takes it), else the newest at most window seconds old."""
+        if snapshot is not None and (window <= 0 or self.entry(kind, key_for(snapshot)).complete):
+            return None
+        return self.newest(kind, key_for, None if snapshot is None else window)
+
     def clean(self, keep: Callable[[Entry], bool] = lambda e: False) -> list[Entry]:
         """Remove entries (and leftovers of killed builds) that keep() does not want."""
         removed = []

@@ -12,6 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InputError
 from .platform import HOST, Platform
 
 SUITE = "trixie"
@@ -53,6 +54,40 @@ class Archive:
             m = re.search(r"^Date: (.+)$", head, re.M)
             dates.append(m.group(1).strip() if m else "?")
         return " | ".join(dates)
+
+
+# A tree made from the archive (base, tools, unpacked packages) is rebuilt whenever the archive moves
+# (a security update lands every few days). Where the newest packages matter less than not
+# rebuilding, e.g. a test suite on a warm cache, this many days of an older archive state are
+# accepted; unset or 0: none. (Named for the base tree, the first it applied to.)
+REUSE_ENV = "APPLIANCE_REUSE_BASE_DAYS"
+MAX_REUSE_DAYS = 10_000
+
+
+def reuse_window(env: dict[str, str] | None = None) -> float:
+    """Seconds an older archive state's tree may be reused while the archive is reachable."""
+    raw = (os.environ if env is None else env).get(REUSE_ENV, "").strip()
+    try:
+        days = float(raw or 0)
+    except ValueError:
+        days = -1
+    if not 0 <= days < MAX_REUSE_DAYS:
+        raise InputError(f"{REUSE_ENV}={raw[:40]!r}: expected a number of days from 0 up to "
+                         f"{MAX_REUSE_DAYS:,} (unset: 0, only the archive's current state)")
+    return days * 86400
+
+
+@dataclass(frozen=True)
+class ArchiveState:
+    """Which cached trees made from the archive a build may take: the archive's current state's
+    (snapshot; None: unreachable, then the newest of any), or one at most window seconds older."""
+
+    snapshot: str | None
+    window: float = 0.0
+
+    @classmethod
+    def now(cls, archive: Archive) -> ArchiveState:
+        return cls(archive.snapshot(), reuse_window())
 
 
 DPKG_EXCLUDES = [

@@ -10,11 +10,9 @@ import os
 import re
 import shlex
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
 from ..render.renderer import SSH_HOST_KEY
 from .bytecode import compile_bytecode
 from .cache import Cache, CacheKind, Entry, content_key, dir_size
@@ -431,56 +429,18 @@ def _require_emulation(plat: Platform, binfmt: Path = BINFMT) -> None:
                          "(make setup does)")
 
 
-# A base tree is rebuilt whenever the archive moves (a security update lands every few days). Where
-# the newest packages matter less than not rebuilding, e.g. a test suite on a warm cache, this many
-# days of an older archive state are accepted; unset or 0: none.
-REUSE_ENV = "APPLIANCE_REUSE_BASE_DAYS"
-
-
-MAX_REUSE_DAYS = 10_000
-
-
-def reuse_window(env: dict[str, str] | None = None) -> float:
-    """Seconds an older archive state's base tree may be reused while the archive is reachable."""
-    raw = (os.environ if env is None else env).get(REUSE_ENV, "").strip()
-    try:
-        days = float(raw or 0)
-    except ValueError:
-        days = -1
-    if not 0 <= days < MAX_REUSE_DAYS:
-        raise InputError(f"{REUSE_ENV}={raw[:40]!r}: expected a number of days from 0 up to "
-                         f"{MAX_REUSE_DAYS:,} (unset: 0, only the archive's current state)")
-    return days * 86400
-
-
 def reusable_base(cache: Cache, spec: ImageSpec, archive: Archive, sde: int, snapshot: str | None,
                   window: float) -> BaseTree | None:
-    """The cached base tree a build takes instead of the archive's current state's (snapshot; None:
-    the archive is unreachable). Offline: the newest of any age. Online: none if that state's own tree
-    is cached (build_base finds it), else the newest at most window seconds old."""
-    if snapshot is not None and (window <= 0 or cache.entry(
-            CacheKind.BASE, base_key(spec, archive, snapshot, None, sde)).complete):
-        return None
-    return newest_base(cache, spec, archive, sde, None if snapshot is None else window)
+    """The cached base tree a build takes instead of the archive's current state's (Cache.reusable)."""
+    entry = cache.reusable(CacheKind.BASE, lambda s: base_key(spec, archive, s, None, sde), snapshot, window)
+    return BaseTree(entry) if entry else None
 
 
 def newest_base(cache: Cache, spec: ImageSpec, archive: Archive, sde: int,
                 max_age: float | None = None) -> BaseTree | None:
-    """The newest complete base tree this recipe built for this spec from any state of the archive
-    (at most max_age seconds old): an entry counts only if its key is the one these inputs give with
-    the snapshot it was built from, so a tree of an older recipe or another spec is never taken."""
-    now = time.time()
-    found = []
-    for e in cache.entries():
-        if e.kind != CacheKind.BASE or not e.complete:
-            continue
-        meta = e.meta()
-        snapshot, created = meta.get("snapshot"), float(meta.get("created", 0))
-        if not isinstance(snapshot, str) or base_key(spec, archive, snapshot, None, sde) != e.key:
-            continue
-        if max_age is None or now - created <= max_age:
-            found.append((created, e))
-    return BaseTree(max(found, key=lambda f: f[0])[1]) if found else None
+    """The newest complete base tree this recipe built for this spec from any state of the archive."""
+    entry = cache.newest(CacheKind.BASE, lambda s: base_key(spec, archive, s, None, sde), max_age)
+    return BaseTree(entry) if entry else None
 
 
 def _missing_message(missing: list[str], spec: ImageSpec) -> str:

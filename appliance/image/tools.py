@@ -5,12 +5,12 @@ in a private mount namespace, the way mkosi's ToolsTree works. Nothing is mounte
 from __future__ import annotations
 
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import Cache, CacheKind, Entry, content_key
-from .debian import Archive, mmdebstrap_args
+from .debian import Archive, ArchiveState, mmdebstrap_args
 from .platform import HOST, Platform
 from .run import BuildLog, run
 
@@ -27,11 +27,30 @@ TOOLS_RECIPE = 1  # bump when the way the tree is made changes
 HOOK_TARGET = "/run/target"  # where ToolsTree.hook's script finds the tree being built
 
 
-def tools_key(archive: Archive) -> str:
-    return content_key({"packages": TOOLS_PACKAGES, "suite": archive.suite, "recipe": TOOLS_RECIPE})
+def tools_key(archive: Archive, snapshot: str | None) -> str:
+    return content_key({"packages": TOOLS_PACKAGES, "suite": archive.suite, "recipe": TOOLS_RECIPE,
+                        "snapshot": snapshot})
 
 
-def build_tools(cache: Cache, archive: Archive, log: BuildLog, rebuild: bool = False) -> ToolsTree:
+def from_archive(cache: Cache, kind: CacheKind, key_for: Callable[[str | None], str], state: ArchiveState,
+                 make: Callable[[Path], dict[str, object]], log: BuildLog, rebuild: bool = False) -> Entry:
+    """A cached tree made from the archive, for its current state as base trees are: the systemd-boot
+    and UKI stub images boot with come from these, so a security update reaches the next build (with
+    the state in the key, not only the packages' names). An older state's when Cache.reusable allows."""
+    if not rebuild:
+        older = cache.reusable(kind, key_for, state.snapshot, state.window)
+        if older is not None:
+            log.write(f"reusing the {kind} entry {older.key} made from the archive of {older.meta().get('snapshot')}\n")
+            return older
+
+    def made(tmp: Path) -> dict[str, object]:
+        return {**make(tmp), "snapshot": state.snapshot}
+
+    return cache.get_or_build(kind, key_for(state.snapshot), made, rebuild=rebuild)
+
+
+def build_tools(cache: Cache, archive: Archive, log: BuildLog, rebuild: bool = False,
+                state: ArchiveState | None = None) -> ToolsTree:
     def make(tmp: Path) -> dict[str, object]:
         tree = tmp / "tree"
         run([*mmdebstrap_args(cache.root / "debs"), f"--include={','.join(TOOLS_PACKAGES)}",
@@ -40,8 +59,8 @@ def build_tools(cache: Cache, archive: Archive, log: BuildLog, rebuild: bool = F
              archive.suite, tree, *archive.sources()], log=log, what="mmdebstrap (tools tree)")
         return {"packages": TOOLS_PACKAGES}
 
-    entry = cache.get_or_build(CacheKind.TOOLS, tools_key(archive), make, rebuild=rebuild)
-    return ToolsTree(entry)
+    return ToolsTree(from_archive(cache, CacheKind.TOOLS, lambda s: tools_key(archive, s),
+                                  state or ArchiveState.now(archive), make, log, rebuild))
 
 
 @dataclass(frozen=True)
@@ -106,18 +125,18 @@ class EfiBinaries:
     binds: tuple[Path, ...] = ()
 
 
-def efi_binaries(cache: Cache, archive: Archive, plat: Platform, log: BuildLog) -> EfiBinaries:
+def efi_binaries(cache: Cache, archive: Archive, plat: Platform, log: BuildLog, state: ArchiveState) -> EfiBinaries:
     """The host's come with the tools tree. Another architecture's are the same Debian package of that
     architecture, unpacked."""
     if plat == HOST:
         return EfiBinaries(plat.uki_stub, plat.systemd_boot)
-    root = unpacked_packages(cache, archive, plat, EFI_PACKAGES, log, recipe=EFI_RECIPE)
+    root = unpacked_packages(cache, archive, plat, EFI_PACKAGES, log, state, recipe=EFI_RECIPE)
     efi = root / plat.uki_stub.lstrip("/").rsplit("/", 1)[0]
     return EfiBinaries(f"{root}{plat.uki_stub}", f"{root}{plat.systemd_boot}", (efi,))
 
 
 def unpacked_packages(cache: Cache, archive: Archive, plat: Platform, packages: Sequence[str], log: BuildLog,
-                      components: str = "main", recipe: int = EFI_RECIPE) -> Path:
+                      state: ArchiveState, components: str = "main", recipe: int = EFI_RECIPE) -> Path:
     """Debian packages of an architecture unpacked into a cached tree, without their dependencies and
     without running anything of theirs (mmdebstrap's extract variant: nothing emulated)."""
     def make(tmp: Path) -> dict[str, object]:
@@ -126,9 +145,8 @@ def unpacked_packages(cache: Cache, archive: Archive, plat: Platform, packages: 
             what=f"mmdebstrap ({', '.join(packages)}, {plat.arch})")
         return {"packages": list(packages), "arch": plat.arch}
 
-    # (the key of the first use, the EFI binaries, is kept as it was: main only)
-    key_parts: dict[str, object] = {"packages": list(packages), "arch": plat.arch, "suite": archive.suite,
-                                    "recipe": recipe}
-    if components != "main":
-        key_parts["components"] = components
-    return cache.get_or_build(CacheKind.EFI, content_key(key_parts), make).path / "tree"
+    def key_for(snapshot: str | None) -> str:
+        return content_key({"packages": list(packages), "arch": plat.arch, "suite": archive.suite,
+                            "recipe": recipe, "components": components, "snapshot": snapshot})
+
+    return from_archive(cache, CacheKind.EFI, key_for, state, make, log).path / "tree"
