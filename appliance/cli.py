@@ -357,9 +357,6 @@ def update_cmd(profile: Path, host: str, ssh_config: Path | None, out_dir: Path,
     1 the update failed before the reboot (nothing changed on the device); 2 bad input."""
 
     from .image import BuildOptions, Cache, image_spec
-    from .image.debian import Archive
-    from .image.run import NULL_LOG
-    from .image.tools import build_tools
     from .ui import progress_bar
     from .update import EXIT_ROLLED_BACK, EXIT_UNREACHABLE, Outcome, Target, require_updatable
     from .verify import verify_tree
@@ -374,10 +371,9 @@ def update_cmd(profile: Path, host: str, ssh_config: Path | None, out_dir: Path,
     cache = Cache(cache_dir)
     result = _build_image(loaded, keys, BuildOptions(out_dir=out_dir, cache=cache, check_tree=verify_tree))
     _require_tested({p.name: result}, untested)
-    tools = build_tools(cache, Archive.from_env(), NULL_LOG)
     with progress_bar("root and UKI") as bar:
-        report = _update_device(target, result, loaded, tools, progress=bar, boot_timeout=timeout, reuse=not full,
-                                allow_downgrade=allow_downgrade)
+        report = _update_device(target, result, loaded, result.tools(cache), progress=bar, boot_timeout=timeout,
+                                reuse=not full, allow_downgrade=allow_downgrade)
     if as_json:
         echo_json(report.to_json())
     else:
@@ -740,9 +736,6 @@ def fleet_update(directory: Path, inventory: Path, ssh_config: Path | None, out_
 
     from . import fleet
     from .image import BuildOptions, Cache, image_spec
-    from .image.debian import Archive
-    from .image.run import NULL_LOG
-    from .image.tools import build_tools
     from .rollout import exit_status, load_inventory, rollout
     from .update import Target, require_updatable
     from .verify import verify_tree
@@ -765,10 +758,9 @@ def fleet_update(directory: Path, inventory: Path, ssh_config: Path | None, out_
         built[name] = _build_image(by_name[name], keys,
                                    BuildOptions(out_dir=out_dir, cache=cache, check_tree=verify_tree))
     _require_tested(built, untested)
-    tools = build_tools(cache, Archive.from_env(), NULL_LOG)
-
     def update_one(name: str) -> Any:
-        return _update_device(Target.parse(plan.devices[name], ssh_config), built[name], by_name[name], tools,
+        return _update_device(Target.parse(plan.devices[name], ssh_config), built[name], by_name[name],
+                              built[name].tools(cache),
                               progress=lambda d, t: None, boot_timeout=timeout, allow_downgrade=allow_downgrade)
 
     results = rollout(plan.order(), plan.batch, update_one)

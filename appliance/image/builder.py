@@ -87,6 +87,10 @@ class BuildResult:
         """The output NAME+suffix (".img", ".img.zst", ".img.bmap")."""
         return self.manifest.outputs[f"{self.manifest.name}{suffix}"]
 
+    def tools(self, cache: Cache) -> ToolsTree:
+        """The tools tree this build used (what an update of its image runs in): no second look at the archive."""
+        return ToolsTree(cache.entry(CacheKind.TOOLS, self.manifest.tools_key))
+
 
 def output_paths(out_dir: Path, name: str) -> dict[str, Path]:
     return {"img": out_dir / f"{name}.img", "zst": out_dir / f"{name}.img.zst",
