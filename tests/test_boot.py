@@ -111,3 +111,24 @@ def test_unhealthy_boot_is_not_blessed() -> None:
                       "test_unit_active"}, why(report)
     assert [f for f in report.failures if f.startswith("test_unit_active")] == [
         "test_unit_active[appliance-health.service]"], report.failures
+
+
+def test_a_boot_that_fails_early_reboots() -> None:
+    """/var's mount planted to fail (an option ext4 rejects): local-fs.target fails and systemd goes to
+    emergency mode, whose shell nobody can open on an appliance (root has no password). The image's
+    emergency.service says what failed on the console and reboots (with boot counting a failed try),
+    so the lab's VM, which QEMU ends on a reboot, stops by itself. Without that drop-in it would sit in
+    emergency mode ("Press Enter to continue") until the lab gave up."""
+    from appliance.errors import LabError
+    from appliance.render.renderer import EMERGENCY_DROPIN
+
+    def var_fails(tree: ConfigTree) -> None:
+        assert EMERGENCY_DROPIN in tree.entries
+        tree.file("etc/systemd/system/var.mount.d/50-planted.conf", "[Mount]\nOptions=appliance_planted_option\n")
+
+    with pytest.raises(LabError) as failed:
+        boot("exit-node", sabotage=var_fails)
+    said = str(failed.value)
+    assert "VM stopped" in said, said
+    assert "var.mount" in said and "appliance: this boot failed" in said, said
+    assert "Press Enter" not in said, said

@@ -163,6 +163,7 @@ def render(p: Profile, keys: ApplianceKeys) -> ConfigTree:
     t.file("etc/systemd/system/systemd-udev-trigger.service.d/10-appliance.conf", _UDEV_TRIGGER)
     t.file("etc/sysctl.d/90-appliance.conf", tpl("sysctl.conf.j2"))
     t.file("etc/systemd/system.conf.d/10-appliance-watchdog.conf", _WATCHDOG)
+    t.file(EMERGENCY_DROPIN, _EMERGENCY)
     if p.metrics.listen_on:
         t.file("etc/systemd/system/appliance-metrics.socket", tpl("metrics.socket.j2", listen=metrics_listeners(p)))
         t.file("etc/systemd/system/appliance-metrics.service", tpl("metrics.service.j2"))
@@ -234,6 +235,23 @@ def _first_on_cpu(why: str, service: str = "") -> str:
 # and the boot counts as a failed try; a reboot that hangs is cut short too
 _WATCHDOG = ("[Manager]\n# a hung system is reset: with boot counting, a failed try\n"
              "RuntimeWatchdogSec=30s\nRebootWatchdogSec=2min\n")
+
+
+EMERGENCY_DROPIN = "etc/systemd/system/emergency.service.d/10-appliance.conf"
+# A boot that fails early (a mount, a unit local-fs.target requires) ends in emergency mode, whose shell
+# nobody can open (root has no password) and which keeps the watchdog fed: the device would wait there
+# until someone pulls its plug, never counting the try. It shows what failed on the console and
+# reboots instead: with boot counting a failed try (three, and a new root falls back to the previous
+# one), and a failure that passes (a slow disk) gets another boot. Not at once: a device whose boot
+# keeps failing reboots about once a minute, not as fast as it can (systemd-boot rewrites its random
+# seed on the ESP at every boot: flash wears).
+_EMERGENCY = ("[Unit]\n# a shell nobody can open: what failed goes to the console, then a reboot (a failed try)\n"
+              "SuccessAction=reboot\nFailureAction=reboot\n\n"
+              # one process, which has started at once (Type=idle): a oneshot would keep emergency.target's
+              # irreversible start job waiting, and the reboot's transaction would be refused
+              "[Service]\nExecStartPre=\nExecStart=\n"
+              "ExecStart=-/bin/sh -c 'systemctl --failed --no-pager --no-legend; "
+              "echo \"appliance: this boot failed (the units above), rebooting in 30 s\"; sleep 30'\n")
 
 
 def boot_modules(p: Profile) -> list[str]:
