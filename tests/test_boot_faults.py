@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from appliance.verify.boot import emulator_fault
-from appliance.verify.vm import reboot_pending
+from appliance.verify.vm import reboot_pending, silent_since_loader
 
 INT3 = ("[    2.060252] Oops: int3: 0000 [#2] PREEMPT SMP NOPTI\n[    2.060356] RIP: 0010:kfree+0xa0/0x350\n"
         "[    2.827950] Kernel panic - not syncing: Fatal exception in interrupt\n")
@@ -13,7 +13,20 @@ def test_a_stale_int3_under_tcg_is_the_emulators() -> None:
     assert emulator_fault("BdsDxe: loading Boot0001\n" + INT3)
 
 
+# from the arm64 generic boot whose /var then failed to mount (CI, a host busy enough to stall a vCPU 21 s)
+STALLS = ("[   34.568507] rcu: INFO: rcu_sched self-detected stall on CPU\n"
+          "[   35.895540] rcu: INFO: rcu_sched detected expedited stalls on CPUs/tasks: { 1-.... } 5443 jiffies\n")
+
+
+def test_a_cpu_the_host_starved_is_the_emulators() -> None:
+    for line in STALLS.splitlines(keepends=True):
+        assert emulator_fault(BOOT + line + "[FAILED] Failed to mount var.mount - /var.\n")
+    assert emulator_fault("[ 12.1] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n")
+
+
 def test_other_deaths_are_the_images() -> None:
+    assert not emulator_fault(BOOT + "[FAILED] Failed to mount var.mount - /var.\n")
+    assert not emulator_fault("rcu: INFO: rcu_sched tasks kept waiting\n")
     assert not emulator_fault(INT3.replace("Oops: int3", "Oops: general protection fault"))
     assert not emulator_fault("Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)")
     assert not emulator_fault("Debian GNU/Linux 13 exit-node ttyS0\n\nexit-node login: ")
@@ -60,3 +73,14 @@ def test_a_suite_failed_otherwise_is_reported_as_it_is(tmp_path) -> None:  # typ
         test, report = _failed_boot(tmp_path / f"{attempt}{accel}{len(console)}", console, accel)
         assert not test._retry(attempt, report)
         assert report.failed == 24 and report.failures == ["test_traffic[x]"] and not report.emulator_faults
+
+
+def test_a_loader_that_the_kernel_never_followed_is_silent() -> None:
+    started = BOOT.replace("loading", "starting").split("\n")[0] + "\r\n"
+    assert silent_since_loader(BOOT + RESTART + started)
+    assert silent_since_loader(BOOT + RESTART + started + "\r\n  ")
+    # the kernel or systemd said something, or the firmware has not got that far
+    assert not silent_since_loader(BOOT + RESTART + started + "\x1b[!p\x1b]104\x07")
+    assert not silent_since_loader(started + "\r\nDebian GNU/Linux 13 exit-node ttyS0\r\n")
+    assert not silent_since_loader(BOOT + RESTART)
+    assert not silent_since_loader("")

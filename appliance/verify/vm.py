@@ -173,25 +173,34 @@ class VM:
             finally:
                 self._cycling = False
 
-    def unstick_reboots(self, stop: threading.Event, grace: float = 30.0) -> list[float]:
+    def unstick_reboots(self, stop: threading.Event, grace: float = 30.0, silence: float = 120.0) -> list[float]:
         """Until stop: power-cycle the VM when the guest has said "reboot: Restarting system" and the
         firmware has not started again within grace seconds. Multi-threaded TCG (QEMU 7.2) here
         sometimes wedges in the guest's reset (one vCPU at 100 %, nothing more on the console, and
         the monitor's system_reset does not get through); hardware resets at once. The guest had
         finished shutting down when it said so: cutting the power then is what a reset is.
+        The same wedge one step later: the firmware has started the boot loader and the console has
+        said nothing since, for silence seconds (a quiet kernel speaks first when systemd starts,
+        ~5 s after the firmware under TCG here; once, in CI, never in 240 s after a reboot); then
+        the kernel never got going, and a watchdog, which systemd arms, was never armed.
         Returns when it did."""
         pressed: list[float] = []
         since: float | None = None
+        length, changed = -1, time.monotonic()
         while not stop.wait(2.0):
-            stuck = reboot_pending(self.console_text())
+            console, now = self.console_text(), time.monotonic()
+            if len(console) != length:
+                length, changed = len(console), now
+            stuck = reboot_pending(console)
             if not stuck:
                 since = None
             elif since is None:
-                since = time.monotonic()
-            elif time.monotonic() - since > grace:
+                since = now
+            if (stuck and since is not None and now - since > grace) or (
+                    silent_since_loader(console) and now - changed > silence):
                 self.power_cycle()
                 pressed.append(self.power_cycles[-1])
-                since = None
+                since, changed = None, time.monotonic()
         return pressed
 
     def running(self) -> bool:
@@ -233,6 +242,12 @@ def run_interactive(image: Path, persist: bool = False, plat: Platform = HOST, h
         return spawn(cmd, env={"TMPDIR": str(workdir)}).wait()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def silent_since_loader(console: str) -> bool:
+    """The firmware has started the boot loader and nothing has come on the console since."""
+    start = console.rfind("BdsDxe: starting")
+    return start >= 0 and not console[start:].partition("\n")[2].strip()
 
 
 def reboot_pending(console: str) -> bool:
