@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,20 @@ def require_tool(name: str) -> str:
 def fixed_keys() -> ApplianceKeys:
     """One key set for the whole run, so renders can be compared byte for byte."""
     return ApplianceKeys(generate_private_key(), {"phone": generate_preshared_key()})
+
+
+class EmulatorRetry(UserWarning):
+    """The lab ran a boot again, or power-cycled one, for the emulator's fault, not the image's."""
+
+
+def warn_retries(name: str, consoles: list[str], resets: list[float] | None = None) -> None:
+    """A passing test's warnings reach CI's log (its output is captured): how often the lab had to
+    retry or power-cycle a boot, and what the kernel said (verify.boot.emulator_fault)."""
+    from appliance.verify.boot import emulator_fault
+
+    for console in consoles:
+        warnings.warn(f"{name}: a boot ran again: {emulator_fault(console) or console[-200:]}", EmulatorRetry,
+                      stacklevel=2)
+    if resets:
+        warnings.warn(f"{name}: a hung boot was power-cycled at {resets} s (VM.unstick_reboots)", EmulatorRetry,
+                      stacklevel=2)

@@ -13,7 +13,7 @@ from appliance.profile import load_profile
 from appliance.render import ConfigTree
 from appliance.ui import step
 from appliance.verify.boot import BootReport, BootTest
-from conftest import PROFILES
+from conftest import PROFILES, warn_retries
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.vm]
 
@@ -24,6 +24,7 @@ def boot(name: str, sabotage=None) -> BootReport:  # type: ignore[no-untyped-def
     report = BootTest(load_profile(PROFILES / f"{name}.yaml").profile, Cache(CACHE), step, sabotage=sabotage).run()
     print(f"\n{name}: {report.passed} passed, {report.failed} failed, {report.timings} ({report.accel}, "
           f"{len(report.emulator_faults)} boot(s) retried after an emulator fault)")
+    warn_retries(name, report.emulator_faults)
     return report
 
 
@@ -63,6 +64,7 @@ def test_variant_passes(variant: Path) -> None:
     ACL, DNS, metrics and address setting both ways) passes the suite derived from it."""
     report = BootTest(load_profile(variant).profile, Cache(CACHE), step).run()
     print(f"\n{variant.stem}: {report.passed} passed, {report.failed} failed, {report.timings} ({report.accel})")
+    warn_retries(variant.stem, report.emulator_faults)
     assert report.ok, why(report)
     assert {"boot_to_ssh", "boot_to_handshake"} <= set(report.timings)
 

@@ -10,7 +10,7 @@ INT3 = ("[    2.060252] Oops: int3: 0000 [#2] PREEMPT SMP NOPTI\n[    2.060356] 
 
 
 def test_a_stale_int3_under_tcg_is_the_emulators() -> None:
-    assert emulator_fault("BdsDxe: loading Boot0001\n" + INT3)
+    assert emulator_fault("BdsDxe: loading Boot0001\n" + INT3) == "Oops: int3: 0000 [#2] PREEMPT SMP NOPTI"
 
 
 # from the arm64 generic boot whose /var then failed to mount (CI, a host busy enough to stall a vCPU 21 s)
@@ -21,7 +21,8 @@ STALLS = ("[   34.568507] rcu: INFO: rcu_sched self-detected stall on CPU\n"
 def test_a_cpu_the_host_starved_is_the_emulators() -> None:
     for line in STALLS.splitlines(keepends=True):
         assert emulator_fault(BOOT + line + "[FAILED] Failed to mount var.mount - /var.\n")
-    assert emulator_fault("[ 12.1] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n")
+    assert emulator_fault("[ 12.1] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\r\n") == (
+        "rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:")  # what a retry is reported with
 
 
 def test_other_deaths_are_the_images() -> None:
@@ -84,3 +85,19 @@ def test_a_loader_that_the_kernel_never_followed_is_silent() -> None:
     assert not silent_since_loader(started + "\r\nDebian GNU/Linux 13 exit-node ttyS0\r\n")
     assert not silent_since_loader(BOOT + RESTART)
     assert not silent_since_loader("")
+
+
+def test_retries_show_in_the_log_as_warnings() -> None:
+    import warnings
+
+    import pytest
+
+    from conftest import EmulatorRetry, warn_retries
+
+    with pytest.warns(EmulatorRetry, match=r"exit-node: a boot ran again: Oops: int3"):
+        warn_retries("exit-node", [BOOT + INT3])
+    with pytest.warns(EmulatorRetry, match=r"power-cycled at \[12.5\] s"):
+        warn_retries("update", [], [12.5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_retries("exit-node", [], [])  # nothing retried: nothing said

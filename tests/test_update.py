@@ -30,7 +30,7 @@ from appliance.ui import step
 from appliance.update import Outcome, Target, UpdateReport, update
 from appliance.verify.boot import BootReport, BootTest, emulator_fault
 from appliance.verify.cases import lab_peer
-from conftest import PROFILES
+from conftest import PROFILES, warn_retries
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.vm]
 
@@ -219,6 +219,8 @@ def test_update_rollback_and_power_cut() -> None:
     print(f"power-cycled hung reboots at {scenario.resets} s (TCG; see VM.unstick_reboots)")
     again = [f.split(":")[0] for f in scenario.emulator_faults]
     print(f"steps run again after the emulator killed the kernel: {again}")
+    warn_retries("update", [*report.emulator_faults, *(f.partition(": ")[2] for f in scenario.emulator_faults)],
+                 scenario.resets)
     assert s["v1_suite"] == (0, []), s["v1_suite"]
     v2, v3, v4 = s["v2"], s["v3"], s["v4"]
     # v2: written into slot B, booted, blessed; the device kept its identity; the new peer's traffic passes

@@ -105,7 +105,7 @@ class BootReport:
         return self.failed == 0 and self.passed > 0
 
 
-def emulator_fault(console: str) -> bool:
+def emulator_fault(console: str) -> str:
     """Whether a boot died of QEMU's TCG rather than of the image: the kernel live-patches its own
     code (static keys, at init and when systemd first enables a cgroup controller) with a temporary
     int3, and multi-threaded TCG lets the other vCPU still run the breakpoint after the patch is
@@ -115,11 +115,15 @@ def emulator_fault(console: str) -> bool:
     vCPU stuck for 21 s of a boot that takes 25 here when the host is idle), and the guest's own
     timeouts (a mount's 90 s, a disk command's 30 s) expire on work that never ran: /var failed to
     mount in such a boot. A kernel on a real CPU says that only for its own bug.
-    Such a boot is retried once, and the report keeps its console; any other death is a failure."""
-    return ("Oops: int3" in console and "Kernel panic" in console) or _RCU_STALL.search(console) is not None
+    Such a boot is retried once, and the report keeps its console; any other death is a failure.
+    Returns the kernel's line that says which ("" when neither)."""
+    if "Kernel panic" in console and (oops := re.search(r"Oops: int3.*", console)):
+        return oops.group(0).strip()
+    stall = _RCU_STALL.search(console)
+    return stall.group(0).strip() if stall else ""
 
 
-_RCU_STALL = re.compile(r"rcu: INFO: rcu_\w+ (?:self-)?detected (?:expedited )?stalls?\b")
+_RCU_STALL = re.compile(r"rcu: INFO: rcu_\w+ (?:self-)?detected (?:expedited )?stalls?\b.*")
 
 
 def _ssh_keypair(work: Path) -> tuple[Path, str]:
