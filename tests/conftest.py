@@ -61,7 +61,7 @@ class EmulatorRetry(UserWarning):
     """The lab ran a boot again, or power-cycled one, for the emulator's fault, not the image's."""
 
 
-def warn_retries(name: str, consoles: list[str], resets: list[float] | None = None) -> None:
+def warn_retries(name: str, consoles: list[str], resets: list[str] | None = None) -> None:
     """A passing test's warnings reach CI's log (its output is captured): how often the lab had to
     retry or power-cycle a boot, and what the kernel said (verify.boot.emulator_fault)."""
     from appliance.verify.boot import emulator_fault
@@ -70,5 +70,5 @@ def warn_retries(name: str, consoles: list[str], resets: list[float] | None = No
         warnings.warn(f"{name}: a boot ran again: {emulator_fault(console) or console[-200:]}", EmulatorRetry,
                       stacklevel=2)
     if resets:
-        warnings.warn(f"{name}: a hung boot was power-cycled at {resets} s (VM.unstick_reboots)", EmulatorRetry,
+        warnings.warn(f"{name}: hung boots power-cycled (VM.unstick_reboots): {'; '.join(resets)}", EmulatorRetry,
                       stacklevel=2)

@@ -96,8 +96,8 @@ def test_retries_show_in_the_log_as_warnings() -> None:
 
     with pytest.warns(EmulatorRetry, match=r"exit-node: a boot ran again: Oops: int3"):
         warn_retries("exit-node", [BOOT + INT3])
-    with pytest.warns(EmulatorRetry, match=r"power-cycled at \[12.5\] s"):
-        warn_retries("update", [], [12.5])
+    with pytest.warns(EmulatorRetry, match=r"power-cycled .*: 12.5 s: silent after the boot loader"):
+        warn_retries("update", [], ["12.5 s: silent after the boot loader"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_retries("exit-node", [], [])  # nothing retried: nothing said

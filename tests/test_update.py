@@ -216,7 +216,7 @@ def test_update_rollback_and_power_cut() -> None:
     report = scenario.run()
     s = scenario.steps
     print({k: (v.to_json() if isinstance(v, UpdateReport) else v) for k, v in s.items()})
-    print(f"power-cycled hung reboots at {scenario.resets} s (TCG; see VM.unstick_reboots)")
+    print(f"power-cycled hung boots: {scenario.resets} (TCG; see VM.unstick_reboots)")
     again = [f.split(":")[0] for f in scenario.emulator_faults]
     print(f"steps run again after the emulator killed the kernel: {again}")
     warn_retries("update", [*report.emulator_faults, *(f.partition(": ")[2] for f in scenario.emulator_faults)],

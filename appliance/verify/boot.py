@@ -200,7 +200,7 @@ class BootTest:
     persistent_disk: bool = False
     lab_profile: Profile | None = None  # the lab variant booted (set by run)
     live: LiveLab | None = None  # the lab while the suite runs (for suites that reboot the appliance)
-    resets: list[float] = field(default_factory=list)  # when the lab power-cycled a hung reboot
+    resets: list[str] = field(default_factory=list)  # when and why the lab power-cycled a hung boot
     source: Source | None = None  # the commit the lab's images say they were built from
     manifest: BuildManifest | None = None  # the last lab image's
 

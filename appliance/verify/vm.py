@@ -173,7 +173,7 @@ class VM:
             finally:
                 self._cycling = False
 
-    def unstick_reboots(self, stop: threading.Event, grace: float = 30.0, silence: float = 120.0) -> list[float]:
+    def unstick_reboots(self, stop: threading.Event, grace: float = 30.0, silence: float = 120.0) -> list[str]:
         """Until stop: power-cycle the VM when the guest has said "reboot: Restarting system" and the
         firmware has not started again within grace seconds. Multi-threaded TCG (QEMU 7.2) here
         sometimes wedges in the guest's reset (one vCPU at 100 %, nothing more on the console, and
@@ -183,8 +183,8 @@ class VM:
         said nothing since, for silence seconds (a quiet kernel speaks first when systemd starts,
         ~5 s after the firmware under TCG here; once, in CI, never in 240 s after a reboot); then
         the kernel never got going, and a watchdog, which systemd arms, was never armed.
-        Returns when it did."""
-        pressed: list[float] = []
+        Returns when it did and which of the two it was ("188.1 s: silent after the boot loader")."""
+        pressed: list[str] = []
         since: float | None = None
         length, changed = -1, time.monotonic()
         while not stop.wait(2.0):
@@ -196,11 +196,15 @@ class VM:
                 since = None
             elif since is None:
                 since = now
-            if (stuck and since is not None and now - since > grace) or (
-                    silent_since_loader(console) and now - changed > silence):
-                self.power_cycle()
-                pressed.append(self.power_cycles[-1])
-                since, changed = None, time.monotonic()
+            if stuck and since is not None and now - since > grace:
+                why = "no firmware after the reboot"
+            elif silent_since_loader(console) and now - changed > silence:
+                why = "silent after the boot loader"
+            else:
+                continue
+            self.power_cycle()
+            pressed.append(f"{self.power_cycles[-1]} s: {why}")
+            since, changed = None, time.monotonic()
         return pressed
 
     def running(self) -> bool:
