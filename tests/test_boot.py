@@ -119,8 +119,8 @@ def test_a_boot_that_fails_early_reboots() -> None:
     """/var's mount planted to fail (an option ext4 rejects): local-fs.target fails and systemd goes to
     emergency mode, whose shell nobody can open on an appliance (root has no password). The image's
     emergency.service says what failed on the console and reboots (with boot counting a failed try),
-    so the lab's VM, which QEMU ends on a reboot, stops by itself. Without that drop-in it would sit in
-    emergency mode ("Press Enter to continue") until the lab gave up."""
+    so the lab's VM, which QEMU ends on a reboot, stops by itself. Without that drop-in (the control)
+    it sits in emergency mode ("Press Enter to continue") until the lab gives up."""
     from appliance.errors import LabError
     from appliance.render.renderer import EMERGENCY_DROPIN
 
@@ -134,3 +134,16 @@ def test_a_boot_that_fails_early_reboots() -> None:
     assert "VM stopped" in said, said
     assert "var.mount" in said and "appliance: this boot failed" in said, said
     assert "Press Enter" not in said, said
+
+    # control: the same failure without the drop-in waits in emergency mode until the lab gives up
+    # (here after 120 s, not the usual 240 s: the emergency comes ~15 s after QEMU starts)
+    def var_fails_no_dropin(tree: ConfigTree) -> None:
+        var_fails(tree)
+        del tree.entries[EMERGENCY_DROPIN]
+
+    control = BootTest(load_profile(PROFILES / "exit-node.yaml").profile, Cache(CACHE), step,
+                       sabotage=var_fails_no_dropin, timeout=120.0)
+    with pytest.raises(LabError) as waited:
+        control.run()
+    said = str(waited.value)
+    assert "VM stopped" not in said and "Press Enter" in said, said

@@ -19,11 +19,9 @@ import pytest
 from appliance.dataplane.health import HealthConfig
 from appliance.errors import ApplianceError, InputError
 from appliance.image import Cache, image_spec
-from appliance.image.debian import Archive
 from appliance.image.disk import DiskIds, Slot
 from appliance.image.provenance import Source
-from appliance.image.run import NULL_LOG
-from appliance.image.tools import build_tools
+from appliance.image.tools import ToolsTree
 from appliance.profile import Profile, load_profile
 from appliance.render import ConfigTree
 from appliance.ui import step
@@ -114,9 +112,8 @@ class UpdateScenario(BootTest):
         older = source_of_revision("HEAD~1")
         with tempfile.TemporaryDirectory() as work:
             try:
-                update(target, self.workdir / "images" / f"{v4.name}.img", image_spec(v4),
-                       build_tools(self.cache, Archive.from_env(), NULL_LOG), Path(work), progress=lambda d, t: None,
-                       say=print, source=older, repo=REPO)
+                update(target, self.workdir / "images" / f"{v4.name}.img", image_spec(v4), self._tools(), Path(work),
+                       progress=lambda d, t: None, say=print, source=older, repo=REPO)
                 self.steps["downgrade"] = "not refused"
             except InputError as e:
                 self.steps["downgrade"] = str(e)
@@ -130,10 +127,14 @@ class UpdateScenario(BootTest):
 
     def _update(self, target: Target, profile: Profile, **kw: Any) -> UpdateReport:
         image = self._build(profile)
-        tools = build_tools(self.cache, Archive.from_env(), NULL_LOG)
         with tempfile.TemporaryDirectory() as work:
-            return update(target, image, image_spec(profile), tools, Path(work), say=print, boot_timeout=900,
+            return update(target, image, image_spec(profile), self._tools(), Path(work), say=print, boot_timeout=900,
                           **{"progress": lambda d, t: None, **kw})
+
+    def _tools(self) -> ToolsTree:
+        """The tools tree the last image was built with, as `appliance update` takes it."""
+        assert self.built is not None
+        return self.built.tools(self.cache)
 
     def _update_cut(self, target: Target, profile: Profile) -> dict[str, Any]:
         """The whole root sent (no blocks reused: a long transfer), the power cut halfway through."""

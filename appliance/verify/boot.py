@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LabError
-from ..image import BuildManifest, BuildOptions, Cache, ProfileInfo, build_loaded, image_spec
+from ..image import BuildManifest, BuildOptions, BuildResult, Cache, ProfileInfo, build_loaded, image_spec
 from ..image.assemble import copy_sparse
 from ..image.disk import DiskIds, Slot, uki_entry
 from ..image.provenance import Source
@@ -202,7 +202,7 @@ class BootTest:
     live: LiveLab | None = None  # the lab while the suite runs (for suites that reboot the appliance)
     resets: list[str] = field(default_factory=list)  # when and why the lab power-cycled a hung boot
     source: Source | None = None  # the commit the lab's images say they were built from
-    manifest: BuildManifest | None = None  # the last lab image's
+    built: BuildResult | None = None  # the last lab image's build (its manifest, its tools tree)
 
     def __post_init__(self) -> None:
         # The lab's limits, per what QEMU has to emulate (a failure still shows, later):
@@ -216,6 +216,10 @@ class BootTest:
             # image's first handshake came 100-150 s after QEMU started here while the lab's CPU
             # emulated pointer authentication (26 s since, one boot: the margin stays); they double
             self.timeout *= 2
+
+    @property
+    def manifest(self) -> BuildManifest | None:
+        return self.built.manifest if self.built else None
 
     def run(self) -> BootReport:
         report = BootReport(self.profile.name)
@@ -235,9 +239,8 @@ class BootTest:
 
         options = BuildOptions(out_dir=self.workdir / "images", cache=self.cache, check_tree=verify_tree)
         info = ProfileInfo("lab variant", "", source=self.source)
-        built = build_loaded(lab_profile, keys, info, options, self.step, adjust)
-        self.manifest = built.manifest
-        return built.image
+        self.built = build_loaded(lab_profile, keys, info, options, self.step, adjust)
+        return self.built.image
 
     def _run(self, report: BootReport) -> BootReport:
         key, ssh_pub = _ssh_keypair(self.workdir)
