@@ -492,13 +492,18 @@ def test_kernel_modules_brings_back_what_a_hardware_image_leaves_out(tmp_path: P
     assert not (kernel / "drivers/net/wireless/realtek").exists() and not (kernel / "sound").exists()
     assert not (kernel / "drivers/gpu").exists() and list((kernel / "drivers/net/ethernet/intel/e1000e").glob("*.ko*"))
     assert "iwlwifi.ko" in (base.tree / "usr/lib/modules" / base.kernel_version / "modules.dep").read_text()
+    # storage networks are left out, local storage controllers stay; a module that lost what it
+    # depends on went too (orphan_modules), its neighbour with all it needs stayed
+    assert not (kernel / "drivers/scsi/lpfc").exists() and list((kernel / "drivers/scsi/mpt3sas").glob("*.ko*"))
+    assert not list(kernel.glob("drivers/hid/i2c-hid/i2c-hid.ko*")) and list(kernel.glob("drivers/hid/usbhid/*.ko*"))
+    assert not list(kernel.glob("net/mac80211/*.ko*"))  # iwlwifi does not depend on it: not kept
     # its initramfs finds disks (initramfs-tools' storage classes) but holds no NIC driver: those load
     # from the root (the control: e1000e is in the root, above)
     listing = subprocess.run(["chroot", str(base.tree), "lsinitramfs", f"/boot/{base.initrd.name}"],
                              capture_output=True, text=True, check=True).stdout
     names = {Path(line).name.split(".ko")[0] for line in listing.split() if ".ko" in line}
     assert {"ahci", "nvme", "sd_mod", "usb-storage", "xhci-pci", "virtio_blk", "erofs"} <= names, sorted(names)
-    assert not names & {"e1000e", "r8169", "igc", "virtio_net"}, sorted(names)
+    assert not names & {"e1000e", "r8169", "igc", "virtio_net", "lpfc", "qla2xxx", "qedf"}, sorted(names)
     proc = subprocess.run(["sh", "-c", _keep_modules_hook(("no_such_module",)), "hook", str(base.tree)],
                           capture_output=True, text=True)
     assert proc.returncode == 1

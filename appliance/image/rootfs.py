@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..render.renderer import SSH_HOST_KEY
+from . import orphan_modules
 from .bytecode import compile_bytecode
 from .cache import Cache, CacheKind, Entry, content_key, dir_size
 from .debian import PYTHON, Archive, dpkg_excludes, mmdebstrap_args
@@ -87,6 +88,10 @@ DPKG_DEB = "/usr/bin/dpkg-deb"
 NATIVE_DIR = "/usr/lib/appliance-native"
 DEPMOD = "/usr/sbin/depmod"
 BYTECODE_DIRS = (f"usr/lib/python{PYTHON}", "usr/lib/python3/dist-packages")
+# orphan_modules, run as a script by the tools tree's python3 (natively, whatever the tree's
+# architecture) from where the hook puts it in the tree for the time it runs
+ORPHANS_SCRIPT = Path(orphan_modules.__file__)
+ORPHANS_IN_TREE = "/appliance-orphan-modules.py"
 
 
 def _generator(spec: ImageSpec) -> str:
@@ -297,6 +302,10 @@ def _customize_hooks(spec: ImageSpec, files: Path, tools: ToolsTree) -> list[str
                 'if [ -d "$1/kept-modules" ]; then cp -a "$1/kept-modules/." "$1/usr/lib/modules/"; '
                 'rm -rf "$1/kept-modules"; fi'] \
             if spec.modules_keep else [f"rm -rf {dirs}"]
+        if spec.prune_orphan_modules:
+            keep += [f"upload {shlex.quote(str(ORPHANS_SCRIPT))} {ORPHANS_IN_TREE}",
+                     tools.hook(f"python3 {HOOK_TARGET}{ORPHANS_IN_TREE} {HOOK_TARGET}/usr/lib/modules; "
+                                f"rm {HOOK_TARGET}{ORPHANS_IN_TREE}")]
         hooks += [*keep, depmod]
     hooks += [
         f"sync-in {shlex.quote(str(files))} /",  # base_files(), before the initramfs reads them

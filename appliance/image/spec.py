@@ -83,6 +83,21 @@ MODULES_EXCLUDE_HARDWARE = [
     "drivers/bluetooth", "net/bluetooth", "drivers/nfc", "net/nfc", "drivers/input/joystick",
     "drivers/input/tablet", "drivers/input/touchscreen", "fs/btrfs", "fs/xfs", "fs/smb", "fs/nfs", "fs/ntfs3",
     "fs/jfs", "fs/f2fs", "fs/nilfs2", "fs/reiserfs", "net/sunrpc",
+    # storage networks: the appliance boots from its own disk and serves no storage (Fibre Channel,
+    # FCoE and iSCSI-offload HBAs, which also pull in their vendors' 25-100G NIC cores, and the NVMe-oF
+    # target); SAS/SATA/NVMe/MMC/USB controllers, software iSCSI and Hyper-V's storage stay
+    "drivers/scsi/lpfc", "drivers/scsi/qla2xxx", "drivers/scsi/qla4xxx", "drivers/scsi/bfa", "drivers/scsi/fnic",
+    "drivers/scsi/snic", "drivers/scsi/csiostor", "drivers/scsi/qedf", "drivers/scsi/qedi", "drivers/scsi/bnx2fc",
+    "drivers/scsi/bnx2i", "drivers/scsi/be2iscsi", "drivers/scsi/cxgbi", "drivers/scsi/fcoe", "drivers/scsi/libfc",
+    "drivers/nvme/target",
+    # networks nobody routes WireGuard over any more, or whose radios are left out (ISDN, PCI ATM
+    # adapters, ARCnet, FDDI, packet radio, 802.15.4, CAN bus; the Wi-Fi stack without its drivers);
+    # USB DSL modems' ATM stack (net/atm), WAN cards and LTE modems (drivers/net/wwan) stay
+    "drivers/isdn", "drivers/atm", "drivers/net/arcnet", "drivers/net/fddi", "drivers/net/hamradio",
+    "drivers/net/ieee802154", "net/ieee802154", "net/mac802154", "drivers/net/can", "net/can", "net/wireless",
+    "net/mac80211",
+    # AI accelerators, and framebuffers and backlights (video, like drivers/gpu)
+    "drivers/accel", "drivers/video",
 ]
 # Modules nothing here uses, which would still be loaded at every boot (each load costs ~0.2 s of CPU
 # under emulation). systemd loads autofs4 and ip_tables itself: the appliance has no automount and
@@ -116,6 +131,9 @@ class ImageSpec:
     netstack: bool = False  # the userspace dataplane's binary, compiled from Go and added to the tree
     modules_keep: tuple[str, ...] = ()  # system.kernel_modules: kept (with their dependencies) in spite of excludes
     initrd_classes: tuple[str, ...] = ()  # initramfs-tools' module classes (MODULES=list and a hook); none: tiny
+    # after the excludes, modules left without one they depend on go too (orphan_modules): in a
+    # hardware image, where any device may match their aliases (a VM's devices are known)
+    prune_orphan_modules: bool = False
 
     @property
     def vm(self) -> bool:
@@ -155,7 +173,8 @@ class ImageSpec:
         d.pop("extra_packages")
         d.pop("appliance_units")
         d.pop("netstack")
-        for late in ("modules_keep", "initrd_classes"):  # as before the field existed: cached trees stay valid
+        # as before the field existed: cached trees stay valid
+        for late in ("modules_keep", "initrd_classes", "prune_orphan_modules"):
             if not d[late]:
                 d.pop(late)
         return d
@@ -197,4 +216,5 @@ def image_spec(p: Profile) -> ImageSpec:
         netstack=p.userspace,
         modules_keep=tuple(sorted(set(p.system.kernel_modules))),
         initrd_classes=() if vm else tuple(INITRD_CLASSES_HARDWARE),
+        prune_orphan_modules=not vm,
     )
