@@ -232,9 +232,13 @@ def _first_on_cpu(why: str, service: str = "") -> str:
 
 
 # PID 1 keeps the hardware watchdog (where the board has one) fed: a hung kernel or PID 1 is reset
-# and the boot counts as a failed try; a reboot that hangs is cut short too
-_WATCHDOG = ("[Manager]\n# a hung system is reset: with boot counting, a failed try\n"
-             "RuntimeWatchdogSec=30s\nRebootWatchdogSec=2min\n")
+# and the boot counts as a failed try; a reboot that hangs is cut short too. With the driver's own
+# timeout ("default"; i6300esb and Intel's iTCO 30 s, the Pi 4's 15 s): systemd disarms the watchdog
+# when asked for more than the driver's maximum (the Pi 4's bcm2835_wdt refused the 30 s and 2 min
+# set before, and ran unguarded), and which driver a generic image meets is not known at build time.
+_WATCHDOG = ("[Manager]\n# a hung system is reset: with boot counting, a failed try. The driver's own timeout:\n"
+             "# systemd disarms a watchdog asked for more than the driver's maximum (the Pi 4's is 15 s)\n"
+             "RuntimeWatchdogSec=default\nRebootWatchdogSec=default\n")
 
 
 EMERGENCY_DROPIN = "etc/systemd/system/emergency.service.d/10-appliance.conf"

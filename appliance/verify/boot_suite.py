@@ -111,8 +111,9 @@ def test_state_on_the_data_partition(host: Any) -> None:
 
 
 def test_hardware_watchdog_armed(host: Any) -> None:
-    """PID 1 holds the lab VM's watchdog (i6300esb, loaded by the initramfs) with the image's 30 s:
-    a hung system would be reset, a failed boot try. (A platform whose lab VM has none: none there.)"""
+    """PID 1 holds the lab VM's watchdog (i6300esb, loaded by the initramfs) with its driver's 30 s
+    (the image's "default"): a hung system would be reset, a failed boot try. (A platform whose lab VM
+    has none: none there.)"""
     wd = "/sys/class/watchdog/watchdog0"
     state = host.run(f"cat {wd}/identity {wd}/state {wd}/timeout").stdout.split("\n")
     want = {"i6300esb": ["i6300ESB timer", "active", "30"], "": [""]}[X["watchdog"]]
