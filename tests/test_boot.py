@@ -152,3 +152,32 @@ def test_a_boot_that_fails_early_reboots() -> None:
         control.run()
     said = str(waited.value)
     assert "VM stopped" not in said and "Press Enter" in said, said
+
+
+def test_var_marked_with_errors_is_repaired_at_boot() -> None:
+    """The data partition marked with errors (tune2fs -E force_fsck: what the kernel does when it meets
+    corruption) before the first boot: systemd-fsck checks and repairs it before /var is mounted, and
+    the suite's check that it carries no error mark passes (and the first boot grows /var). The
+    control: the same disk with systemd-fsck doing nothing keeps the mark, and that check fails."""
+    from appliance.image import BuildResult
+    from appliance.image.disk import layout
+    from appliance.runner import NULL_LOG
+
+    def mark_errors(image: Path, built: BuildResult) -> None:
+        built.tools(Cache(CACHE)).run(["tune2fs", "-E", "force_fsck", f"{image}?offset={layout().data_offset}"],
+                                      binds=[image.parent], log=NULL_LOG)
+
+    profile = load_profile(PROFILES / "exit-node.yaml").profile
+    report = BootTest(profile, Cache(CACHE), step, disk_sabotage=mark_errors).run()
+    assert report.ok, why(report)
+
+    def no_fsck(tree: ConfigTree) -> None:
+        tree.file("etc/systemd/system/systemd-fsck@.service.d/50-planted.conf",
+                  "[Service]\nExecStart=\nExecStart=/bin/true\n")
+
+    # the mark stays; systemd-growfs also refuses the marked file system, so the first boot's growing
+    # of /var fails with it (the system degraded, no data-grown stamp); the tunnel is unaffected
+    control = BootTest(profile, Cache(CACHE), step, sabotage=no_fsck, disk_sabotage=mark_errors).run()
+    assert "test_data_partition_has_no_errors" in control.failures, why(control)
+    assert set(control.failures) <= {"test_data_partition_has_no_errors", "test_system_is_running",
+                                     "test_state_on_the_data_partition"}, why(control)

@@ -118,8 +118,9 @@ def kernel_cmdline(ids: DiskIds, slot: Slot = Slot.A, vm: bool = False, serial: 
     # port; systemd still shows failed and slow units on the console.
     # ro: the root is erofs; the UKI of each slot names that slot
     root = f"{VM_DISK}{slot.number}" if vm else f"PARTUUID={ids.slot_partition(slot)}"
-    return (f"root={root} rootfstype={ROOT_FS_TYPE} ro rootwait panic=10 quiet console=tty0 console={serial},115200"
-            + (_VM_CMDLINE if vm else ""))
+    # fsck.repair=yes: nobody is there to answer fsck's questions; what /var holds is made again
+    return (f"root={root} rootfstype={ROOT_FS_TYPE} ro rootwait panic=10 fsck.repair=yes quiet console=tty0 "
+            f"console={serial},115200" + (_VM_CMDLINE if vm else ""))
 
 
 def uki_entry(name: str, generation: int = 1, slot: Slot = Slot.A, tries: int | None = BOOT_TRIES) -> str:
@@ -133,9 +134,10 @@ def uki_entry(name: str, generation: int = 1, slot: Slot = Slot.A, tries: int | 
 def system_files(ids: DiskIds) -> dict[str, str]:
     """Files of the root tree that name this disk's partitions (path -> text)."""
     return {
-        # ext4's journal covers a power cut; no fsck at every boot (seconds under emulation)
+        # ext4's journal covers a power cut; fsck (pass 2, systemd-fsck@) repairs what the kernel
+        # marked as errors (a failing SD card), else a clean file system costs one superblock read
         "etc/fstab": (f"# /var: the data partition, grown to the disk's end at first boot\n"
-                      f"PARTUUID={ids.data_part} /var ext4 defaults,noatime,nosuid,nodev 0 0\n"),
+                      f"PARTUUID={ids.data_part} /var ext4 defaults,noatime,nosuid,nodev 0 2\n"),
         "etc/machine-id": f"{ids.machine_id}\n",
         # The ESP on /efi, mounted for systemd-bless-boot only (after the boot is complete, off the
         # tunnel's way up): it renames the entry systemd-boot counted. Nothing else mounts it.

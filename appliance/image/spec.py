@@ -37,6 +37,8 @@ BASE_PACKAGES = [
     "systemd-boot",
     # grows the data partition over the rest of the disk at first boot
     "systemd-repart",
+    # e2fsck, which systemd-fsck runs on the data partition before /var is mounted
+    "e2fsprogs",
 ]
 # The initramfs only has to find the root file system. Hardware gets initramfs-tools with its "most"
 # (every storage driver, udev). A VM gets tiny-initramfs: one static init that loads the modules below

@@ -196,6 +196,8 @@ class BootTest:
     keep: bool = False
     timeout: float = 240.0
     sabotage: Callable[[ConfigTree], None] | None = None  # tests break the image on purpose
+    # ... or its disk, once built (the image file, and the build that made it) before it boots
+    disk_sabotage: Callable[[Path, BuildResult], None] | None = None
     # boot a copy of the image, written to and rebooted (updates); else a throwaway overlay, no reboot
     persistent_disk: bool = False
     lab_profile: Profile | None = None  # the lab variant booted (set by run)
@@ -258,6 +260,9 @@ class BootTest:
                 f.truncate(image.stat().st_size)
             copy_sparse(image, disk, 0)
             image = disk
+        if self.disk_sabotage:
+            assert self.built
+            self.disk_sabotage(image, self.built)
         if image_spec(lab_profile).boot.kind == "rpi":
             return self._run_raspi(report, image)
         p = lab_profile

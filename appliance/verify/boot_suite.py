@@ -110,6 +110,14 @@ def test_state_on_the_data_partition(host: Any) -> None:
     assert host.file("/var/lib/dpkg").linked_to == "/usr/lib/appliance/dpkg"
 
 
+def test_data_partition_has_no_errors(host: Any) -> None:
+    """The data partition's ext4 carries no error mark: what the kernel marked (a failing card) was
+    repaired before /var was mounted (fstab pass 2, systemd-fsck, fsck.repair=yes)."""
+    out = host.check_output(f"dumpe2fs -h /dev/disk/by-partuuid/{X['disk']['data_partuuid']} 2>/dev/null")
+    state = [line for line in out.splitlines() if line.startswith("Filesystem state:")]
+    assert state and "error" not in state[0], state
+
+
 def test_hardware_watchdog_armed(host: Any) -> None:
     """PID 1 holds the lab VM's watchdog (i6300esb, loaded by the initramfs) with its driver's 30 s
     (the image's "default"): a hung system would be reset, a failed boot try. (A platform whose lab VM
